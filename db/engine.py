@@ -1,0 +1,28 @@
+"""Engine factory: one place that turns a Postgres URL into a SQLAlchemy engine on psycopg 3."""
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Accept plain `postgresql://` URLs (what operators and PaaS hand out) and select psycopg 3."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"ACESTEP_DATABASE_URL must be a postgresql:// URL, got backend {parsed.get_backend_name()!r}")
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def make_engine(url: str, *, pool_size: int = 5, application_name: str = "acestep-serverless") -> Engine:
+    """An engine whose connections run every statement in its own transaction.
+
+    Each queue operation is a single statement, so autocommit saves the BEGIN/COMMIT round trips
+    without changing what the statements mean.
+    """
+    return create_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"application_name": application_name},
+    )

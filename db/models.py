@@ -1,0 +1,112 @@
+"""The schema, as SQLAlchemy 2 models. Migrations must produce exactly this (a test checks)."""
+
+from datetime import datetime
+from uuid import UUID
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+FINISHED_STATUSES = ("succeeded", "failed", "canceled")
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Job(Base):
+    """One generation request and everything that happens to it."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
+    status: Mapped[str] = mapped_column(Text, server_default="queued")
+    priority: Mapped[int] = mapped_column(Integer, server_default="0")
+    owner: Mapped[str] = mapped_column(Text, server_default="")
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    request_hash: Mapped[str | None] = mapped_column(Text)
+    request: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    # Cost-model features, fixed at submit: the model that runs it, DiT work
+    # (duration x batch x steps) and LM work (duration x batch when thinking).
+    model: Mapped[str] = mapped_column(Text, server_default="")
+    task_type: Mapped[str] = mapped_column(Text, server_default="text2music")
+    dit_units: Mapped[float] = mapped_column(Float, server_default="0")
+    lm_units: Mapped[float] = mapped_column(Float, server_default="0")
+    attempt: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, server_default="3")
+    worker_id: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    stage: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float] = mapped_column(Float, server_default="0")
+    result: Mapped[dict | None] = mapped_column(JSONB)
+    error: Mapped[str | None] = mapped_column(Text)
+    errors: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    run_after: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status"),
+        CheckConstraint("max_attempts >= 1", name="max_attempts"),
+        CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+        # Claim order and queue_position; INCLUDE lets ETA sums read only the index.
+        Index(
+            "ix_jobs_queue",
+            "priority",
+            "created_at",
+            "id",
+            postgresql_where=text("status = 'queued'"),
+            postgresql_include=["model", "dit_units", "lm_units"],
+        ),
+        Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        Index("ix_jobs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
+        Index("ix_jobs_owner_created", "owner", "created_at"),
+        Index(
+            "uq_jobs_owner_idempotency_key",
+            "owner",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
+    )
+
+
+class Worker(Base):
+    """A GPU worker process: what it can run and when it last said it was alive."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    host: Mapped[str] = mapped_column(Text)
+    capacity: Mapped[int] = mapped_column(Integer, server_default="1")
+    models: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    state: Mapped[str] = mapped_column(Text, server_default="STARTING")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+    __table_args__ = (
+        CheckConstraint("capacity >= 0", name="capacity"),
+        CheckConstraint("state IN ('STARTING', 'READY', 'BUSY', 'SETUP_FAILED', 'STOPPING')", name="state"),
+        Index("ix_workers_heartbeat_at", "heartbeat_at"),
+    )

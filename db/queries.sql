@@ -1,0 +1,298 @@
+-- Every statement the project runs against the job store. One named statement per operation;
+-- `db/sql.py` loads them. Each statement takes `:now` (NULL means the database clock) so tests can
+-- move time instead of sleeping. Every write to a running job is fenced by id, status, attempt and
+-- worker: zero rows changed means the caller lost the job.
+
+-- name: submit_job
+-- Insert one job; with an idempotency key, return the existing job instead (locked, so a
+-- concurrent duplicate is seen even if it committed after this statement began).
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+INSERT INTO jobs (owner, idempotency_key, request_hash, priority, request, model, task_type,
+                  dit_units, lm_units, max_attempts, created_at, run_after)
+SELECT :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS jsonb), :model, :task_type,
+       :dit_units, :lm_units, :max_attempts, clock.now, clock.now
+FROM clock
+ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL
+DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+RETURNING id, request_hash, status, (xmax = 0) AS created;
+
+-- name: submit_jobs
+-- Insert many jobs of one owner in one statement (bulk clients, benchmarks).
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+INSERT INTO jobs (owner, priority, request, model, task_type, dit_units, lm_units, max_attempts,
+                  created_at, run_after)
+SELECT :owner, n.priority, n.request, n.model, n.task_type, n.dit_units, n.lm_units, :max_attempts,
+       clock.now, clock.now
+FROM clock,
+     unnest(CAST(:priorities AS int[]), CAST(:requests AS jsonb[]), CAST(:models AS text[]),
+            CAST(:task_types AS text[]), CAST(:dit_units AS float8[]), CAST(:lm_units AS float8[]))
+       WITH ORDINALITY AS n(priority, request, model, task_type, dit_units, lm_units, ord)
+ORDER BY n.ord
+RETURNING id;
+
+-- name: claim_jobs
+-- Take up to :limit claimable jobs in claim order; never more than the caller's free slots.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+picked AS (
+    SELECT j.id
+    FROM jobs AS j
+    WHERE j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+    ORDER BY j.priority, j.created_at, j.id
+    LIMIT :limit
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE jobs AS j
+SET status = 'running',
+    attempt = j.attempt + 1,
+    worker_id = :worker_id,
+    started_at = clock.now,
+    heartbeat_at = clock.now,
+    lease_expires_at = clock.now + make_interval(secs => CAST(:lease_seconds AS float8)),
+    stage = 'claimed',
+    progress = 0
+FROM picked, clock
+WHERE j.id = picked.id
+RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.owner, j.model, j.task_type, j.request,
+          j.created_at, j.lease_expires_at;
+
+-- name: heartbeat_job
+-- Extend the lease and record progress; returns whether a cancel was requested.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+UPDATE jobs AS j
+SET heartbeat_at = clock.now,
+    lease_expires_at = clock.now + make_interval(secs => CAST(:lease_seconds AS float8)),
+    stage = COALESCE(CAST(:stage AS text), j.stage),
+    progress = COALESCE(CAST(:progress AS float8), j.progress)
+FROM clock
+WHERE j.id = :id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_id = :worker_id
+RETURNING j.cancel_requested;
+
+-- name: complete_jobs
+-- Mark jobs succeeded with their results, each fenced on its own attempt; returns the ids written.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+done AS (
+    SELECT *
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:results AS jsonb[]))
+         AS d(id, attempt, result)
+)
+UPDATE jobs AS j
+SET status = 'succeeded',
+    result = done.result,
+    finished_at = clock.now,
+    heartbeat_at = clock.now,
+    lease_expires_at = NULL,
+    stage = NULL,
+    progress = 1
+FROM done, clock
+WHERE j.id = done.id AND j.status = 'running' AND j.attempt = done.attempt AND j.worker_id = :worker_id
+RETURNING j.id;
+
+-- name: fail_job
+-- Record a failed attempt: back to the queue after a backoff while retryable attempts remain,
+-- else failed for good with :error as the client-facing message.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+target AS (
+    SELECT id, CAST(:retryable AS boolean) AND attempt < max_attempts AND NOT cancel_requested AS retry
+    FROM jobs
+    WHERE id = :id AND status = 'running' AND attempt = :attempt AND worker_id = :worker_id
+)
+UPDATE jobs AS j
+SET status = CASE WHEN t.retry THEN 'queued' ELSE 'failed' END,
+    error = CASE WHEN t.retry THEN NULL ELSE CAST(:error AS text) END,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'error', CAST(:error AS text), 'retryable', CAST(:retryable AS boolean),
+        'at', clock.now)),
+    run_after = clock.now + make_interval(secs => LEAST(
+        CAST(:retry_base_seconds AS float8) * power(2, j.attempt - 1), CAST(:retry_max_seconds AS float8))),
+    finished_at = CASE WHEN t.retry THEN NULL ELSE clock.now END,
+    worker_id = CASE WHEN t.retry THEN NULL ELSE j.worker_id END,
+    lease_expires_at = NULL,
+    stage = NULL,
+    progress = CASE WHEN t.retry THEN 0 ELSE j.progress END
+FROM target AS t, clock
+WHERE j.id = t.id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_id = :worker_id
+RETURNING j.status, pg_notify('acestep_jobs', '') AS notified;
+
+-- name: release_job
+-- Give a running job back to the queue at its old place (soft shutdown refunds the attempt);
+-- a job whose cancel was requested ends canceled instead.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+UPDATE jobs AS j
+SET status = CASE WHEN j.cancel_requested THEN 'canceled' ELSE 'queued' END,
+    attempt = j.attempt - CASE WHEN CAST(:refund AS boolean) AND NOT j.cancel_requested THEN 1 ELSE 0 END,
+    finished_at = CASE WHEN j.cancel_requested THEN clock.now END,
+    worker_id = NULL,
+    started_at = NULL,
+    lease_expires_at = NULL,
+    run_after = clock.now,
+    stage = NULL,
+    progress = 0
+FROM clock
+WHERE j.id = :id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_id = :worker_id
+RETURNING j.status, pg_notify('acestep_jobs', '') AS notified;
+
+-- name: finish_canceled
+-- The worker honoured a cancel request between stages.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+UPDATE jobs AS j
+SET status = 'canceled', finished_at = clock.now, lease_expires_at = NULL, stage = NULL
+FROM clock
+WHERE j.id = :id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_id = :worker_id
+RETURNING j.status;
+
+-- name: cancel_job
+-- A client's cancel: a queued job ends canceled at once, a running one gets a cancel request.
+-- Returns the status before and after (after is NULL when the job had already finished).
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+changed AS (
+    UPDATE jobs AS j
+    SET status = CASE WHEN j.status = 'queued' THEN 'canceled' ELSE j.status END,
+        cancel_requested = true,
+        finished_at = CASE WHEN j.status = 'queued' THEN clock.now ELSE j.finished_at END
+    FROM clock
+    WHERE j.id = :id AND j.status IN ('queued', 'running')
+    RETURNING j.status
+)
+SELECT (SELECT status FROM jobs WHERE id = :id) AS status_before,
+       (SELECT status FROM changed) AS status_after;
+
+-- name: rescue_expired
+-- Jobs whose worker stopped heartbeating: requeue while attempts remain, else fail with a clear
+-- error. One rescuer at a time (advisory lock); the UPDATE re-checks the expiry it acts on.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+lock AS (SELECT pg_try_advisory_xact_lock(:lock_key) AS held),
+expired AS (
+    SELECT j.id
+    FROM jobs AS j, clock, lock
+    WHERE lock.held AND j.status = 'running' AND j.lease_expires_at < clock.now
+    ORDER BY j.lease_expires_at
+    LIMIT :limit
+    FOR UPDATE OF j SKIP LOCKED
+),
+outcome AS (
+    SELECT j.id,
+           CASE WHEN j.cancel_requested THEN 'canceled'
+                WHEN j.attempt < j.max_attempts THEN 'queued'
+                ELSE 'failed' END AS status
+    FROM jobs AS j JOIN expired USING (id)
+)
+UPDATE jobs AS j
+SET status = o.status,
+    error = CASE WHEN o.status = 'failed' THEN format(
+        'The worker running this job stopped responding (attempt %s of %s); no attempts are left.',
+        j.attempt, j.max_attempts) END,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempt, 'error', 'lease expired: the worker stopped responding',
+        'retryable', true, 'at', clock.now)),
+    run_after = clock.now + make_interval(secs => LEAST(
+        CAST(:retry_base_seconds AS float8) * power(2, j.attempt - 1), CAST(:retry_max_seconds AS float8))),
+    finished_at = CASE WHEN o.status = 'queued' THEN NULL ELSE clock.now END,
+    worker_id = CASE WHEN o.status = 'queued' THEN NULL ELSE j.worker_id END,
+    lease_expires_at = NULL,
+    stage = NULL,
+    progress = CASE WHEN o.status = 'queued' THEN 0 ELSE j.progress END
+FROM outcome AS o, clock
+WHERE j.id = o.id AND j.status = 'running' AND j.lease_expires_at < clock.now
+RETURNING j.id, j.status, j.attempt;
+
+-- name: get_job
+SELECT id, status, priority, owner, request, model, task_type, attempt, max_attempts, worker_id,
+       cancel_requested, stage, progress, result, error, errors, created_at, started_at,
+       finished_at, lease_expires_at
+FROM jobs
+WHERE id = :id;
+
+-- name: queue_position
+-- 1-based rank in claim order for a queued job, 0 otherwise; an index range count.
+SELECT j.status,
+       CASE WHEN j.status = 'queued' THEN (
+           SELECT count(*)
+           FROM jobs AS q
+           WHERE q.status = 'queued'
+             AND (q.priority, q.created_at, q.id) <= (j.priority, j.created_at, j.id)
+       ) ELSE 0 END AS position
+FROM jobs AS j
+WHERE j.id = :id;
+
+-- name: eta_inputs
+-- Work queued ahead of :id (itself included), summed per model, and every running job's work.
+WITH me AS (SELECT priority, created_at, id FROM jobs WHERE id = :id AND status = 'queued')
+SELECT 'queued' AS kind, q.model, count(*) AS jobs, sum(q.dit_units) AS dit_units,
+       sum(q.lm_units) AS lm_units, CAST(NULL AS float8) AS progress,
+       CAST(NULL AS timestamptz) AS started_at
+FROM jobs AS q, me
+WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
+GROUP BY q.model
+UNION ALL
+SELECT 'running', model, 1, dit_units, lm_units, progress, started_at
+FROM jobs
+WHERE status = 'running';
+
+-- name: cost_samples
+-- Recent successful jobs: the cost model's training data (seconds against work).
+SELECT model, dit_units, lm_units, EXTRACT(EPOCH FROM finished_at - started_at) AS seconds
+FROM jobs
+WHERE finished_at IS NOT NULL AND status = 'succeeded'
+ORDER BY finished_at DESC
+LIMIT :limit;
+
+-- name: live_capacity
+-- Job slots of workers that heartbeated recently and can take work.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+SELECT COALESCE(sum(w.capacity), 0) AS slots, count(*) AS workers
+FROM workers AS w, clock
+WHERE w.heartbeat_at > clock.now - make_interval(secs => CAST(:stale_seconds AS float8))
+  AND w.state IN ('READY', 'BUSY');
+
+-- name: stats
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+SELECT
+    (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
+     FROM (SELECT status, count(*) AS n FROM jobs GROUP BY status) AS per_status) AS counts,
+    (SELECT count(*) FROM jobs WHERE status = 'queued') AS queue_depth,
+    (SELECT count(*) FROM workers AS w, clock
+     WHERE w.heartbeat_at > clock.now - make_interval(secs => CAST(:stale_seconds AS float8))) AS live_workers,
+    (SELECT avg(EXTRACT(EPOCH FROM r.finished_at - r.started_at))
+     FROM (SELECT finished_at, started_at FROM jobs
+           WHERE finished_at IS NOT NULL AND status = 'succeeded'
+           ORDER BY finished_at DESC LIMIT 1000) AS r) AS avg_job_seconds;
+
+-- name: prune_finished
+-- Delete up to :limit finished jobs older than the TTL; returns their ids (their objects go next).
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+doomed AS (
+    SELECT j.id
+    FROM jobs AS j, clock
+    WHERE j.finished_at IS NOT NULL
+      AND j.finished_at < clock.now - make_interval(secs => CAST(:ttl_seconds AS float8))
+      AND j.status IN ('succeeded', 'failed', 'canceled')
+    ORDER BY j.finished_at
+    LIMIT :limit
+    FOR UPDATE OF j SKIP LOCKED
+)
+DELETE FROM jobs AS j USING doomed
+WHERE j.id = doomed.id
+RETURNING j.id;
+
+-- name: upsert_worker
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+INSERT INTO workers (id, host, capacity, models, state, started_at, heartbeat_at)
+SELECT :id, :host, :capacity, CAST(:models AS jsonb), :state, clock.now, clock.now FROM clock
+ON CONFLICT (id) DO UPDATE
+SET host = EXCLUDED.host, capacity = EXCLUDED.capacity, models = EXCLUDED.models,
+    state = EXCLUDED.state, heartbeat_at = EXCLUDED.heartbeat_at
+RETURNING id;
+
+-- name: touch_worker
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+UPDATE workers AS w
+SET heartbeat_at = clock.now, state = COALESCE(CAST(:state AS text), w.state)
+FROM clock
+WHERE w.id = :id
+RETURNING w.id;
+
+-- name: remove_worker
+DELETE FROM workers WHERE id = :id RETURNING id;
+
+-- name: list_workers
+SELECT id, host, capacity, models, state, started_at, heartbeat_at FROM workers ORDER BY id;

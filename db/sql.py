@@ -1,0 +1,30 @@
+"""Loads the named statements of `queries.sql` (`-- name: X` starts statement X)."""
+
+import re
+from functools import cache
+from importlib.resources import files
+
+from sqlalchemy import TextClause, text
+
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def parse_queries(source: str) -> dict[str, str]:
+    """Split a SQL file into {name: statement}; a name may appear once."""
+    parts = _NAME.split(source)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2]):
+        if name in queries:
+            raise ValueError(f"query {name!r} is defined twice")
+        statement = body.strip().rstrip(";").strip()
+        if not statement:
+            raise ValueError(f"query {name!r} is empty")
+        queries[name] = statement
+    return queries
+
+
+@cache
+def queries() -> dict[str, TextClause]:
+    """The project's statements, compiled once."""
+    source = files("db").joinpath("queries.sql").read_text(encoding="utf-8")
+    return {name: text(statement) for name, statement in parse_queries(source).items()}

@@ -1,0 +1,367 @@
+"""Queue operations on the jobs table. Each method runs exactly one statement from `queries.sql`."""
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from psycopg.types.json import Jsonb
+from sqlalchemy import Engine, Row
+from sqlalchemy import exc as sa_exc
+
+from db.exceptions import DatabaseUnavailable, IdempotencyConflict, JobLost, JobNotFound, StoreError
+from db.sql import queries
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "acestep_jobs"
+RESCUE_LOCK_KEY = 0x4ACE57E9  # pg advisory lock that serialises rescuers
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a submitter knows about a job: the request and its cost-model features."""
+
+    request: dict[str, Any]
+    priority: int = 0
+    model: str = ""
+    task_type: str = "text2music"
+    dit_units: float = 0.0
+    lm_units: float = 0.0
+
+
+@dataclass(frozen=True)
+class Submitted:
+    id: UUID
+    status: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker now runs; `attempt` is the fencing token for every later write."""
+
+    id: UUID
+    attempt: int
+    max_attempts: int
+    priority: int
+    owner: str
+    model: str
+    task_type: str
+    request: dict[str, Any]
+    created_at: datetime
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff before attempt n+1: min(base * 2**(n-1), max) seconds."""
+
+    base_seconds: float = 5.0
+    max_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    before: str
+    after: str | None  # None: the job had already finished, nothing changed
+
+
+@dataclass
+class EtaInputs:
+    queued: list[dict[str, Any]] = field(default_factory=list)  # per model: jobs, dit_units, lm_units
+    running: list[dict[str, Any]] = field(default_factory=list)  # per job: model, units, progress, started_at
+
+
+def request_hash(request: dict[str, Any]) -> str:
+    """A stable digest of a request body, to tell a retried submit from a different one."""
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@contextmanager
+def translated_errors() -> Iterator[None]:
+    """Turn driver errors into the store's own exceptions."""
+    try:
+        yield
+    except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"database unavailable: {exc.orig or exc}".splitlines()[0]) from exc
+    except sa_exc.DBAPIError as exc:
+        raise StoreError(f"database error: {exc.orig or exc}".splitlines()[0]) from exc
+    except sa_exc.SQLAlchemyError as exc:
+        raise StoreError(f"database error: {exc}".splitlines()[0]) from exc
+
+
+class JobStore:
+    """The job queue. `clock` (if given) supplies `now` for every statement; else the database's."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        lease_seconds: float = 60.0,
+        retry: RetryPolicy = RetryPolicy(),
+        clock: Callable[[], datetime | None] = lambda: None,
+    ):
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        self.retry = retry
+        self.clock = clock
+
+    def _run(self, name: str, now: datetime | None, **params: Any) -> list[Row]:
+        params["now"] = now if now is not None else self.clock()
+        with translated_errors(), self.engine.connect() as conn:
+            return list(conn.execute(queries()[name], params))
+
+    # --- submitting and reading -------------------------------------------------------------
+
+    def submit(
+        self,
+        job: NewJob,
+        *,
+        owner: str = "",
+        idempotency_key: str | None = None,
+        max_attempts: int = 3,
+        now: datetime | None = None,
+    ) -> Submitted:
+        """Queue a job. With an idempotency key, the same key and body return the same job."""
+        digest = request_hash(job.request)
+        rows = self._run(
+            "submit_job",
+            now,
+            owner=owner,
+            idempotency_key=idempotency_key,
+            request_hash=digest,
+            priority=job.priority,
+            request=Jsonb(job.request),
+            model=job.model,
+            task_type=job.task_type,
+            dit_units=job.dit_units,
+            lm_units=job.lm_units,
+            max_attempts=max_attempts,
+        )
+        row = rows[0]
+        if not row.created and row.request_hash != digest:
+            raise IdempotencyConflict()
+        return Submitted(id=row.id, status=row.status, created=row.created)
+
+    def submit_many(
+        self, jobs: Sequence[NewJob], *, owner: str = "", max_attempts: int = 3, now: datetime | None = None
+    ) -> list[UUID]:
+        """Queue many jobs in one statement; returns their ids in input order."""
+        rows = self._run(
+            "submit_jobs",
+            now,
+            owner=owner,
+            max_attempts=max_attempts,
+            priorities=[j.priority for j in jobs],
+            requests=[Jsonb(j.request) for j in jobs],
+            models=[j.model for j in jobs],
+            task_types=[j.task_type for j in jobs],
+            dit_units=[j.dit_units for j in jobs],
+            lm_units=[j.lm_units for j in jobs],
+        )
+        return [r.id for r in rows]
+
+    def get(self, job_id: UUID) -> dict[str, Any]:
+        rows = self._run("get_job", None, id=job_id)
+        if not rows:
+            raise JobNotFound(f"job {job_id} not found")
+        return dict(rows[0]._mapping)
+
+    def queue_position(self, job_id: UUID) -> int:
+        """1-based place in claim order while queued; 0 once running or finished."""
+        rows = self._run("queue_position", None, id=job_id)
+        if not rows:
+            raise JobNotFound(f"job {job_id} not found")
+        return int(rows[0].position)
+
+    def eta_inputs(self, job_id: UUID) -> EtaInputs:
+        inputs = EtaInputs()
+        for row in self._run("eta_inputs", None, id=job_id):
+            entry = {k: v for k, v in row._mapping.items() if k != "kind"}
+            (inputs.queued if row.kind == "queued" else inputs.running).append(entry)
+        return inputs
+
+    def cost_samples(self, limit: int = 500) -> list[dict[str, Any]]:
+        return [dict(r._mapping) for r in self._run("cost_samples", None, limit=limit)]
+
+    def stats(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> dict[str, Any]:
+        row = self._run("stats", now, stale_seconds=stale_seconds)[0]
+        avg = row.avg_job_seconds
+        return {
+            "counts": dict(row.counts),
+            "queue_depth": row.queue_depth,
+            "live_workers": row.live_workers,
+            "avg_job_seconds": float(avg) if avg is not None else None,
+        }
+
+    def cancel(self, job_id: UUID, *, now: datetime | None = None) -> CancelOutcome:
+        """Queued -> canceled now; running -> cancel requested (the worker stops between stages)."""
+        row = self._run("cancel_job", now, id=job_id)[0]
+        if row.status_before is None:
+            raise JobNotFound(f"job {job_id} not found")
+        return CancelOutcome(before=row.status_before, after=row.status_after)
+
+    # --- worker side: every write is fenced -------------------------------------------------
+
+    def claim(self, worker_id: str, limit: int, *, now: datetime | None = None) -> list[ClaimedJob]:
+        """Claim up to `limit` jobs (the caller's free slots), in priority order."""
+        if limit <= 0:
+            return []
+        rows = self._run("claim_jobs", now, worker_id=worker_id, limit=limit, lease_seconds=self.lease_seconds)
+        jobs = [ClaimedJob(**row._mapping) for row in rows]
+        jobs.sort(key=lambda j: (j.priority, j.created_at, j.id))
+        return jobs
+
+    def heartbeat(
+        self,
+        job: ClaimedJob,
+        worker_id: str,
+        *,
+        stage: str | None = None,
+        progress: float | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Extend the lease; returns True when the client asked to cancel. Raises JobLost."""
+        rows = self._run(
+            "heartbeat_job",
+            now,
+            id=job.id,
+            attempt=job.attempt,
+            worker_id=worker_id,
+            stage=stage,
+            progress=progress,
+            lease_seconds=self.lease_seconds,
+        )
+        if not rows:
+            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
+        return bool(rows[0].cancel_requested)
+
+    def complete_many(
+        self,
+        results: Sequence[tuple[ClaimedJob, dict[str, Any]]],
+        worker_id: str,
+        *,
+        now: datetime | None = None,
+    ) -> set[UUID]:
+        """Write results; returns the ids written. A missing id means that job was lost and its result dropped."""
+        if not results:
+            return set()
+        rows = self._run(
+            "complete_jobs",
+            now,
+            worker_id=worker_id,
+            ids=[job.id for job, _ in results],
+            attempts=[job.attempt for job, _ in results],
+            results=[Jsonb(result) for _, result in results],
+        )
+        return {r.id for r in rows}
+
+    def complete(self, job: ClaimedJob, worker_id: str, result: dict[str, Any], *, now: datetime | None = None) -> None:
+        """Mark one job succeeded. Raises JobLost if this attempt no longer owns it."""
+        if job.id not in self.complete_many([(job, result)], worker_id, now=now):
+            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}; result dropped")
+
+    def fail(
+        self,
+        job: ClaimedJob,
+        worker_id: str,
+        error: str,
+        *,
+        retryable: bool,
+        now: datetime | None = None,
+    ) -> str:
+        """Record a failed attempt; returns the new status ('queued' for a retry, else 'failed')."""
+        rows = self._run(
+            "fail_job",
+            now,
+            id=job.id,
+            attempt=job.attempt,
+            worker_id=worker_id,
+            error=error,
+            retryable=retryable,
+            retry_base_seconds=self.retry.base_seconds,
+            retry_max_seconds=self.retry.max_seconds,
+        )
+        if not rows:
+            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
+        return rows[0].status
+
+    def release(self, job: ClaimedJob, worker_id: str, *, refund: bool, now: datetime | None = None) -> str:
+        """Put a running job back in the queue; `refund` returns the attempt (soft shutdown)."""
+        rows = self._run("release_job", now, id=job.id, attempt=job.attempt, worker_id=worker_id, refund=refund)
+        if not rows:
+            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
+        return rows[0].status
+
+    def finish_canceled(self, job: ClaimedJob, worker_id: str, *, now: datetime | None = None) -> None:
+        rows = self._run("finish_canceled", now, id=job.id, attempt=job.attempt, worker_id=worker_id)
+        if not rows:
+            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
+
+    # --- maintenance -----------------------------------------------------------------------
+
+    def rescue_expired(self, *, limit: int = 500, now: datetime | None = None) -> list[tuple[UUID, str]]:
+        """Requeue or fail jobs whose lease expired; returns (id, new status) for each."""
+        rows = self._run(
+            "rescue_expired",
+            now,
+            lock_key=RESCUE_LOCK_KEY,
+            limit=limit,
+            retry_base_seconds=self.retry.base_seconds,
+            retry_max_seconds=self.retry.max_seconds,
+        )
+        for row in rows:
+            log.warning(
+                "rescued job with expired lease",
+                extra={"action": "rescue_expired", "job_id": str(row.id), "status": row.status, "attempt": row.attempt},
+            )
+        return [(row.id, row.status) for row in rows]
+
+    def prune_finished(
+        self, ttl_seconds: float, *, batch: int = 1000, now: datetime | None = None
+    ) -> Iterator[list[UUID]]:
+        """Delete finished jobs older than the TTL, one batch per statement; yields each batch's ids."""
+        while True:
+            ids = [r.id for r in self._run("prune_finished", now, ttl_seconds=ttl_seconds, limit=batch)]
+            if ids:
+                yield ids
+            if len(ids) < batch:
+                return
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def register_worker(
+        self,
+        worker_id: str,
+        *,
+        host: str,
+        capacity: int,
+        models: Sequence[str],
+        state: str = "STARTING",
+        now: datetime | None = None,
+    ) -> None:
+        self._run(
+            "upsert_worker", now, id=worker_id, host=host, capacity=capacity, models=Jsonb(list(models)), state=state
+        )
+
+    def touch_worker(self, worker_id: str, *, state: str | None = None, now: datetime | None = None) -> bool:
+        """Heartbeat a worker row; False if it was removed (re-register)."""
+        return bool(self._run("touch_worker", now, id=worker_id, state=state))
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._run("remove_worker", None, id=worker_id)
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [dict(r._mapping) for r in self._run("list_workers", None)]
+
+    def live_capacity(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> tuple[int, int]:
+        """(job slots, workers) of workers that are alive and ready."""
+        row = self._run("live_capacity", now, stale_seconds=stale_seconds)[0]
+        return int(row.slots), int(row.workers)

@@ -1,0 +1,59 @@
+"""With 100 000 queued jobs the hot queries use their indexes, never a sequential scan of jobs."""
+
+import json
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from db.sql import queries
+
+
+def plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def explain(conn, name: str, params: dict) -> list[dict]:
+    statement = text("EXPLAIN (FORMAT JSON) " + queries()[name].text)
+    raw = conn.execute(statement, params).scalar()
+    plan = raw if isinstance(raw, list) else json.loads(raw)
+    return list(plan_nodes(plan[0]["Plan"]))
+
+
+@pytest.fixture
+def big_queue(engine):
+    with engine.connect() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO jobs (priority, request, model, dit_units, created_at) "
+                "SELECT g % 5, '{}'::jsonb, 'turbo', 1, now() + g * interval '1 ms' "
+                "FROM generate_series(1, 100000) AS g"
+            )
+        )
+        conn.execute(text("INSERT INTO jobs (status, finished_at) SELECT 'succeeded', now() FROM generate_series(1, 20000)"))
+        conn.execute(text("VACUUM ANALYZE jobs"))
+        middle = conn.execute(text("SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority, created_at OFFSET 50000 LIMIT 1")).scalar()
+    return middle
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("claim_jobs", {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None}),
+        ("queue_position", {"id": "MIDDLE"}),
+        ("eta_inputs", {"id": "MIDDLE"}),
+    ],
+)
+def test_hot_queries_use_the_queue_index(engine, big_queue, name, params):
+    params = {k: (big_queue if v == "MIDDLE" else v) for k, v in params.items()}
+    with engine.connect() as conn:
+        nodes = explain(conn, name, params)
+    seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"]
+    assert seq_scans == []
+    assert "ix_jobs_queue" in {n.get("Index Name") for n in nodes}
+
+
+def test_queue_position_of_a_job_deep_in_the_queue(store, big_queue):
+    assert store.queue_position(big_queue) == 50001
