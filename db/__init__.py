@@ -3,6 +3,7 @@
 from db.engine import make_engine
 from db.exceptions import DatabaseUnavailable, IdempotencyConflict, JobLost, JobNotFound, StoreError
 from db.store import ClaimedJob, JobStore, NewJob
+from db.wakeups import JobWakeups
 
 __all__ = [
     "ClaimedJob",
@@ -11,6 +12,7 @@ __all__ = [
     "JobLost",
     "JobNotFound",
     "JobStore",
+    "JobWakeups",
     "NewJob",
     "StoreError",
     "make_engine",
