@@ -17,18 +17,20 @@ DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
 RETURNING id, request_hash, status, (xmax = 0) AS created;
 
 -- name: submit_jobs
--- Insert many jobs of one owner in one statement (bulk clients, benchmarks).
-WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
-INSERT INTO jobs (owner, priority, request, model, task_type, dit_units, lm_units, max_attempts,
-                  created_at, run_after)
-SELECT :owner, n.priority, n.request, n.model, n.task_type, n.dit_units, n.lm_units, :max_attempts,
-       clock.now, clock.now
-FROM clock,
-     unnest(CAST(:priorities AS int[]), CAST(:requests AS jsonb[]), CAST(:models AS text[]),
-            CAST(:task_types AS text[]), CAST(:dit_units AS float8[]), CAST(:lm_units AS float8[]))
-       WITH ORDINALITY AS n(priority, request, model, task_type, dit_units, lm_units, ord)
-ORDER BY n.ord
-RETURNING id;
+-- Insert many jobs of one owner in one statement (bulk clients, benchmarks). :jobs is a JSON array
+-- of {id, priority, request, model, task_type, dit_units, lm_units}; returns how many were inserted.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+inserted AS (
+    INSERT INTO jobs (id, owner, priority, request, model, task_type, dit_units, lm_units,
+                      max_attempts, created_at, run_after)
+    SELECT n.id, :owner, n.priority, n.request, n.model, n.task_type, n.dit_units, n.lm_units,
+           :max_attempts, clock.now, clock.now
+    FROM clock,
+         jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(id uuid, priority int, request jsonb, model text,
+                                                      task_type text, dit_units float8, lm_units float8)
+    RETURNING 1
+)
+SELECT count(*) AS inserted FROM inserted;
 
 -- name: claim_jobs
 -- Take up to :limit claimable jobs in claim order; never more than the caller's free slots.
@@ -68,24 +70,26 @@ WHERE j.id = :id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_
 RETURNING j.cancel_requested;
 
 -- name: complete_jobs
--- Mark jobs succeeded with their results, each fenced on its own attempt; returns the ids written.
+-- Mark jobs succeeded with their results, each fenced on its own attempt. :done is a JSON array of
+-- {id, attempt, result}; returns the ids actually written.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 done AS (
-    SELECT *
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]), CAST(:results AS jsonb[]))
-         AS d(id, attempt, result)
+    SELECT * FROM jsonb_to_recordset(CAST(:done AS jsonb)) AS d(id uuid, attempt int, result jsonb)
+),
+written AS (
+    UPDATE jobs AS j
+    SET status = 'succeeded',
+        result = done.result,
+        finished_at = clock.now,
+        heartbeat_at = clock.now,
+        lease_expires_at = NULL,
+        stage = NULL,
+        progress = 1
+    FROM done, clock
+    WHERE j.id = done.id AND j.status = 'running' AND j.attempt = done.attempt AND j.worker_id = :worker_id
+    RETURNING j.id
 )
-UPDATE jobs AS j
-SET status = 'succeeded',
-    result = done.result,
-    finished_at = clock.now,
-    heartbeat_at = clock.now,
-    lease_expires_at = NULL,
-    stage = NULL,
-    progress = 1
-FROM done, clock
-WHERE j.id = done.id AND j.status = 'running' AND j.attempt = done.attempt AND j.worker_id = :worker_id
-RETURNING j.id;
+SELECT COALESCE(array_agg(id), '{}') AS ids FROM written;
 
 -- name: fail_job
 -- Record a failed attempt: back to the queue after a backoff while retryable attempts remain,

@@ -16,7 +16,11 @@ def parse_queries(source: str) -> dict[str, str]:
     for name, body in zip(parts[1::2], parts[2::2]):
         if name in queries:
             raise ValueError(f"query {name!r} is defined twice")
-        statement = body.strip().rstrip(";").strip()
+        # Leading comment lines document the statement; they are not sent to the server.
+        lines = body.strip().splitlines()
+        while lines and lines[0].lstrip().startswith("--"):
+            lines.pop(0)
+        statement = "\n".join(lines).strip().rstrip(";").strip()
         if not statement:
             raise ValueError(f"query {name!r} is empty")
         queries[name] = statement

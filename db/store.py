@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine, Row
@@ -154,19 +154,23 @@ class JobStore:
         self, jobs: Sequence[NewJob], *, owner: str = "", max_attempts: int = 3, now: datetime | None = None
     ) -> list[UUID]:
         """Queue many jobs in one statement; returns their ids in input order."""
-        rows = self._run(
-            "submit_jobs",
-            now,
-            owner=owner,
-            max_attempts=max_attempts,
-            priorities=[j.priority for j in jobs],
-            requests=[Jsonb(j.request) for j in jobs],
-            models=[j.model for j in jobs],
-            task_types=[j.task_type for j in jobs],
-            dit_units=[j.dit_units for j in jobs],
-            lm_units=[j.lm_units for j in jobs],
-        )
-        return [r.id for r in rows]
+        if not jobs:
+            return []
+        ids = [uuid4() for _ in jobs]
+        payload = [
+            {
+                "id": str(job_id),
+                "priority": job.priority,
+                "request": job.request,
+                "model": job.model,
+                "task_type": job.task_type,
+                "dit_units": job.dit_units,
+                "lm_units": job.lm_units,
+            }
+            for job_id, job in zip(ids, jobs)
+        ]
+        self._run("submit_jobs", now, owner=owner, max_attempts=max_attempts, jobs=Jsonb(payload))
+        return ids
 
     def get(self, job_id: UUID) -> dict[str, Any]:
         rows = self._run("get_job", None, id=job_id)
@@ -253,15 +257,9 @@ class JobStore:
         """Write results; returns the ids written. A missing id means that job was lost and its result dropped."""
         if not results:
             return set()
-        rows = self._run(
-            "complete_jobs",
-            now,
-            worker_id=worker_id,
-            ids=[job.id for job, _ in results],
-            attempts=[job.attempt for job, _ in results],
-            results=[Jsonb(result) for _, result in results],
-        )
-        return {r.id for r in rows}
+        done = [{"id": str(job.id), "attempt": job.attempt, "result": result} for job, result in results]
+        rows = self._run("complete_jobs", now, worker_id=worker_id, done=Jsonb(done))
+        return set(rows[0].ids)
 
     def complete(self, job: ClaimedJob, worker_id: str, result: dict[str, Any], *, now: datetime | None = None) -> None:
         """Mark one job succeeded. Raises JobLost if this attempt no longer owns it."""
