@@ -303,6 +303,11 @@ def drop_database(server_url: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def analyze(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+
+
 def queued_count(url: str, system: str) -> int:
     table = {"ours": "jobs WHERE status = 'queued'", "pgqueuer": "pgqueuer", "procrastinate": "procrastinate_jobs WHERE status = 'todo'"}
     with psycopg.connect(url) as conn:
@@ -355,6 +360,7 @@ def measure(system: str, server_url: str, args, ctx) -> Figures:
         impl.submit_batches(url, args.jobs, args.batch)
         figures.submit_batch = args.jobs / (time.perf_counter() - start)
         total = queued_count(url, system)
+        analyze(url)  # a live queue has statistics; a table filled a second ago does not
 
         processed, elapsed = Gate(ctx).run(ctx, impl.drain, [(url, args.batch)] * args.workers)
         figures.drain = processed / elapsed

@@ -70,6 +70,7 @@ class Job(Base):
         CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status"),
         CheckConstraint("max_attempts >= 1", name="max_attempts"),
         CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
+        CheckConstraint("(status = 'running') = (lease_expires_at IS NOT NULL)", name="lease_only_while_running"),
         # Claim order and queue_position; INCLUDE lets ETA sums read only the index.
         Index(
             "ix_jobs_queue",
@@ -79,7 +80,9 @@ class Job(Base):
             postgresql_where=text("status = 'queued'"),
             postgresql_include=["model", "dit_units", "lm_units"],
         ),
-        Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        # Only running jobs hold a lease. The predicate is on the lease, not the status, so the
+        # fenced by-id writes (which test status) can only pick the primary key, whatever the stats say.
+        Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("lease_expires_at IS NOT NULL")),
         Index("ix_jobs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
         Index("ix_jobs_owner_created", "owner", "created_at"),
         Index(

@@ -230,7 +230,7 @@ GROUP BY q.model
 UNION ALL
 SELECT 'running', model, 1, dit_units, lm_units, progress, started_at
 FROM jobs
-WHERE status = 'running';
+WHERE lease_expires_at IS NOT NULL AND status = 'running';
 
 -- name: cost_samples
 -- Recent successful jobs: the cost model's training data (seconds against work).

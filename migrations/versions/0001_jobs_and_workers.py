@@ -59,10 +59,11 @@ def upgrade() -> None:
     sa.CheckConstraint("status IN ('queued', 'running', 'succeeded', 'failed', 'canceled')", name=op.f('ck_jobs_status')),
     sa.CheckConstraint('max_attempts >= 1', name=op.f('ck_jobs_max_attempts')),
     sa.CheckConstraint('progress >= 0 AND progress <= 1', name=op.f('ck_jobs_progress')),
+    sa.CheckConstraint("(status = 'running') = (lease_expires_at IS NOT NULL)", name=op.f('ck_jobs_lease_only_while_running')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs'))
     )
     op.create_index('ix_jobs_finished', 'jobs', ['finished_at'], unique=False, postgresql_where=sa.text('finished_at IS NOT NULL'))
-    op.create_index('ix_jobs_lease', 'jobs', ['lease_expires_at'], unique=False, postgresql_where=sa.text("status = 'running'"))
+    op.create_index('ix_jobs_lease', 'jobs', ['lease_expires_at'], unique=False, postgresql_where=sa.text('lease_expires_at IS NOT NULL'))
     op.create_index('ix_jobs_owner_created', 'jobs', ['owner', 'created_at'], unique=False)
     op.create_index('ix_jobs_queue', 'jobs', ['priority', 'created_at', 'id'], unique=False, postgresql_where=sa.text("status = 'queued'"), postgresql_include=['model', 'dit_units', 'lm_units'])
     op.create_index('uq_jobs_owner_idempotency_key', 'jobs', ['owner', 'idempotency_key'], unique=True, postgresql_where=sa.text('idempotency_key IS NOT NULL'))
@@ -94,6 +95,6 @@ def downgrade() -> None:
     op.drop_index('uq_jobs_owner_idempotency_key', table_name='jobs', postgresql_where=sa.text('idempotency_key IS NOT NULL'))
     op.drop_index('ix_jobs_queue', table_name='jobs', postgresql_where=sa.text("status = 'queued'"), postgresql_include=['model', 'dit_units', 'lm_units'])
     op.drop_index('ix_jobs_owner_created', table_name='jobs')
-    op.drop_index('ix_jobs_lease', table_name='jobs', postgresql_where=sa.text("status = 'running'"))
+    op.drop_index('ix_jobs_lease', table_name='jobs', postgresql_where=sa.text('lease_expires_at IS NOT NULL'))
     op.drop_index('ix_jobs_finished', table_name='jobs', postgresql_where=sa.text('finished_at IS NOT NULL'))
     op.drop_table('jobs')

@@ -32,3 +32,18 @@ def test_upgrade_matches_models_and_round_trips(empty_db_url):
     upgrade(empty_db_url)
     diff, _ = schema_diff(empty_db_url)
     assert diff == []
+
+
+def test_migrate_command_upgrades_the_configured_database(empty_db_url):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACESTEP_DATABASE_URL": empty_db_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "handler.cli", "migrate"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "database at revision head" in done.stdout
+    diff, tables = schema_diff(empty_db_url)
+    assert diff == [] and {"jobs", "workers"} <= tables
