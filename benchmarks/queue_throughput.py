@@ -8,7 +8,7 @@ For each system, on its own fresh database of one Postgres server:
                        apart; the time from the submit call to the job starting (p50, p99).
 Our figures use the real statements: claim with leases and attempts, fenced batch completion.
 
-    python benchmarks/queue_throughput.py [--url postgresql://...] [--workers 2] [--jobs 20000]
+    python benchmarks/queue_throughput.py [--url postgresql://...] [--workers 2] [--jobs 20000] [--rounds 3]
 """
 
 import argparse
@@ -388,8 +388,8 @@ def measure(system: str, server_url: str, args, ctx) -> Figures:
 
 def report(results: dict[str, Figures], args) -> None:
     print()
-    print(f"workers={args.workers} jobs={args.jobs} batch={args.batch} single={args.single_jobs} "
-          f"paced={args.paced}@{args.interval}ms  ({os.cpu_count()} CPUs)")
+    print(f"medians of {args.rounds} rounds: workers={args.workers} jobs={args.jobs} batch={args.batch} "
+          f"single={args.single_jobs} paced={args.paced}@{args.interval}ms  ({os.cpu_count()} CPUs)")
     header = f"{'system':<16}{'submit/s single':>16}{'submit/s batch':>16}{'drain jobs/s':>14}{'p50 ms':>9}{'p99 ms':>9}"
     print(header)
     print("-" * len(header))
@@ -419,15 +419,31 @@ def main() -> None:
     parser.add_argument("--paced", type=int, default=300, help="jobs in the latency run")
     parser.add_argument("--interval", type=float, default=10.0, help="ms between paced submits")
     parser.add_argument("--systems", default="ours,pgqueuer,procrastinate")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, systems interleaved; medians reported")
     args = parser.parse_args()
 
     server_url = args.url or (LOCAL_URL if reachable(LOCAL_URL) else start_embedded(Path(".acestep/bench-postgres")))
     ctx = mp.get_context("spawn")
-    results = {}
-    for system in args.systems.split(","):
-        print(f"measuring {system} ...", flush=True)
-        results[system] = measure(system, server_url, args, ctx)
-    report(results, args)
+    rounds: dict[str, list[Figures]] = {system: [] for system in args.systems.split(",")}
+    for round_no in range(1, args.rounds + 1):
+        for system, figures in rounds.items():
+            figures.append(measure(system, server_url, args, ctx))
+            f = figures[-1]
+            print(f"round {round_no} {system}: submit {f.submit_single:.0f}/s, batch {f.submit_batch:.0f}/s, "
+                  f"drain {f.drain:.0f}/s, p50 {f.p50_ms:.2f} ms, p99 {f.p99_ms:.2f} ms", flush=True)
+    report({system: median_figures(figures) for system, figures in rounds.items()}, args)
+
+
+def median_figures(runs: list[Figures]) -> Figures:
+    """Each figure's median over the rounds (notes from every round kept)."""
+    return Figures(
+        submit_single=statistics.median(f.submit_single for f in runs),
+        submit_batch=statistics.median(f.submit_batch for f in runs),
+        drain=statistics.median(f.drain for f in runs),
+        p50_ms=statistics.median(f.p50_ms for f in runs),
+        p99_ms=statistics.median(f.p99_ms for f in runs),
+        notes=[note for f in runs for note in f.notes],
+    )
 
 
 if __name__ == "__main__":

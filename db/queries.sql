@@ -7,9 +7,9 @@
 -- Insert one job; with an idempotency key, return the existing job instead (locked, so a
 -- concurrent duplicate is seen even if it committed after this statement began).
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
-INSERT INTO jobs (owner, idempotency_key, request_hash, priority, request, model, task_type,
+INSERT INTO jobs (id, owner, idempotency_key, request_hash, priority, request, model, task_type,
                   dit_units, lm_units, max_attempts, created_at, run_after)
-SELECT :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS jsonb), :model, :task_type,
+SELECT :id, :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS jsonb), :model, :task_type,
        :dit_units, :lm_units, :max_attempts, clock.now, clock.now
 FROM clock
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL

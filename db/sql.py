@@ -5,6 +5,7 @@ from functools import cache
 from importlib.resources import files
 
 from sqlalchemy import TextClause, text
+from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -32,3 +33,10 @@ def queries() -> dict[str, TextClause]:
     """The project's statements, compiled once."""
     source = files("db").joinpath("queries.sql").read_text(encoding="utf-8")
     return {name: text(statement) for name, statement in parse_queries(source).items()}
+
+
+@cache
+def statements() -> dict[str, str]:
+    """The same statements in psycopg's own placeholder style, for running on the driver directly."""
+    dialect = PGDialect_psycopg()
+    return {name: str(clause.compile(dialect=dialect)) for name, clause in queries().items()}

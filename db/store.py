@@ -8,14 +8,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
+import psycopg
+from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
-from sqlalchemy import Engine, Row
+from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
 from db.exceptions import DatabaseUnavailable, IdempotencyConflict, JobLost, JobNotFound, StoreError
-from db.sql import queries
+from db.ids import new_job_id
+from db.sql import statements
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,10 @@ def translated_errors() -> Iterator[None]:
     """Turn driver errors into the store's own exceptions."""
     try:
         yield
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise DatabaseUnavailable(f"database unavailable: {exc}".splitlines()[0]) from exc
+    except psycopg.Error as exc:
+        raise StoreError(f"database error: {exc}".splitlines()[0]) from exc
     except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
         raise DatabaseUnavailable(f"database unavailable: {exc.orig or exc}".splitlines()[0]) from exc
     except sa_exc.DBAPIError as exc:
@@ -113,10 +120,21 @@ class JobStore:
         self.retry = retry
         self.clock = clock
 
-    def _run(self, name: str, now: datetime | None, **params: Any) -> list[Row]:
+    def _run(self, name: str, now: datetime | None, **params: Any) -> list[Any]:
+        """Run one named statement on a pooled connection, straight on the driver (the hot path
+        spends no time in the SQL layer); returns its rows as named tuples."""
         params["now"] = now if now is not None else self.clock()
-        with translated_errors(), self.engine.connect() as conn:
-            return list(conn.execute(queries()[name], params))
+        with translated_errors():
+            conn = self.engine.raw_connection()
+            try:
+                with conn.driver_connection.cursor(row_factory=namedtuple_row) as cur:
+                    cur.execute(statements()[name], params)
+                    return cur.fetchall() if cur.description else []
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                conn.invalidate()  # the pool must not hand this connection out again
+                raise
+            finally:
+                conn.close()
 
     # --- submitting and reading -------------------------------------------------------------
 
@@ -134,6 +152,7 @@ class JobStore:
         rows = self._run(
             "submit_job",
             now,
+            id=new_job_id(),
             owner=owner,
             idempotency_key=idempotency_key,
             request_hash=digest,
@@ -156,7 +175,7 @@ class JobStore:
         """Queue many jobs in one statement; returns their ids in input order."""
         if not jobs:
             return []
-        ids = [uuid4() for _ in jobs]
+        ids = [new_job_id() for _ in jobs]
         payload = [
             {
                 "id": str(job_id),
@@ -176,7 +195,7 @@ class JobStore:
         rows = self._run("get_job", None, id=job_id)
         if not rows:
             raise JobNotFound(f"job {job_id} not found")
-        return dict(rows[0]._mapping)
+        return rows[0]._asdict()
 
     def queue_position(self, job_id: UUID) -> int:
         """1-based place in claim order while queued; 0 once running or finished."""
@@ -188,12 +207,12 @@ class JobStore:
     def eta_inputs(self, job_id: UUID) -> EtaInputs:
         inputs = EtaInputs()
         for row in self._run("eta_inputs", None, id=job_id):
-            entry = {k: v for k, v in row._mapping.items() if k != "kind"}
+            entry = {k: v for k, v in row._asdict().items() if k != "kind"}
             (inputs.queued if row.kind == "queued" else inputs.running).append(entry)
         return inputs
 
     def cost_samples(self, limit: int = 500) -> list[dict[str, Any]]:
-        return [dict(r._mapping) for r in self._run("cost_samples", None, limit=limit)]
+        return [r._asdict() for r in self._run("cost_samples", None, limit=limit)]
 
     def stats(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> dict[str, Any]:
         row = self._run("stats", now, stale_seconds=stale_seconds)[0]
@@ -219,7 +238,7 @@ class JobStore:
         if limit <= 0:
             return []
         rows = self._run("claim_jobs", now, worker_id=worker_id, limit=limit, lease_seconds=self.lease_seconds)
-        jobs = [ClaimedJob(**row._mapping) for row in rows]
+        jobs = [ClaimedJob(**row._asdict()) for row in rows]
         jobs.sort(key=lambda j: (j.priority, j.created_at, j.id))
         return jobs
 
@@ -357,7 +376,7 @@ class JobStore:
         self._run("remove_worker", None, id=worker_id)
 
     def workers(self) -> list[dict[str, Any]]:
-        return [dict(r._mapping) for r in self._run("list_workers", None)]
+        return [r._asdict() for r in self._run("list_workers", None)]
 
     def live_capacity(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> tuple[int, int]:
         """(job slots, workers) of workers that are alive and ready."""
