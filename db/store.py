@@ -252,19 +252,10 @@ class JobStore:
         now: datetime | None = None,
     ) -> bool:
         """Extend the lease; returns True when the client asked to cancel. Raises JobLost."""
-        rows = self._run(
-            "heartbeat_job",
-            now,
-            id=job.id,
-            attempt=job.attempt,
-            worker_id=worker_id,
-            stage=stage,
-            progress=progress,
-            lease_seconds=self.lease_seconds,
+        row = self._fenced(
+            "heartbeat_job", job, worker_id, now, stage=stage, progress=progress, lease_seconds=self.lease_seconds
         )
-        if not rows:
-            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
-        return bool(rows[0].cancel_requested)
+        return bool(row.cancel_requested)
 
     def complete_many(
         self,
@@ -295,32 +286,32 @@ class JobStore:
         now: datetime | None = None,
     ) -> str:
         """Record a failed attempt; returns the new status ('queued' for a retry, else 'failed')."""
-        rows = self._run(
+        row = self._fenced(
             "fail_job",
+            job,
+            worker_id,
             now,
-            id=job.id,
-            attempt=job.attempt,
-            worker_id=worker_id,
             error=error,
             retryable=retryable,
             retry_base_seconds=self.retry.base_seconds,
             retry_max_seconds=self.retry.max_seconds,
         )
-        if not rows:
-            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
-        return rows[0].status
+        return row.status
 
     def release(self, job: ClaimedJob, worker_id: str, *, refund: bool, now: datetime | None = None) -> str:
         """Put a running job back in the queue; `refund` returns the attempt (soft shutdown)."""
-        rows = self._run("release_job", now, id=job.id, attempt=job.attempt, worker_id=worker_id, refund=refund)
-        if not rows:
-            raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
-        return rows[0].status
+        return self._fenced("release_job", job, worker_id, now, refund=refund).status
 
     def finish_canceled(self, job: ClaimedJob, worker_id: str, *, now: datetime | None = None) -> None:
-        rows = self._run("finish_canceled", now, id=job.id, attempt=job.attempt, worker_id=worker_id)
+        """The worker stopped a job whose cancel was requested."""
+        self._fenced("finish_canceled", job, worker_id, now)
+
+    def _fenced(self, name: str, job: ClaimedJob, worker_id: str, now: datetime | None, **params: Any) -> Any:
+        """Run a write fenced on (id, running, attempt, worker); its one row, or JobLost if the fence held."""
+        rows = self._run(name, now, id=job.id, attempt=job.attempt, worker_id=worker_id, **params)
         if not rows:
             raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
+        return rows[0]
 
     # --- maintenance -----------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ def test_parse_queries_rejects_duplicates_and_empty_statements(source):
 
 
 def test_every_statement_the_store_runs_exists_and_every_statement_is_used():
-    used = set(re.findall(r'self\._run\(\s*"(\w+)"', STORE_SOURCE))
+    used = set(re.findall(r'self\._(?:run|fenced)\(\s*"(\w+)"', STORE_SOURCE))
     assert used == set(queries())
 
 
