@@ -18,12 +18,14 @@ RETURNING id, request_hash, status, (xmax = 0) AS created;
 
 -- name: submit_jobs
 -- Insert many jobs of one owner in one statement (bulk clients, benchmarks). :jobs is a JSON array
--- of {id, priority, request, model, task_type, dit_units, lm_units}; returns how many were inserted.
+-- of {id, request, priority?, model?, task_type?, dit_units?, lm_units?} (absent: the column's
+-- default); returns how many were inserted.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 inserted AS (
     INSERT INTO jobs (id, owner, priority, request, model, task_type, dit_units, lm_units,
                       max_attempts, created_at, run_after)
-    SELECT n.id, :owner, n.priority, n.request, n.model, n.task_type, n.dit_units, n.lm_units,
+    SELECT n.id, :owner, COALESCE(n.priority, 0), n.request, COALESCE(n.model, ''),
+           COALESCE(n.task_type, 'text2music'), COALESCE(n.dit_units, 0), COALESCE(n.lm_units, 0),
            :max_attempts, clock.now, clock.now
     FROM clock,
          jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(id uuid, priority int, request jsonb, model text,

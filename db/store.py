@@ -37,6 +37,18 @@ class NewJob:
     dit_units: float = 0.0
     lm_units: float = 0.0
 
+    def as_row(self) -> dict[str, Any]:
+        """The fields of a bulk insert; those at their defaults are left out (the SQL fills them)."""
+        row: dict[str, Any] = {"request": self.request}
+        for name, default in _NEW_JOB_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                row[name] = value
+        return row
+
+
+_NEW_JOB_DEFAULTS = {"priority": 0, "model": "", "task_type": "text2music", "dit_units": 0.0, "lm_units": 0.0}
+
 
 @dataclass(frozen=True)
 class Submitted:
@@ -176,18 +188,7 @@ class JobStore:
         if not jobs:
             return []
         ids = [new_job_id() for _ in jobs]
-        payload = [
-            {
-                "id": str(job_id),
-                "priority": job.priority,
-                "request": job.request,
-                "model": job.model,
-                "task_type": job.task_type,
-                "dit_units": job.dit_units,
-                "lm_units": job.lm_units,
-            }
-            for job_id, job in zip(ids, jobs)
-        ]
+        payload = [{"id": str(job_id), **job.as_row()} for job_id, job in zip(ids, jobs)]
         self._run("submit_jobs", now, owner=owner, max_attempts=max_attempts, jobs=Jsonb(payload))
         return ids
 

@@ -239,3 +239,19 @@ def test_database_checks_reject_bad_rows(engine):
 
     with pytest.raises(StoreError), translated_errors(), engine.connect() as conn:
         conn.execute(text("INSERT INTO jobs (status) VALUES ('exploded')"))
+
+
+def test_bulk_submit_keeps_every_field_and_the_input_order(store):
+    jobs = [
+        NewJob(request={"i": 0}),
+        NewJob(request={"i": 1}, priority=3, model="acestep-v15-base", task_type="cover", dit_units=2.5, lm_units=1.0),
+    ]
+    ids = store.submit_many(jobs, owner="key-a", max_attempts=5, now=at(0))
+    rows = [store.get(job_id) for job_id in ids]
+    assert [r["request"] for r in rows] == [{"i": 0}, {"i": 1}]
+    assert (rows[0]["priority"], rows[0]["model"], rows[0]["task_type"]) == (0, "", "text2music")
+    assert (rows[1]["priority"], rows[1]["model"], rows[1]["task_type"]) == (3, "acestep-v15-base", "cover")
+    assert {(r["owner"], r["max_attempts"]) for r in rows} == {("key-a", 5)}
+    inputs = store.eta_inputs(ids[1])
+    assert {q["model"]: (q["dit_units"], q["lm_units"]) for q in inputs.queued} == {"": (0.0, 0.0), "acestep-v15-base": (2.5, 1.0)}
+    assert store.submit_many([]) == []
