@@ -209,26 +209,36 @@ FROM jobs
 WHERE id = :id;
 
 -- name: queue_position
--- 1-based rank in claim order for a queued job, 0 otherwise; an index range count.
+-- 1-based rank in claim order for a queued job, 0 otherwise. Two index range counts: higher
+-- priorities, then the same priority up to this job (a single row comparison would make the
+-- index walk every job of the leading priority).
 SELECT j.status,
-       CASE WHEN j.status = 'queued' THEN (
-           SELECT count(*)
-           FROM jobs AS q
-           WHERE q.status = 'queued'
-             AND (q.priority, q.created_at, q.id) <= (j.priority, j.created_at, j.id)
-       ) ELSE 0 END AS position
+       CASE WHEN j.status = 'queued' THEN
+           (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued' AND q.priority < j.priority)
+         + (SELECT count(*) FROM jobs AS q
+            WHERE q.status = 'queued' AND q.priority = j.priority
+              AND (q.created_at, q.id) <= (j.created_at, j.id))
+       ELSE 0 END AS position
 FROM jobs AS j
 WHERE j.id = :id;
 
 -- name: eta_inputs
 -- Work queued ahead of :id (itself included), summed per model, and every running job's work.
-WITH me AS (SELECT priority, created_at, id FROM jobs WHERE id = :id AND status = 'queued')
-SELECT 'queued' AS kind, q.model, count(*) AS jobs, sum(q.dit_units) AS dit_units,
-       sum(q.lm_units) AS lm_units, CAST(NULL AS float8) AS progress,
-       CAST(NULL AS timestamptz) AS started_at
-FROM jobs AS q, me
-WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
-GROUP BY q.model
+WITH me AS (SELECT priority, created_at, id FROM jobs WHERE id = :id AND status = 'queued'),
+ahead AS (
+    SELECT q.model, q.dit_units, q.lm_units
+    FROM jobs AS q, me
+    WHERE q.status = 'queued' AND q.priority < me.priority
+    UNION ALL
+    SELECT q.model, q.dit_units, q.lm_units
+    FROM jobs AS q, me
+    WHERE q.status = 'queued' AND q.priority = me.priority
+      AND (q.created_at, q.id) <= (me.created_at, me.id)
+)
+SELECT 'queued' AS kind, model, count(*) AS jobs, sum(dit_units) AS dit_units, sum(lm_units) AS lm_units,
+       CAST(NULL AS float8) AS progress, CAST(NULL AS timestamptz) AS started_at
+FROM ahead
+GROUP BY model
 UNION ALL
 SELECT 'running', model, 1, dit_units, lm_units, progress, started_at
 FROM jobs
