@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from db import JobStore, NewJob, make_engine  # noqa: E402
-from db.server import LOCAL_URL, reachable, start_embedded  # noqa: E402
+from db.server import find_server  # noqa: E402
 from migrations import upgrade  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--queued", type=int, default=100_000)
     args = parser.parse_args()
 
-    server_url = args.url or (LOCAL_URL if reachable(LOCAL_URL) else start_embedded(Path(".acestep/bench-postgres")))
+    server_url = find_server(args.url, Path(".acestep/bench-postgres"))
     name = f"bench_position_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from db import JobStore, JobWakeups, NewJob, make_engine  # noqa: E402
-from db.server import LOCAL_URL, reachable, start_embedded  # noqa: E402
+from db.server import find_server  # noqa: E402
 from migrations import upgrade  # noqa: E402
 
 ENTRYPOINT = "noop"
@@ -422,7 +422,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, systems interleaved; medians reported")
     args = parser.parse_args()
 
-    server_url = args.url or (LOCAL_URL if reachable(LOCAL_URL) else start_embedded(Path(".acestep/bench-postgres")))
+    server_url = find_server(args.url, Path(".acestep/bench-postgres"))
     ctx = mp.get_context("spawn")
     rounds: dict[str, list[Figures]] = {system: [] for system in args.systems.split(",")}
     for round_no in range(1, args.rounds + 1):

@@ -36,3 +36,13 @@ def find_server(configured: str | None, data_dir: Path) -> str:
     if reachable(LOCAL_URL):
         return LOCAL_URL
     return start_embedded(data_dir)
+
+
+def find_server(configured: str | None, data_dir: Path) -> str:
+    """For tests and benchmarks: the given URL, else the local server on 127.0.0.1:5432, else an
+    embedded one in `data_dir`. (`dev` never borrows the machine's server: it uses its own.)"""
+    if configured:
+        return configured
+    if reachable(LOCAL_URL):
+        return LOCAL_URL
+    return start_embedded(data_dir)

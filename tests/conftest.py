@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from db import JobStore, make_engine
-from db.server import LOCAL_URL, reachable, start_embedded
+from db.server import find_server
 from migrations import upgrade
 
 
@@ -27,12 +27,7 @@ def _admin(server_url: str, *statements: str) -> None:
 
 @pytest.fixture(scope="session")
 def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    configured = os.environ.get("ACESTEP_TEST_DATABASE_URL")
-    if configured:
-        return configured
-    if reachable(LOCAL_URL):
-        return LOCAL_URL
-    return start_embedded(Path(tmp_path_factory.mktemp("pgserver")))
+    return find_server(os.environ.get("ACESTEP_TEST_DATABASE_URL"), Path(tmp_path_factory.mktemp("pgserver")))
 
 
 @pytest.fixture(scope="session")
