@@ -1,0 +1,88 @@
+"""The generate request: the seed API's defaults, and a clear error for each rule."""
+
+import pytest
+from pydantic import ValidationError
+
+from handler.http.generate_request import DEFAULT_INSTRUCTION, GenerateRequest
+
+SPEC_DEFAULTS = {
+    "caption": "", "lyrics": "", "thinking": False, "vocal_language": "en", "audio_format": "mp3",
+    "bpm": None, "key_scale": "", "time_signature": "", "audio_duration": None, "audio_code_string": "",
+    "inference_steps": 8, "guidance_scale": 7.0, "use_random_seed": True, "seed": -1, "batch_size": None,
+    "lm_model_path": None, "lm_backend": "vllm", "lm_temperature": 0.85, "lm_cfg_scale": 2.0,
+    "lm_negative_prompt": "NO USER INPUT", "lm_top_k": None, "lm_top_p": 0.9, "lm_repetition_penalty": 1.0,
+    "reference_audio_path": None, "src_audio_path": None, "task_type": "text2music",
+    "instruction": DEFAULT_INSTRUCTION, "repainting_start": 0.0, "repainting_end": None,
+    "audio_cover_strength": 1.0,
+}
+
+
+def test_defaults_are_the_seed_apis():
+    assert GenerateRequest().model_dump() == SPEC_DEFAULTS
+
+
+def test_the_spec_examples_validate():
+    GenerateRequest(caption="upbeat pop song", lyrics="Hello world", inference_steps=16)
+    GenerateRequest(caption="upbeat pop song", lyrics="Hello world", thinking=True, lm_temperature=0.85,
+                    lm_cfg_scale=2.0, lm_top_k=None, lm_top_p=0.9, lm_repetition_penalty=1.0)
+    assert GenerateRequest(caption="slow emotional ballad", lyrics="...", thinking=False, bpm=72).bpm == 72
+    repaint = GenerateRequest(caption="remix this song", src_audio_path="jobs/x/input-src.mp3", task_type="repaint")
+    assert repaint.task_type == "repaint"
+
+
+def test_form_strings_are_coerced():
+    req = GenerateRequest.model_validate({"inference_steps": "16", "thinking": "true", "bpm": "120"})
+    assert (req.inference_steps, req.thinking, req.bpm) == (16, True, 120)
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"bpm": 29}, "bpm"),
+        ({"bpm": 301}, "bpm"),
+        ({"audio_duration": 9.9}, "audio_duration"),
+        ({"audio_duration": 601}, "audio_duration"),
+        ({"inference_steps": 0}, "inference_steps"),
+        ({"inference_steps": 201}, "inference_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 9}, "batch_size"),
+        ({"audio_format": "ogg"}, "audio_format"),
+        ({"task_type": "extract"}, "task_type"),
+        ({"vocal_language": "xx"}, "vocal_language"),
+        ({"key_scale": "H major"}, "key_scale"),
+        ({"time_signature": "5/4"}, "time_signature"),
+        ({"lm_backend": "tensorrt"}, "lm_backend"),
+        ({"seed": -2}, "seed"),
+        ({"audio_cover_strength": 1.5}, "audio_cover_strength"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"inference_steps": "many"}, "inference_steps"),
+    ],
+)
+def test_field_rules_name_the_field(body, field):
+    with pytest.raises(ValidationError) as caught:
+        GenerateRequest.model_validate(body)
+    assert field in {str(part) for err in caught.value.errors() for part in err["loc"]}
+
+
+@pytest.mark.parametrize(
+    "body,words",
+    [
+        ({"task_type": "cover"}, "src_audio"),
+        ({"task_type": "repaint"}, "src_audio"),
+        ({"repainting_start": 10, "repainting_end": 5}, "repainting_end"),
+        ({"repainting_start": 10, "repainting_end": 10}, "repainting_end"),
+        ({"audio_code_string": ["a", "b"], "batch_size": 3}, "audio_code_string"),
+        ({"audio_code_string": []}, "audio_code_string"),
+    ],
+)
+def test_cross_field_rules_say_which_field(body, words):
+    with pytest.raises(ValidationError, match=words):
+        GenerateRequest.model_validate(body)
+
+
+def test_repaint_to_the_end_and_code_lists():
+    assert GenerateRequest(repainting_start=5, repainting_end=-1).repainting_end == -1
+    codes = GenerateRequest(audio_code_string=["<|audio_code_1|>", "<|audio_code_2|>"])
+    assert codes.effective_batch_size(default=2) == 2
+    assert GenerateRequest(batch_size=3).effective_batch_size(default=2) == 3
+    assert GenerateRequest().effective_batch_size(default=2) == 2
