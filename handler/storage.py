@@ -1,0 +1,177 @@
+"""Object storage for job inputs and outputs: S3 (boto3, SigV4 presigned GETs) or a local directory
+(URLs served by the HTTP function at a signed, expiring path). Rows store keys; URLs are made at
+read time, so nothing expired is ever stored."""
+
+import hashlib
+import hmac
+import shutil
+import time
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Protocol
+from urllib.parse import quote, urlencode, urlparse
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+LOCAL_FILES_ROUTE = "/v1/files"
+
+
+class StorageError(Exception):
+    """Object storage failed."""
+
+
+class StorageUnavailable(StorageError):
+    """Object storage could not be reached; the operation may be retried."""
+
+
+class ObjectNotFound(StorageError):
+    """No object has this key."""
+
+
+class ObjectStorage(Protocol):
+    def put(self, key: str, data: BinaryIO, content_type: str) -> None: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def url(self, key: str, expires_in: int) -> str: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+
+
+def checked_key(key: str) -> str:
+    """A relative key of plain path segments; anything that could step outside is refused."""
+    if not key or "\\" in key or any(part in ("..", ".", "") for part in key.split("/")):
+        raise StorageError(f"invalid object key {key!r}")
+    return key
+
+
+class LocalStorage:
+    """Objects as files under `root`; `url` signs `{base}/v1/files/{key}?expires=..&signature=..`."""
+
+    def __init__(self, root: Path, *, secret: bytes, public_base_url: str = ""):
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._secret = secret
+        self.public_base_url = public_base_url.rstrip("/")
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*PurePosixPath(checked_key(key)).parts)
+
+    def put(self, key: str, data: BinaryIO, content_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with partial.open("wb") as out:
+            shutil.copyfileobj(data, out)
+        partial.replace(path)  # readers never see half a file
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self._path(key).open("rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key}") from None
+
+    def url(self, key: str, expires_in: int, *, now: float | None = None) -> str:
+        expires = int((time.time() if now is None else now) + expires_in)
+        query = urlencode({"expires": expires, "signature": self.signature(key, expires)})
+        return f"{self.public_base_url}{LOCAL_FILES_ROUTE}/{quote(checked_key(key))}?{query}"
+
+    def signature(self, key: str, expires: int) -> str:
+        return hmac.new(self._secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def verify(self, key: str, expires: int, signature: str, *, now: float | None = None) -> bool:
+        """True if the URL for `key` was signed here and has not expired."""
+        if (time.time() if now is None else now) > expires:
+            return False
+        return hmac.compare_digest(self.signature(key, expires), signature)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
+
+
+class S3Storage:
+    """Objects in `bucket` under `prefix`; large uploads go multipart; URLs are SigV4 presigned GETs."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._client = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            config=Config(signature_version="s3v4", retries={"max_attempts": 3, "mode": "standard"}),
+        )
+        self._transfer = TransferConfig(multipart_threshold=16 * 1024 * 1024)
+
+    def _key(self, key: str) -> str:
+        checked_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put(self, key: str, data: BinaryIO, content_type: str) -> None:
+        with _translated(key):
+            self._client.upload_fileobj(
+                data, self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}, Config=self._transfer
+            )
+
+    def open(self, key: str) -> BinaryIO:
+        with _translated(key):
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+
+    def url(self, key: str, expires_in: int) -> str:
+        with _translated(key):
+            return self._client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_in
+            )
+
+    def delete(self, key: str) -> None:
+        with _translated(key):
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        with _translated(prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix.rstrip("/")) + "/"
+            )
+            for page in pages:
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if keys:
+                    self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+
+class _translated:
+    """Turn boto errors into StorageError / StorageUnavailable / ObjectNotFound."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(f"no object {self.key}") from exc
+            if code.startswith("5") or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
+                raise StorageUnavailable(f"object storage unavailable ({code})") from exc
+            raise StorageError(f"object storage refused {self.key} ({code})") from exc
+        if isinstance(exc, BotoCoreError):
+            raise StorageUnavailable(f"object storage unavailable: {exc}") from exc
+        return False
+
+
+def storage_from_url(
+    url: str, *, secret: bytes, endpoint_url: str | None = None, public_base_url: str = ""
+) -> ObjectStorage:
+    """`s3://bucket/prefix` or `file:///path` (ACESTEP_STORAGE_URL) to a storage backend."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3" and parsed.netloc:
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
+    if parsed.scheme == "file" and parsed.path:
+        return LocalStorage(Path(parsed.path), secret=secret, public_base_url=public_base_url)
+    raise ValueError(f"ACESTEP_STORAGE_URL must be s3://bucket/prefix or file:///path, got {url!r}")
