@@ -22,3 +22,7 @@ class JobLost(StoreError):
 
 class IdempotencyConflict(StoreError):
     """The idempotency key was already used for a different request."""
+
+
+class QuotaExceeded(StoreError):
+    """This caller already has the most queued jobs it may have."""

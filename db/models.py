@@ -85,6 +85,7 @@ class Job(Base):
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("lease_expires_at IS NOT NULL")),
         Index("ix_jobs_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
         Index("ix_jobs_owner_created", "owner", "created_at"),
+        Index("ix_jobs_owner_queued", "owner", postgresql_where=text("status = 'queued'")),
         Index(
             "uq_jobs_owner_idempotency_key",
             "owner",
@@ -113,3 +114,16 @@ class Worker(Base):
         CheckConstraint("state IN ('STARTING', 'READY', 'BUSY', 'SETUP_FAILED', 'STOPPING')", name="state"),
         Index("ix_workers_heartbeat_at", "heartbeat_at"),
     )
+
+
+class ApiKey(Base):
+    """A caller. Only the SHA-256 of the key is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    key_hash: Mapped[str] = mapped_column(Text, unique=True)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

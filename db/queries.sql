@@ -5,13 +5,16 @@
 
 -- name: submit_job
 -- Insert one job; with an idempotency key, return the existing job instead (locked, so a
--- concurrent duplicate is seen even if it committed after this statement began).
+-- concurrent duplicate is seen even if it committed after this statement began). With
+-- :max_queued, nothing is inserted (no row returned) while the owner has that many queued.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
 INSERT INTO jobs (id, owner, idempotency_key, request_hash, priority, request, model, task_type,
                   dit_units, lm_units, max_attempts, created_at, run_after)
 SELECT :id, :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS jsonb), :model, :task_type,
        :dit_units, :lm_units, :max_attempts, clock.now, clock.now
 FROM clock
+WHERE CAST(:max_queued AS int) IS NULL
+   OR (SELECT count(*) FROM jobs WHERE owner = :owner AND status = 'queued') < CAST(:max_queued AS int)
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL
 DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
 RETURNING id, request_hash, status, (xmax = 0) AS created;
@@ -202,7 +205,7 @@ WHERE j.id = o.id AND j.status = 'running' AND j.lease_expires_at < clock.now
 RETURNING j.id, j.status, j.attempt;
 
 -- name: get_job
-SELECT id, status, priority, owner, request, model, task_type, attempt, max_attempts, worker_id,
+SELECT id, status, priority, owner, request, model, task_type, dit_units, lm_units, attempt, max_attempts, worker_id,
        cancel_requested, stage, progress, result, error, errors, created_at, started_at,
        finished_at, lease_expires_at
 FROM jobs
@@ -312,3 +315,18 @@ DELETE FROM workers WHERE id = :id RETURNING id;
 
 -- name: list_workers
 SELECT id, host, capacity, models, state, started_at, heartbeat_at FROM workers ORDER BY id;
+
+-- name: list_jobs
+-- One page of an owner's jobs, newest first; :before is the created_at of the last row seen.
+SELECT id, status, created_at, started_at, finished_at, error
+FROM jobs
+WHERE owner = :owner AND (CAST(:before AS timestamptz) IS NULL OR created_at < CAST(:before AS timestamptz))
+ORDER BY created_at DESC
+LIMIT :limit;
+
+-- name: insert_api_key
+INSERT INTO api_keys (id, name, key_hash, max_queued) VALUES (:id, :name, :key_hash, :max_queued)
+RETURNING id;
+
+-- name: find_api_key
+SELECT id, name, max_queued FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL;

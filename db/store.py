@@ -16,7 +16,14 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 
-from db.exceptions import DatabaseUnavailable, IdempotencyConflict, JobLost, JobNotFound, StoreError
+from db.exceptions import (
+    DatabaseUnavailable,
+    IdempotencyConflict,
+    JobLost,
+    JobNotFound,
+    QuotaExceeded,
+    StoreError,
+)
 from db.ids import new_job_id
 from db.sql import statements
 
@@ -154,17 +161,20 @@ class JobStore:
         self,
         job: NewJob,
         *,
+        job_id: UUID | None = None,
         owner: str = "",
         idempotency_key: str | None = None,
         max_attempts: int = 3,
+        max_queued: int | None = None,
         now: datetime | None = None,
     ) -> Submitted:
-        """Queue a job. With an idempotency key, the same key and body return the same job."""
+        """Queue a job. With an idempotency key, the same key and body return the same job.
+        With `max_queued`, raises QuotaExceeded while the owner has that many jobs queued."""
         digest = request_hash(job.request)
         rows = self._run(
             "submit_job",
             now,
-            id=new_job_id(),
+            id=job_id or new_job_id(),
             owner=owner,
             idempotency_key=idempotency_key,
             request_hash=digest,
@@ -175,7 +185,10 @@ class JobStore:
             dit_units=job.dit_units,
             lm_units=job.lm_units,
             max_attempts=max_attempts,
+            max_queued=max_queued,
         )
+        if not rows:
+            raise QuotaExceeded(f"at most {max_queued} queued jobs per caller; wait for some to start")
         row = rows[0]
         if not row.created and row.request_hash != digest:
             raise IdempotencyConflict()
@@ -197,6 +210,10 @@ class JobStore:
         if not rows:
             raise JobNotFound(f"job {job_id} not found")
         return rows[0]._asdict()
+
+    def list_jobs(self, owner: str, *, limit: int = 20, before: datetime | None = None) -> list[dict[str, Any]]:
+        """One page of an owner's jobs, newest first."""
+        return [r._asdict() for r in self._run("list_jobs", None, owner=owner, limit=limit, before=before)]
 
     def queue_position(self, job_id: UUID) -> int:
         """1-based place in claim order while queued; 0 once running or finished."""
@@ -374,3 +391,12 @@ class JobStore:
         """(job slots, workers) of workers that are alive and ready."""
         row = self._run("live_capacity", now, stale_seconds=stale_seconds)[0]
         return int(row.slots), int(row.workers)
+
+    # --- API keys --------------------------------------------------------------------------
+
+    def add_api_key(self, key_id: str, name: str, key_hash: str, *, max_queued: int | None = None) -> None:
+        self._run("insert_api_key", None, id=key_id, name=name, key_hash=key_hash, max_queued=max_queued)
+
+    def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
+        rows = self._run("find_api_key", None, key_hash=key_hash)
+        return rows[0]._asdict() if rows else None

@@ -2,9 +2,7 @@
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
 from pydantic import ValidationError
 
@@ -42,20 +40,50 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_http(settings: Settings, database_url: str) -> None:
+    import uvicorn
+
+    from handler.http.app import create_app
+    from handler.http.services import build_services
+
+    app = create_app(build_services(settings, database_url))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The HTTP function alone, on ACESTEP_HOST:ACESTEP_PORT."""
+    settings = _settings()
+    if not settings.database_url:
+        raise SystemExit("ACESTEP_DATABASE_URL is not set: serve needs the job database")
+    _serve_http(settings, settings.database_url)
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
-    """The database half of the all-in-one dev system: embedded Postgres, migrated, until Ctrl-C."""
+    """Embedded Postgres (or ACESTEP_DATABASE_URL), migrated, local storage, the HTTP API; Ctrl-C stops all."""
     from migrations import upgrade
 
     settings = _settings()
     url = _database_url(settings)
     upgrade(url)
     print(f"job store ready: {url}", flush=True)
-    print("the HTTP API and the worker are not part of this build yet; Ctrl-C stops the database", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    print("no worker runs in this build yet: jobs stay queued until one claims them", flush=True)
+    _serve_http(settings, url)
     print("stopped", flush=True)
+    return 0
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    """Create an API key; it is printed once and stored only as a hash."""
+    from db import JobStore, make_engine
+    from handler.http.auth import create_api_key
+
+    settings = _settings()
+    if not settings.database_url:
+        raise SystemExit("ACESTEP_DATABASE_URL is not set: create-key needs the job database")
+    store = JobStore(make_engine(settings.database_url, pool_size=1))
+    key_id, key = create_api_key(store, args.name, max_queued=args.max_queued)
+    print(f"{key_id} {key}")
     return 0
 
 
@@ -67,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
     dev = sub.add_parser("dev", help=cmd_dev.__doc__)
     dev.set_defaults(func=cmd_dev)
+    serve = sub.add_parser("serve", help=cmd_serve.__doc__)
+    serve.set_defaults(func=cmd_serve)
+    create_key = sub.add_parser("create-key", help=cmd_create_key.__doc__)
+    create_key.add_argument("name")
+    create_key.add_argument("--max-queued", type=int, default=None)
+    create_key.set_defaults(func=cmd_create_key)
     return parser
 
 

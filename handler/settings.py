@@ -1,6 +1,7 @@
 """The one configuration object: read from ACESTEP_* variables in the entry point, passed down."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,22 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(5.0, ge=0, description="backoff before the 2nd attempt; doubles after")
     retry_max_seconds: float = Field(300.0, ge=0, description="longest backoff between attempts")
     db_pool_size: int = Field(5, ge=1, le=200, description="connections per process")
+
+    env: Literal["dev", "production"] = Field("dev", description="production refuses to run without API keys")
+    allow_open: bool = Field(False, description="let production run without API keys anyway")
+    require_keys: bool = Field(False, description="make dev check API keys too")
+    host: str = Field("127.0.0.1", description="where `serve`/`dev` listen")
+    port: int = Field(8001, ge=1, le=65535)
+    public_url: str | None = Field(None, description="base URL clients reach this API at (signed file URLs)")
+    storage_url: str | None = Field(None, description="s3://bucket/prefix or file:///path; dev: a local directory")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset = AWS")
+    url_secret: str | None = Field(None, description="key that signs local file URLs; dev makes one")
+    url_expires_seconds: int = Field(3600, ge=60, le=7 * 86400, description="lifetime of audio URLs")
+    input_root: Path | None = Field(None, description="directory whose files src/reference_audio_path may name")
+    max_upload_mb: float = Field(50, gt=0, le=2048, description="largest accepted audio upload")
+    max_queued_per_key: int = Field(100, ge=1, description="queued jobs one API key may have at once")
+    default_batch_size: int = Field(2, ge=1, le=8, description="batch_size when a request has none")
+    default_model: str = Field("acestep-v15-turbo", description="DiT model jobs run on")
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> "Settings":

@@ -4,7 +4,7 @@ allowed range. Unknown fields and out-of-range values are rejected (422 naming t
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 DEFAULT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
 VALID_LANGUAGES = frozenset(
@@ -79,20 +79,35 @@ class GenerateRequest(BaseModel):
             raise ValueError('must be 2, 3, 4 or 6 beats, optionally over 2, 4, 8 or 16, e.g. "4/4"')
         return value.strip()
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "GenerateRequest":
-        if self.task_type in ("cover", "repaint") and not self.src_audio_path:
-            raise ValueError(f"task_type {self.task_type} needs source audio: src_audio_path or an uploaded src_audio")
-        end = self.repainting_end
-        if end is not None and end != -1 and end <= self.repainting_start:
-            raise ValueError("repainting_end must be after repainting_start (or -1 / null for the end of the audio)")
-        codes = self.audio_code_string
-        if isinstance(codes, list):
-            if not 1 <= len(codes) <= MAX_BATCH_SIZE:
-                raise ValueError(f"audio_code_string as a list needs 1 to {MAX_BATCH_SIZE} entries")
-            if self.batch_size is not None and len(codes) != self.batch_size:
-                raise ValueError(f"audio_code_string has {len(codes)} entries but batch_size is {self.batch_size}")
-        return self
+    @field_validator("audio_code_string")
+    @classmethod
+    def _code_list_size(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_BATCH_SIZE:
+            raise ValueError(f"as a list needs 1 to {MAX_BATCH_SIZE} entries, one per batch item")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _matches_code_list(cls, value: int | None, info: ValidationInfo) -> int | None:
+        codes = info.data.get("audio_code_string")
+        if value is not None and isinstance(codes, list) and len(codes) != value:
+            raise ValueError(f"is {value} but audio_code_string lists {len(codes)} entries")
+        return value
+
+    @field_validator("task_type")
+    @classmethod
+    def _source_audio_present(cls, value: str, info: ValidationInfo) -> str:
+        if value in ("cover", "repaint") and not info.data.get("src_audio_path"):
+            raise ValueError(f"{value} needs source audio: src_audio_path or an uploaded src_audio")
+        return value
+
+    @field_validator("repainting_end")
+    @classmethod
+    def _after_start(cls, value: float | None, info: ValidationInfo) -> float | None:
+        start = info.data.get("repainting_start")
+        if value is not None and value != -1 and start is not None and value <= start:
+            raise ValueError("must be after repainting_start (or -1 / null for the end of the audio)")
+        return value
 
     def effective_batch_size(self, default: int) -> int:
         """The batch the job will run: explicit, else one per listed code string, else the server's default."""

@@ -65,19 +65,20 @@ def test_field_rules_name_the_field(body, field):
 
 
 @pytest.mark.parametrize(
-    "body,words",
+    "body,field,words",
     [
-        ({"task_type": "cover"}, "src_audio"),
-        ({"task_type": "repaint"}, "src_audio"),
-        ({"repainting_start": 10, "repainting_end": 5}, "repainting_end"),
-        ({"repainting_start": 10, "repainting_end": 10}, "repainting_end"),
-        ({"audio_code_string": ["a", "b"], "batch_size": 3}, "audio_code_string"),
-        ({"audio_code_string": []}, "audio_code_string"),
+        ({"task_type": "cover"}, "task_type", "src_audio"),
+        ({"task_type": "repaint"}, "task_type", "src_audio"),
+        ({"repainting_start": 10, "repainting_end": 5}, "repainting_end", "repainting_start"),
+        ({"repainting_start": 10, "repainting_end": 10}, "repainting_end", "repainting_start"),
+        ({"audio_code_string": ["a", "b"], "batch_size": 3}, "batch_size", "audio_code_string"),
+        ({"audio_code_string": []}, "audio_code_string", "1 to 8"),
     ],
 )
-def test_cross_field_rules_say_which_field(body, words):
-    with pytest.raises(ValidationError, match=words):
+def test_cross_field_rules_name_the_field(body, field, words):
+    with pytest.raises(ValidationError, match=words) as caught:
         GenerateRequest.model_validate(body)
+    assert [err["loc"] for err in caught.value.errors()] == [(field,)]
 
 
 def test_repaint_to_the_end_and_code_lists():

@@ -1,0 +1,43 @@
+"""The HTTP function: a stateless FastAPI app over the job store and object storage."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from db import DatabaseUnavailable, StoreError
+from handler.http import routes_jobs, routes_system
+from handler.http.generate_request import GenerateRequest
+from handler.http.services import Services
+from handler.storage import StorageError, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def create_app(services: Services) -> FastAPI:
+    app = FastAPI(
+        title="ACE-Step 1.5 serverless API",
+        version="0.1.0",
+        description="Submit music generation jobs and poll them; jobs live in Postgres, audio in object storage.",
+    )
+    app.state.services = services
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_system.router)
+
+    @app.exception_handler(DatabaseUnavailable)
+    @app.exception_handler(StorageUnavailable)
+    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "service temporarily unavailable; retry shortly"}, 503, {"Retry-After": "5"})
+
+    @app.exception_handler(StoreError)
+    @app.exception_handler(StorageError)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=exc, extra={"action": "http_error", "path": request.url.path})
+        return JSONResponse({"detail": "internal error in the job service"}, 500)
+
+    schema = app.openapi()
+    schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = GenerateRequest.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    app.openapi_schema = schema
+    return app

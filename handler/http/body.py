@@ -1,0 +1,57 @@
+"""Reading a submit body in any of the three accepted encodings into fields and uploads."""
+
+import json
+from typing import Any
+
+from fastapi import HTTPException, Request, UploadFile
+
+ACCEPTED = ("application/json", "application/x-www-form-urlencoded", "multipart/form-data")
+# Form fields whose "no value" is null: an empty form value means "not given".
+_NULLABLE_FORM_FIELDS = {
+    "bpm", "audio_duration", "batch_size", "lm_model_path", "lm_top_k", "reference_audio_path",
+    "src_audio_path", "repainting_end",
+}
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], dict[str, UploadFile]]:
+    """(fields, file uploads) of a JSON, urlencoded or multipart body; 415 for anything else."""
+    kind = content_type(request)
+    if kind not in ACCEPTED:
+        raise HTTPException(415, f"Content-Type must be one of {', '.join(ACCEPTED)}; got {kind or 'none'}")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"request body is larger than {max_bytes // (1024 * 1024)} MB")
+    if kind == "application/json":
+        return await _json_fields(request, max_bytes), {}
+    form = await request.form(max_files=4, max_fields=200)
+    fields: dict[str, Any] = {}
+    uploads: dict[str, UploadFile] = {}
+    for name in form.keys():
+        values = form.getlist(name)
+        files = [v for v in values if not isinstance(v, str)]
+        if files:
+            uploads[name] = files[0]
+            continue
+        if name in _NULLABLE_FORM_FIELDS and values == [""]:
+            continue
+        fields[name] = values if len(values) > 1 else values[0]
+    return fields, uploads
+
+
+async def _json_fields(request: Request, max_bytes: int) -> dict[str, Any]:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise HTTPException(413, f"request body is larger than {max_bytes // (1024 * 1024)} MB")
+    try:
+        fields = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"malformed JSON body: {exc}") from None
+    if not isinstance(fields, dict):
+        raise HTTPException(400, "the JSON body must be an object of parameters")
+    return fields

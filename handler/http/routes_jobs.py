@@ -1,0 +1,231 @@
+"""The seed API: submit a generation, poll it, list and cancel jobs."""
+
+import io
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from pydantic import BaseModel, ValidationError
+
+from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
+from db.ids import new_job_id
+from handler.http.auth import Caller
+from handler.http.body import read_body
+from handler.http.generate_request import GenerateRequest
+from handler.http.inputs import ROLES, AudioInputs, InputError, read_upload, resolve_reference
+from handler.http.job_view import epoch, job_response
+from handler.http.services import Services
+from handler.storage import AUDIO_CONTENT_TYPES
+
+UNKNOWN_DURATION_SECONDS = 60.0  # cost-model guess when the LM will pick the duration
+
+router = APIRouter()
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Caller:
+    return services(request).auth.caller(authorization)
+
+
+class Submitted(BaseModel):
+    job_id: str
+    status: str
+    queue_position: int
+
+
+class JobResult(BaseModel):
+    first_audio_path: str | None
+    second_audio_path: str | None
+    audio_paths: list[str]
+    generation_info: str
+    status_message: str
+    seed_value: str
+    bpm: int | None = None
+    duration: float | None = None
+    genres: str | None = None
+    keyscale: str | None = None
+    timesignature: str | None = None
+    metas: dict[str, Any] | None = None
+    lm_model: str | None = None
+    dit_model: str | None = None
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    status: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    queue_position: int
+    eta_seconds: float | None
+    progress: float
+    stage: str | None
+    result: JobResult | None
+    error: str | None
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    status: str
+    created_at: float
+    finished_at: float | None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobSummary]
+    next_before: str | None
+
+
+def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors as {field, message} pairs: the field and the allowed values, nothing internal."""
+    return [
+        {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+def new_job(params: GenerateRequest, inputs: AudioInputs, settings) -> NewJob:
+    batch = params.effective_batch_size(settings.default_batch_size)
+    duration = params.audio_duration or UNKNOWN_DURATION_SECONDS
+    request = params.model_dump() | {"batch_size": batch, "inputs": dict(inputs.references)}
+    return NewJob(
+        request=request,
+        model=settings.default_model,
+        task_type=params.task_type,
+        dit_units=duration * batch * params.inference_steps,
+        lm_units=duration * batch if params.thinking else 0.0,
+    )
+
+
+@router.post(
+    "/v1/music/generate",
+    response_model=Submitted,
+    summary="Submit a generation job",
+    description="Body as application/json, application/x-www-form-urlencoded or multipart/form-data "
+    "(files `src_audio`, `reference_audio`). Fields: see GenerateRequest.",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+                "application/x-www-form-urlencoded": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+                "multipart/form-data": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+            },
+            "required": False,
+        }
+    },
+    responses={400: {}, 401: {}, 409: {}, 413: {}, 415: {}, 422: {}, 429: {}},
+)
+async def generate(
+    request: Request,
+    who: Annotated[Caller, Depends(caller)],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> dict:
+    svc = services(request)
+    settings = svc.settings
+    max_upload = int(settings.max_upload_mb * 1024 * 1024)
+    fields, files = await read_body(request, max_bytes=2 * max_upload + 1024 * 1024)
+    job_id = new_job_id()
+    inputs = AudioInputs()
+    try:
+        for name, upload in files.items():
+            inputs.uploads.append(await read_upload(name, upload, max_upload))
+        for upload in inputs.uploads:  # an uploaded file overrides the matching _path field
+            fields[ROLES[upload.role][1]] = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
+        params = GenerateRequest.model_validate(fields)
+        for role, (_, path_field) in ROLES.items():
+            value = getattr(params, path_field)
+            if value and role not in {u.role for u in inputs.uploads}:
+                inputs.references[role] = resolve_reference(
+                    path_field, value, owner=who.owner, store=svc.store, storage=svc.storage,
+                    input_root=settings.input_root,
+                )
+    except ValidationError as exc:
+        raise HTTPException(422, validation_detail(exc)) from None
+    except InputError as exc:
+        raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
+
+    for upload in inputs.uploads:
+        key = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
+        svc.storage.put(key, io.BytesIO(upload.data), AUDIO_CONTENT_TYPES[upload.ext])
+        inputs.references[upload.role] = {"key": key}
+    try:
+        submitted = svc.store.submit(
+            new_job(params, inputs, settings),
+            job_id=job_id,
+            owner=who.owner,
+            idempotency_key=idempotency_key,
+            max_attempts=settings.max_attempts,
+            max_queued=who.max_queued,
+        )
+    except QuotaExceeded as exc:
+        _drop_uploads(svc, job_id, inputs)
+        raise HTTPException(429, str(exc), {"Retry-After": "30"}) from None
+    except IdempotencyConflict as exc:
+        _drop_uploads(svc, job_id, inputs)
+        raise HTTPException(409, "Idempotency-Key was already used with a different request body") from exc
+    except BaseException:
+        _drop_uploads(svc, job_id, inputs)
+        raise
+    if not submitted.created:
+        _drop_uploads(svc, job_id, inputs)  # a retried submit: the first request's job stands
+    return {
+        "job_id": str(submitted.id),
+        "status": submitted.status,
+        "queue_position": svc.store.queue_position(submitted.id),
+    }
+
+
+def _drop_uploads(svc: Services, job_id: UUID, inputs: AudioInputs) -> None:
+    if inputs.uploads:
+        svc.storage.delete_prefix(f"jobs/{job_id}/")
+
+
+def owned_job(svc: Services, job_id: str, who: Caller) -> dict:
+    """The job if it exists and belongs to the caller; 404 alike otherwise (no existence leak)."""
+    try:
+        job = svc.store.get(UUID(job_id))
+    except (ValueError, JobNotFound):
+        raise HTTPException(404, "Job not found") from None
+    if job["owner"] != who.owner:
+        raise HTTPException(404, "Job not found")
+    return job
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobStatus, summary="Poll a job", responses={401: {}, 404: {}})
+def get_job(job_id: str, request: Request, who: Annotated[Caller, Depends(caller)]) -> dict:
+    svc = services(request)
+    job = owned_job(svc, job_id, who)
+    position = svc.store.queue_position(job["id"]) if job["status"] == "queued" else 0
+    expires = svc.settings.url_expires_seconds
+    return job_response(
+        job, position=position, eta=svc.eta.eta_seconds(job), url_for=lambda key: svc.storage.url(key, expires)
+    )
+
+
+@router.get("/v1/jobs", response_model=JobPage, summary="The caller's jobs, newest first", responses={401: {}})
+def list_jobs(
+    request: Request,
+    who: Annotated[Caller, Depends(caller)],
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    before: Annotated[datetime | None, Query(description="next_before of the previous page")] = None,
+) -> dict:
+    rows = services(request).store.list_jobs(who.owner, limit=limit, before=before)
+    jobs = [
+        {"job_id": str(r["id"]), "status": r["status"], "created_at": epoch(r["created_at"]),
+         "finished_at": epoch(r["finished_at"])}
+        for r in rows
+    ]
+    next_before = rows[-1]["created_at"].isoformat() if len(rows) == limit else None
+    return {"jobs": jobs, "next_before": next_before}
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus, summary="Cancel a job", responses={401: {}, 404: {}})
+def cancel_job(job_id: str, request: Request, who: Annotated[Caller, Depends(caller)]) -> dict:
+    svc = services(request)
+    job = owned_job(svc, job_id, who)
+    svc.store.cancel(job["id"])
+    return get_job(job_id, request, who)

@@ -1,0 +1,61 @@
+"""What the HTTP function needs, built once in the entry point from the settings and passed down."""
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+from db import JobStore, make_engine
+from db.store import RetryPolicy
+from handler.http.auth import Authenticator
+from handler.http.eta import EtaEstimator
+from handler.settings import Settings
+from handler.storage import LocalStorage, ObjectStorage, storage_from_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    storage: ObjectStorage
+    auth: Authenticator
+    eta: EtaEstimator
+
+
+def url_secret(settings: Settings) -> bytes:
+    """The key that signs local file URLs: configured, else one kept in the data directory (dev)."""
+    if settings.url_secret:
+        return settings.url_secret.encode()
+    path = settings.data_dir / "url-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip().encode()
+
+
+def open_mode(settings: Settings) -> bool:
+    """dev runs open unless ACESTEP_REQUIRE_KEYS; production needs keys unless ACESTEP_ALLOW_OPEN."""
+    if settings.env == "dev":
+        return not settings.require_keys
+    if settings.allow_open:
+        log.warning("production API running WITHOUT API keys (ACESTEP_ALLOW_OPEN)", extra={"action": "auth_open"})
+    return settings.allow_open
+
+
+def build_services(settings: Settings, database_url: str) -> Services:
+    store = JobStore(
+        make_engine(database_url, pool_size=settings.db_pool_size),
+        lease_seconds=settings.lease_seconds,
+        retry=RetryPolicy(settings.retry_base_seconds, settings.retry_max_seconds),
+    )
+    public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
+    storage_url = settings.storage_url or (settings.data_dir.resolve() / "objects").as_uri()
+    storage = storage_from_url(
+        storage_url, secret=url_secret(settings), endpoint_url=settings.s3_endpoint_url, public_base_url=public_url
+    )
+    if isinstance(storage, LocalStorage):
+        log.info("storing audio in a local directory", extra={"action": "storage", "root": str(storage.root)})
+    auth = Authenticator(store, open_mode=open_mode(settings), default_max_queued=settings.max_queued_per_key)
+    return Services(settings, store, storage, auth, EtaEstimator(store))
