@@ -139,7 +139,7 @@ class JobStore:
         self.retry = retry
         self.clock = clock
 
-    def _run(self, name: str, now: datetime | None, **params: Any) -> list[Any]:
+    def _run(self, statement: str, now: datetime | None, /, **params: Any) -> list[Any]:
         """Run one named statement on a pooled connection, straight on the driver (the hot path
         spends no time in the SQL layer); returns its rows as named tuples."""
         params["now"] = now if now is not None else self.clock()
@@ -147,7 +147,7 @@ class JobStore:
             conn = self.engine.raw_connection()
             try:
                 with conn.driver_connection.cursor(row_factory=namedtuple_row) as cur:
-                    cur.execute(statements()[name], params)
+                    cur.execute(statements()[statement], params)
                     return cur.fetchall() if cur.description else []
             except (psycopg.OperationalError, psycopg.InterfaceError):
                 conn.invalidate()  # the pool must not hand this connection out again
@@ -324,9 +324,9 @@ class JobStore:
         """The worker stopped a job whose cancel was requested."""
         self._fenced("finish_canceled", job, worker_id, now)
 
-    def _fenced(self, name: str, job: ClaimedJob, worker_id: str, now: datetime | None, **params: Any) -> Any:
+    def _fenced(self, statement: str, job: ClaimedJob, worker_id: str, now: datetime | None, **params: Any) -> Any:
         """Run a write fenced on (id, running, attempt, worker); its one row, or JobLost if the fence held."""
-        rows = self._run(name, now, id=job.id, attempt=job.attempt, worker_id=worker_id, **params)
+        rows = self._run(statement, now, id=job.id, attempt=job.attempt, worker_id=worker_id, **params)
         if not rows:
             raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}")
         return rows[0]
