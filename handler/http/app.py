@@ -6,7 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from db import DatabaseUnavailable, StoreError
-from handler.http import routes_jobs, routes_system
+from handler.http import routes_jobs, routes_release, routes_system
 from handler.http.generate_request import GenerateRequest
 from handler.http.services import Services
 from handler.storage import StorageError, StorageUnavailable
@@ -23,6 +23,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     app.include_router(routes_jobs.router)
     app.include_router(routes_system.router)
+    app.include_router(routes_release.router)
 
     @app.exception_handler(DatabaseUnavailable)
     @app.exception_handler(StorageUnavailable)

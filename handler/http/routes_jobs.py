@@ -125,9 +125,21 @@ async def generate(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict:
     svc = services(request)
+    fields, files = await read_body(request, max_bytes=body_limit(svc))
+    return await submit_generation(svc, who, fields, files, idempotency_key)
+
+
+def body_limit(svc: Services) -> int:
+    """Two uploads at the cap plus the form fields."""
+    return int(2 * svc.settings.max_upload_mb * 1024 * 1024) + 1024 * 1024
+
+
+async def submit_generation(
+    svc: Services, who: Caller, fields: dict[str, Any], files: dict, idempotency_key: str | None
+) -> dict:
+    """Validate, store uploads, insert the row; on any refusal nothing stays behind."""
     settings = svc.settings
     max_upload = int(settings.max_upload_mb * 1024 * 1024)
-    fields, files = await read_body(request, max_bytes=2 * max_upload + 1024 * 1024)
     job_id = new_job_id()
     inputs = AudioInputs()
     try:
