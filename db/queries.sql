@@ -330,3 +330,42 @@ RETURNING id;
 
 -- name: find_api_key
 SELECT id, name, max_queued FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL;
+
+-- name: claim_webhooks
+-- Take due deliveries; each claim pushes next_attempt_at out by the lease, so a dispatcher that dies
+-- mid-POST leaves the delivery to be retried, and two dispatchers never send one at once.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+due AS (
+    SELECT w.id
+    FROM webhook_outbox AS w, clock
+    WHERE w.delivered_at IS NULL AND w.gave_up_at IS NULL AND w.next_attempt_at <= clock.now
+    ORDER BY w.next_attempt_at
+    LIMIT :limit
+    FOR UPDATE OF w SKIP LOCKED
+)
+UPDATE webhook_outbox AS w
+SET attempts = w.attempts + 1,
+    next_attempt_at = clock.now + make_interval(secs => CAST(:lease_seconds AS float8))
+FROM due, clock
+WHERE w.id = due.id
+RETURNING w.id, w.job_id, w.url, w.event, w.attempts;
+
+-- name: webhook_delivered
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+UPDATE webhook_outbox AS w
+SET delivered_at = clock.now, last_error = NULL
+FROM clock
+WHERE w.id = :id AND w.attempts = :attempts
+RETURNING w.id;
+
+-- name: webhook_failed
+-- Retry after a doubling backoff, or give up after :max_attempts.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+UPDATE webhook_outbox AS w
+SET last_error = :error,
+    next_attempt_at = clock.now + make_interval(secs => LEAST(
+        CAST(:retry_base_seconds AS float8) * power(2, w.attempts - 1), CAST(:retry_max_seconds AS float8))),
+    gave_up_at = CASE WHEN w.attempts >= :max_attempts THEN clock.now END
+FROM clock
+WHERE w.id = :id AND w.attempts = :attempts
+RETURNING w.gave_up_at;

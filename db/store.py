@@ -81,6 +81,17 @@ class ClaimedJob:
 
 
 @dataclass(frozen=True)
+class WebhookDelivery:
+    """A claimed outbox row; `attempts` fences its outcome like a job's attempt."""
+
+    id: int
+    job_id: UUID
+    url: str
+    event: str
+    attempts: int
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """Backoff before attempt n+1: min(base * 2**(n-1), max) seconds."""
 
@@ -400,3 +411,28 @@ class JobStore:
     def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
         rows = self._run("find_api_key", None, key_hash=key_hash)
         return rows[0]._asdict() if rows else None
+
+    # --- webhook outbox --------------------------------------------------------------------
+
+    def claim_webhooks(self, *, limit: int = 20, lease_seconds: float = 60.0, now: datetime | None = None) -> list[WebhookDelivery]:
+        rows = self._run("claim_webhooks", now, limit=limit, lease_seconds=lease_seconds)
+        return [WebhookDelivery(**row._asdict()) for row in rows]
+
+    def webhook_delivered(self, delivery: WebhookDelivery, *, now: datetime | None = None) -> None:
+        self._run("webhook_delivered", now, id=delivery.id, attempts=delivery.attempts)
+
+    def webhook_failed(
+        self, delivery: WebhookDelivery, error: str, *, max_attempts: int, retry: RetryPolicy, now: datetime | None = None
+    ) -> bool:
+        """Record a failed POST; True if the delivery was given up."""
+        rows = self._run(
+            "webhook_failed",
+            now,
+            id=delivery.id,
+            attempts=delivery.attempts,
+            error=error[:500],
+            max_attempts=max_attempts,
+            retry_base_seconds=retry.base_seconds,
+            retry_max_seconds=retry.max_seconds,
+        )
+        return bool(rows and rows[0].gave_up_at is not None)

@@ -77,13 +77,17 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     """Create an API key; it is printed once and stored only as a hash."""
     from db import JobStore, make_engine
     from handler.http.auth import create_api_key
+    from handler.http.services import secret_key
+    from handler.webhooks import owner_webhook_secret
 
     settings = _settings()
     if not settings.database_url:
         raise SystemExit("ACESTEP_DATABASE_URL is not set: create-key needs the job database")
     store = JobStore(make_engine(settings.database_url, pool_size=1))
     key_id, key = create_api_key(store, args.name, max_queued=args.max_queued)
-    print(f"{key_id} {key}")
+    print(f"key id:         {key_id}")
+    print(f"API key:        {key}   (shown once; send as Authorization: Bearer <key>)")
+    print(f"webhook secret: {owner_webhook_secret(secret_key(settings), key_id)}")
     return 0
 
 

@@ -29,13 +29,16 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="base URL clients reach this API at (signed file URLs)")
     storage_url: str | None = Field(None, description="s3://bucket/prefix or file:///path; dev: a local directory")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset = AWS")
-    url_secret: str | None = Field(None, description="key that signs local file URLs; dev makes one")
+    secret_key: str | None = Field(None, description="signs local file URLs, derives webhook secrets; dev makes one")
     url_expires_seconds: int = Field(3600, ge=60, le=7 * 86400, description="lifetime of audio URLs")
     input_root: Path | None = Field(None, description="directory whose files src/reference_audio_path may name")
     max_upload_mb: float = Field(50, gt=0, le=2048, description="largest accepted audio upload")
     max_queued_per_key: int = Field(100, ge=1, description="queued jobs one API key may have at once")
     default_batch_size: int = Field(2, ge=1, le=8, description="batch_size when a request has none")
     default_model: str = Field("acestep-v15-turbo", description="DiT model jobs run on")
+    webhook_max_attempts: int = Field(10, ge=1, le=100, description="POSTs per webhook before giving up")
+    webhook_retry_base_seconds: float = Field(5.0, ge=0, description="backoff after a failed webhook POST; doubles")
+    webhook_retry_max_seconds: float = Field(3600.0, ge=0, description="longest backoff between webhook POSTs")
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> "Settings":

@@ -1,6 +1,8 @@
 """The HTTP function: a stateless FastAPI app over the job store and object storage."""
 
 import logging
+import threading
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -14,8 +16,20 @@ from handler.storage import StorageError, StorageUnavailable
 log = logging.getLogger(__name__)
 
 
+@asynccontextmanager
+async def _webhook_dispatcher(app: FastAPI):
+    """Deliver webhooks from the outbox while the app runs; what is left waits in the table."""
+    stop = threading.Event()
+    thread = threading.Thread(target=app.state.services.webhooks.run_until, args=(stop,), daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(timeout=15)
+
+
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(
+        lifespan=_webhook_dispatcher,
         title="ACE-Step 1.5 serverless API",
         version="0.1.0",
         description="Submit music generation jobs and poll them; jobs live in Postgres, audio in object storage.",

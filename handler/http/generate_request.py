@@ -2,6 +2,7 @@
 allowed range. Unknown fields and out-of-range values are rejected (422 naming the field)."""
 
 import re
+from urllib.parse import urlparse
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -58,6 +59,8 @@ class GenerateRequest(BaseModel):
     repainting_end: float | None = Field(None, ge=-1, le=1200, description="Repaint window end (s; null or -1: end)")
     audio_cover_strength: float = Field(1.0, ge=0, le=1, description="Cover strength (0-1)")
 
+    webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed when the job finishes")
+
     @field_validator("vocal_language")
     @classmethod
     def _known_language(cls, value: str) -> str:
@@ -78,6 +81,16 @@ class GenerateRequest(BaseModel):
         if value and not _TIME_SIGNATURE.match(value.strip()):
             raise ValueError('must be 2, 3, 4 or 6 beats, optionally over 2, 4, 8 or 16, e.g. "4/4"')
         return value.strip()
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
     @field_validator("audio_code_string")
     @classmethod

@@ -212,10 +212,7 @@ def get_job(job_id: str, request: Request, who: Annotated[Caller, Depends(caller
     svc = services(request)
     job = owned_job(svc, job_id, who)
     position = svc.store.queue_position(job["id"]) if job["status"] == "queued" else 0
-    expires = svc.settings.url_expires_seconds
-    return job_response(
-        job, position=position, eta=svc.eta.eta_seconds(job), url_for=lambda key: svc.storage.url(key, expires)
-    )
+    return job_response(job, position=position, eta=svc.eta.eta_seconds(job), url_for=svc.job_url)
 
 
 @router.get("/v1/jobs", response_model=JobPage, summary="The caller's jobs, newest first", responses={401: {}})

@@ -124,7 +124,6 @@ async def query_result(request: Request, authorization: Annotated[str | None, He
     fields, _ = await read_body(request, max_bytes=1024 * 1024)
     token = fields.pop("ai_token", None)
     who = svc.auth.caller(authorization or (f"Bearer {token}" if token else None))
-    expires = svc.settings.url_expires_seconds
     data = []
     for task_id in _task_ids(fields):
         try:
@@ -135,7 +134,7 @@ async def query_result(request: Request, authorization: Annotated[str | None, He
             missing = [{"file": "", "wave": "", "status": 2, "progress": 0.0, "stage": "failed", "error": "task not found"}]
             data.append({"task_id": task_id, "status": 2, "result": json.dumps(missing), "progress_text": "task not found"})
             continue
-        items = task_result(job, lambda key: svc.storage.url(key, expires))
+        items = task_result(job, svc.job_url)
         progress_text = f"{job['stage'] or job['status']} {round(100 * (job['progress'] or 0))}%"
         data.append({"task_id": task_id, "status": STATUS_CODES[job["status"]], "result": json.dumps(items),
                      "progress_text": progress_text})

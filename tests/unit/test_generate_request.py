@@ -13,7 +13,7 @@ SPEC_DEFAULTS = {
     "lm_negative_prompt": "NO USER INPUT", "lm_top_k": None, "lm_top_p": 0.9, "lm_repetition_penalty": 1.0,
     "reference_audio_path": None, "src_audio_path": None, "task_type": "text2music",
     "instruction": DEFAULT_INSTRUCTION, "repainting_start": 0.0, "repainting_end": None,
-    "audio_cover_strength": 1.0,
+    "audio_cover_strength": 1.0, "webhook_url": None,
 }
 
 
@@ -56,6 +56,8 @@ def test_form_strings_are_coerced():
         ({"audio_cover_strength": 1.5}, "audio_cover_strength"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"inference_steps": "many"}, "inference_steps"),
+        ({"webhook_url": "ftp://example.com/hook"}, "webhook_url"),
+        ({"webhook_url": "not a url"}, "webhook_url"),
     ],
 )
 def test_field_rules_name_the_field(body, field):
