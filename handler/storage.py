@@ -84,7 +84,7 @@ class LocalStorage:
         """True if the URL for `key` was signed here and has not expired."""
         if (time.time() if now is None else now) > expires:
             return False
-        return hmac.compare_digest(self.signature(key, expires), signature)
+        return hmac.compare_digest(self.signature(key, expires).encode(), signature.encode())
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

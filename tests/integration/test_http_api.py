@@ -248,3 +248,10 @@ def test_health_stats_models_and_openapi(client, api):
     assert {"/v1/music/generate", "/v1/jobs/{job_id}", "/v1/jobs", "/health", "/v1/stats"} <= set(schema["paths"])
     assert "bpm" in schema["components"]["schemas"]["GenerateRequest"]["properties"]
     assert client.get("/docs").status_code == 200
+
+
+def test_oversized_bodies_are_refused(client, engine):
+    huge = b'{"caption": "' + b"x" * (3 * 1024 * 1024) + b'"}'
+    response = client.post("/v1/music/generate", content=huge, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert job_rows(engine) == 0

@@ -115,6 +115,7 @@ def test_local_urls_are_signed_and_expire(local):
     assert not local.verify("jobs/j/output-0.mp3", expires, signature, now=1061)
     assert not local.verify("jobs/k/output-0.mp3", expires, signature, now=1000)
     assert not local.verify("jobs/j/output-0.mp3", expires + 3600, signature, now=1000)
+    assert not local.verify("jobs/j/output-0.mp3", expires, "\u0080" + signature[1:], now=1000)  # found by fuzzing
     other = LocalStorage(local.root, secret=b"x" * 32)
     assert not other.verify("jobs/j/output-0.mp3", expires, signature, now=1000)
 
