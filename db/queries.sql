@@ -14,7 +14,8 @@ SELECT :id, :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS
        :dit_units, :lm_units, :max_attempts, clock.now, clock.now
 FROM clock
 WHERE CAST(:max_queued AS int) IS NULL
-   OR (SELECT count(*) FROM jobs WHERE owner = :owner AND status = 'queued') < CAST(:max_queued AS int)
+   OR (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE owner = :owner AND status = 'queued'
+                             LIMIT CAST(:max_queued AS int)) AS mine) < CAST(:max_queued AS int)
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL
 DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
 RETURNING id, request_hash, status, (xmax = 0) AS created;
@@ -249,7 +250,7 @@ WHERE lease_expires_at IS NOT NULL AND status = 'running';
 
 -- name: cost_samples
 -- Recent successful jobs: the cost model's training data (seconds against work).
-SELECT model, dit_units, lm_units, EXTRACT(EPOCH FROM finished_at - started_at) AS seconds
+SELECT model, dit_units, lm_units, CAST(EXTRACT(EPOCH FROM finished_at - started_at) AS float8) AS seconds
 FROM jobs
 WHERE finished_at IS NOT NULL AND status = 'succeeded'
 ORDER BY finished_at DESC
@@ -369,3 +370,39 @@ SET last_error = :error,
 FROM clock
 WHERE w.id = :id AND w.attempts = :attempts
 RETURNING w.gave_up_at;
+
+-- name: queue_checkpoints
+-- A rank snapshot of the queue: the first job of each priority and every :step-th job, with its
+-- rank and the predicted seconds of work up to and including it (:costs prices each model as
+-- a + b * dit_units + c * lm_units; others cost :default_seconds). One pass in claim order.
+WITH costs AS (
+    SELECT * FROM jsonb_to_recordset(CAST(:costs AS jsonb)) AS c(model text, a float8, b float8, c float8)
+),
+ranked AS (
+    SELECT q.priority, q.created_at, q.id,
+           row_number() OVER claim_order AS rank,
+           row_number() OVER (PARTITION BY q.priority ORDER BY q.created_at, q.id) AS rank_in_priority,
+           sum(GREATEST(0, COALESCE(k.a + k.b * q.dit_units + k.c * q.lm_units,
+                                    CAST(:default_seconds AS float8)))) OVER claim_order AS seconds
+    FROM jobs AS q LEFT JOIN costs AS k ON k.model = q.model
+    WHERE q.status = 'queued'
+    WINDOW claim_order AS (ORDER BY q.priority, q.created_at, q.id)
+)
+SELECT priority, created_at, id, rank, seconds
+FROM ranked
+WHERE rank % :step = 1 OR rank_in_priority = 1
+ORDER BY priority, created_at, id;
+
+-- name: queue_gap
+-- Queued jobs of one priority after a checkpoint up to a job (both bounds in claim order), per model.
+SELECT q.model, count(*) AS jobs, sum(q.dit_units) AS dit_units, sum(q.lm_units) AS lm_units
+FROM jobs AS q
+WHERE q.status = 'queued' AND q.priority = :priority
+  AND (q.created_at, q.id) > (CAST(:after_created_at AS timestamptz), CAST(:after_id AS uuid))
+  AND (q.created_at, q.id) <= (CAST(:upto_created_at AS timestamptz), CAST(:upto_id AS uuid))
+GROUP BY q.model;
+
+-- name: running_work
+SELECT model, dit_units, lm_units, progress
+FROM jobs
+WHERE lease_expires_at IS NOT NULL AND status = 'running';

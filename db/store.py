@@ -240,6 +240,30 @@ class JobStore:
             (inputs.queued if row.kind == "queued" else inputs.running).append(entry)
         return inputs
 
+    def queue_checkpoints(
+        self, costs: list[dict[str, Any]], *, default_seconds: float, step: int = 1000
+    ) -> list[dict[str, Any]]:
+        """A rank snapshot: (priority, created_at, id, rank, seconds) of the first job of each priority
+        and of every `step`-th job, seconds being the predicted work up to it. One pass over the queue."""
+        rows = self._run("queue_checkpoints", None, costs=Jsonb(costs), default_seconds=default_seconds, step=step)
+        return [r._asdict() for r in rows]
+
+    def queue_gap(self, priority: int, after: tuple[datetime, UUID], upto: tuple[datetime, UUID]) -> list[dict[str, Any]]:
+        """Queued jobs of `priority` after `after` up to `upto` in claim order, summed per model."""
+        rows = self._run(
+            "queue_gap",
+            None,
+            priority=priority,
+            after_created_at=after[0],
+            after_id=after[1],
+            upto_created_at=upto[0],
+            upto_id=upto[1],
+        )
+        return [r._asdict() for r in rows]
+
+    def running_work(self) -> list[dict[str, Any]]:
+        return [r._asdict() for r in self._run("running_work", None)]
+
     def cost_samples(self, limit: int = 500) -> list[dict[str, Any]]:
         return [r._asdict() for r in self._run("cost_samples", None, limit=limit)]
 

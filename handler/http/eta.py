@@ -1,6 +1,8 @@
 """eta_seconds: work ahead of a job, priced by a cost model fitted on finished jobs, shared by the
 live worker slots. seconds ~ a + b * dit_units + c * lm_units, per model (least squares)."""
 
+import bisect
+import threading
 import time
 from dataclasses import dataclass
 import numpy as np
@@ -41,37 +43,103 @@ def fit_cost_model(samples: list[dict]) -> CostModel:
     return CostModel(coefficients, average)
 
 
-class EtaEstimator:
-    """Refits the cost model and re-reads worker capacity at most every `refresh_seconds`."""
+class QueueEstimator:
+    """queue_position and eta_seconds for a poll, fast with a deep queue.
 
-    def __init__(self, store: JobStore, *, refresh_seconds: float = 10.0, worker_stale_seconds: float = 30.0):
+    Shallow jobs are counted exactly. Deeper ones start from a rank snapshot (refreshed at most every
+    `snapshot_seconds`, in one pass over the queue index) and count exactly only the jobs between the
+    nearest checkpoint and the job, so a poll reads at most `step` index entries. The snapshot's part
+    is at most `snapshot_seconds` old.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        step: int = 1000,
+        exact_up_to: int = 2000,
+        refit_seconds: float = 10.0,
+        snapshot_seconds: float = 2.0,
+        running_seconds: float = 1.0,
+        worker_stale_seconds: float = 30.0,
+    ):
         self._store = store
-        self._refresh = refresh_seconds
+        self._step = step
+        self._exact_up_to = exact_up_to
+        self._refit = refit_seconds
+        self._snapshot_max_age = snapshot_seconds
+        self._running_max_age = running_seconds
         self._stale = worker_stale_seconds
-        self._fitted_at = -float("inf")
+        self._lock = threading.Lock()
         self._model = CostModel({}, DEFAULT_JOB_SECONDS)
         self._slots = 1
+        self._fitted_at = -float("inf")
+        self._running: list[dict] = []
+        self._running_at = -float("inf")
+        self._checkpoints: list[dict] = []
+        self._keys: list[tuple] = []
+        self._snapshot_at = -float("inf")
 
-    def _refresh_if_old(self) -> None:
-        now = time.monotonic()
-        if now - self._fitted_at < self._refresh:
-            return
-        self._model = fit_cost_model(self._store.cost_samples())
-        self._slots = max(1, self._store.live_capacity(stale_seconds=self._stale)[0])
-        self._fitted_at = now
-
-    def eta_seconds(self, job: dict) -> float | None:
-        """Seconds until the job (a row from JobStore.get) finishes; None once it has."""
+    def estimate(self, job: dict) -> tuple[int, float | None]:
+        """(queue_position, eta_seconds) of a row from JobStore.get; (0, None) once it finished."""
         if job["status"] not in ("queued", "running"):
-            return None
-        self._refresh_if_old()
+            return 0, None
+        model = self._cost_model()
         if job["status"] == "running":
-            own = self._model.seconds(job["model"], job["dit_units"], job["lm_units"])
-            return round(own * (1.0 - (job["progress"] or 0.0)), 1)
-        inputs = self._store.eta_inputs(job["id"])
-        ahead = sum(self._model.seconds(q["model"], q["dit_units"], q["lm_units"], q["jobs"]) for q in inputs.queued)
-        in_progress = sum(
-            self._model.seconds(r["model"], r["dit_units"], r["lm_units"]) * (1.0 - (r["progress"] or 0.0))
-            for r in inputs.running
+            own = model.seconds(job["model"], job["dit_units"], job["lm_units"])
+            return 0, round(own * (1.0 - (job["progress"] or 0.0)), 1)
+        position, ahead = self._queued_ahead(job, model)
+        running = sum(
+            model.seconds(r["model"], r["dit_units"], r["lm_units"]) * (1.0 - (r["progress"] or 0.0))
+            for r in self._running_work()
         )
-        return round((ahead + in_progress) / self._slots, 1)
+        return position, round((ahead + running) / self._slots, 1)
+
+    def _queued_ahead(self, job: dict, model: CostModel) -> tuple[int, float]:
+        """Position and predicted seconds of the queued work up to and including the job."""
+        checkpoint = self._checkpoint_before(job)
+        if checkpoint is None or checkpoint["rank"] <= self._exact_up_to:
+            inputs = self._store.eta_inputs(job["id"])
+            position = sum(q["jobs"] for q in inputs.queued)
+            return position, sum(model.seconds(q["model"], q["dit_units"], q["lm_units"], q["jobs"]) for q in inputs.queued)
+        gap = self._store.queue_gap(
+            job["priority"], (checkpoint["created_at"], checkpoint["id"]), (job["created_at"], job["id"])
+        )
+        position = checkpoint["rank"] + sum(g["jobs"] for g in gap)
+        seconds = checkpoint["seconds"] + sum(model.seconds(g["model"], g["dit_units"], g["lm_units"], g["jobs"]) for g in gap)
+        return position, seconds
+
+    def _checkpoint_before(self, job: dict) -> dict | None:
+        """The last snapshot checkpoint at or before the job within its priority, if any."""
+        self._refresh_snapshot()
+        key = (job["priority"], job["created_at"], job["id"])
+        index = bisect.bisect_right(self._keys, key) - 1
+        if index < 0 or self._keys[index][0] != job["priority"]:
+            return None
+        return self._checkpoints[index]
+
+    def _refresh_snapshot(self) -> None:
+        if time.monotonic() - self._snapshot_at < self._snapshot_max_age or not self._lock.acquire(blocking=False):
+            return
+        try:
+            model = self._cost_model()
+            costs = [{"model": m, "a": a, "b": b, "c": c} for m, (a, b, c) in model.coefficients.items()]
+            checkpoints = self._store.queue_checkpoints(costs, default_seconds=model.average, step=self._step)
+            self._checkpoints = checkpoints
+            self._keys = [(c["priority"], c["created_at"], c["id"]) for c in checkpoints]
+            self._snapshot_at = time.monotonic()
+        finally:
+            self._lock.release()
+
+    def _cost_model(self) -> CostModel:
+        if time.monotonic() - self._fitted_at >= self._refit:
+            self._model = fit_cost_model(self._store.cost_samples())
+            self._slots = max(1, self._store.live_capacity(stale_seconds=self._stale)[0])
+            self._fitted_at = time.monotonic()
+        return self._model
+
+    def _running_work(self) -> list[dict]:
+        if time.monotonic() - self._running_at >= self._running_max_age:
+            self._running = self._store.running_work()
+            self._running_at = time.monotonic()
+        return self._running

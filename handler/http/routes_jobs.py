@@ -184,11 +184,8 @@ async def submit_generation(
         raise
     if not submitted.created:
         _drop_uploads(svc, job_id, inputs)  # a retried submit: the first request's job stands
-    return {
-        "job_id": str(submitted.id),
-        "status": submitted.status,
-        "queue_position": svc.store.queue_position(submitted.id),
-    }
+    position, _ = svc.queue.estimate(svc.store.get(submitted.id))
+    return {"job_id": str(submitted.id), "status": submitted.status, "queue_position": position}
 
 
 def _drop_uploads(svc: Services, job_id: UUID, inputs: AudioInputs) -> None:
@@ -211,8 +208,8 @@ def owned_job(svc: Services, job_id: str, who: Caller) -> dict:
 def get_job(job_id: str, request: Request, who: Annotated[Caller, Depends(caller)]) -> dict:
     svc = services(request)
     job = owned_job(svc, job_id, who)
-    position = svc.store.queue_position(job["id"]) if job["status"] == "queued" else 0
-    return job_response(job, position=position, eta=svc.eta.eta_seconds(job), url_for=svc.job_url)
+    position, eta = svc.queue.estimate(job)
+    return job_response(job, position=position, eta=eta, url_for=svc.job_url)
 
 
 @router.get("/v1/jobs", response_model=JobPage, summary="The caller's jobs, newest first", responses={401: {}})

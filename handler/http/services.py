@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from db import JobStore, make_engine
 from db.store import RetryPolicy
 from handler.http.auth import Authenticator
-from handler.http.eta import EtaEstimator
+from handler.http.eta import QueueEstimator
 from handler.http.job_view import job_response
 from handler.settings import Settings
 from handler.storage import LocalStorage, ObjectStorage, storage_from_url
@@ -22,7 +22,7 @@ class Services:
     store: JobStore
     storage: ObjectStorage
     auth: Authenticator
-    eta: EtaEstimator
+    queue: QueueEstimator
     webhooks: WebhookDispatcher
 
     def job_url(self, key: str) -> str:
@@ -71,4 +71,4 @@ def build_services(settings: Settings, database_url: str) -> Services:
         max_attempts=settings.webhook_max_attempts,
         retry=RetryPolicy(settings.webhook_retry_base_seconds, settings.webhook_retry_max_seconds),
     )
-    return Services(settings, store, storage, auth, EtaEstimator(store), webhooks)
+    return Services(settings, store, storage, auth, QueueEstimator(store), webhooks)
