@@ -406,3 +406,6 @@ GROUP BY q.model;
 SELECT model, dit_units, lm_units, progress
 FROM jobs
 WHERE lease_expires_at IS NOT NULL AND status = 'running';
+
+-- name: count_api_keys
+SELECT count(*) AS active FROM api_keys WHERE revoked_at IS NULL;

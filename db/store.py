@@ -432,6 +432,9 @@ class JobStore:
     def add_api_key(self, key_id: str, name: str, key_hash: str, *, max_queued: int | None = None) -> None:
         self._run("insert_api_key", None, id=key_id, name=name, key_hash=key_hash, max_queued=max_queued)
 
+    def active_api_keys(self) -> int:
+        return int(self._run("count_api_keys", None)[0].active)
+
     def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
         rows = self._run("find_api_key", None, key_hash=key_hash)
         return rows[0]._asdict() if rows else None

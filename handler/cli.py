@@ -46,7 +46,13 @@ def _serve_http(settings: Settings, database_url: str) -> None:
     from handler.http.app import create_app
     from handler.http.services import build_services
 
-    app = create_app(build_services(settings, database_url))
+    services = build_services(settings, database_url)
+    if not services.auth.open_mode and settings.env == "production" and services.store.active_api_keys() == 0:
+        raise SystemExit(
+            "no API keys exist and ACESTEP_ENV=production: create one with `acestep-serverless create-key NAME`, "
+            "or set ACESTEP_ALLOW_OPEN=true to serve without keys"
+        )
+    app = create_app(services)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 

@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from db import DatabaseUnavailable, StoreError
 from handler.http import routes_jobs, routes_release, routes_system
 from handler.http.generate_request import GenerateRequest
-from handler.http.services import Services
+from handler.http.services import Services, build_services
+from handler.settings import Settings
 from handler.storage import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -56,3 +57,11 @@ def create_app(services: Services) -> FastAPI:
     )
     app.openapi_schema = schema
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """An app configured from ACESTEP_* variables, for ASGI hosts (`uvicorn --factory`, Modal, Lambda)."""
+    settings = Settings()
+    if not settings.database_url:
+        raise RuntimeError("ACESTEP_DATABASE_URL is not set: the HTTP function needs the job database")
+    return create_app(build_services(settings, settings.database_url))
