@@ -2,12 +2,15 @@
 live worker slots. seconds ~ a + b * dit_units + c * lm_units, per model (least squares)."""
 
 import bisect
+import logging
 import threading
 import time
 from dataclasses import dataclass
 import numpy as np
 
-from db import JobStore
+from db import JobStore, StoreError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_JOB_SECONDS = 30.0  # before any job has finished, a job is priced at this
 MIN_SAMPLES = 5
@@ -76,8 +79,7 @@ class QueueEstimator:
         self._fitted_at = -float("inf")
         self._running: list[dict] = []
         self._running_at = -float("inf")
-        self._checkpoints: list[dict] = []
-        self._keys: list[tuple] = []
+        self._snapshot: tuple[list[tuple], list[dict]] = ([], [])  # (sorted keys, checkpoints), swapped whole
         self._snapshot_at = -float("inf")
 
     def estimate(self, job: dict) -> tuple[int, float | None]:
@@ -112,22 +114,32 @@ class QueueEstimator:
     def _checkpoint_before(self, job: dict) -> dict | None:
         """The last snapshot checkpoint at or before the job within its priority, if any."""
         self._refresh_snapshot()
-        key = (job["priority"], job["created_at"], job["id"])
-        index = bisect.bisect_right(self._keys, key) - 1
-        if index < 0 or self._keys[index][0] != job["priority"]:
+        keys, checkpoints = self._snapshot
+        index = bisect.bisect_right(keys, (job["priority"], job["created_at"], job["id"])) - 1
+        if index < 0 or keys[index][0] != job["priority"]:
             return None
-        return self._checkpoints[index]
+        return checkpoints[index]
 
     def _refresh_snapshot(self) -> None:
+        """Start a refresh when the snapshot is old: in the background once one exists (a poll never
+        waits for the pass over the queue), inline for the very first."""
         if time.monotonic() - self._snapshot_at < self._snapshot_max_age or not self._lock.acquire(blocking=False):
             return
+        if self._snapshot_at == -float("inf"):
+            self._take_snapshot()
+        else:
+            threading.Thread(target=self._take_snapshot, daemon=True).start()
+
+    def _take_snapshot(self) -> None:
+        """Runs holding `_lock`; releases it."""
         try:
             model = self._cost_model()
             costs = [{"model": m, "a": a, "b": b, "c": c} for m, (a, b, c) in model.coefficients.items()]
             checkpoints = self._store.queue_checkpoints(costs, default_seconds=model.average, step=self._step)
-            self._checkpoints = checkpoints
-            self._keys = [(c["priority"], c["created_at"], c["id"]) for c in checkpoints]
+            self._snapshot = ([(c["priority"], c["created_at"], c["id"]) for c in checkpoints], checkpoints)
             self._snapshot_at = time.monotonic()
+        except StoreError:
+            log.warning("queue snapshot failed; positions are counted exactly", extra={"action": "snapshot_failed"})
         finally:
             self._lock.release()
 
