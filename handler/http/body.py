@@ -27,6 +27,9 @@ async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], d
         raise HTTPException(413, f"request body is larger than {max_bytes // (1024 * 1024)} MB")
     if kind == "application/json":
         return await _json_fields(request, max_bytes), {}
+    if kind == "application/x-www-form-urlencoded" and (await _limited_body(request, max_bytes)).lstrip().startswith(b"{"):
+        # `curl -d '{...}'` without -H 'Content-Type: application/json' labels JSON as a form.
+        return await _json_fields(request, max_bytes), {}
     form = await request.form(max_files=4, max_fields=200)
     fields: dict[str, Any] = {}
     uploads: dict[str, UploadFile] = {}
@@ -42,12 +45,21 @@ async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], d
     return fields, uploads
 
 
+async def _limited_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing more than `max_bytes`; kept as `_body`, which Starlette replays to
+    later readers of the request (form parsing)."""
+    if not hasattr(request, "_body"):
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise HTTPException(413, f"request body is larger than {max_bytes // (1024 * 1024)} MB")
+        request._body = bytes(body)
+    return request._body
+
+
 async def _json_fields(request: Request, max_bytes: int) -> dict[str, Any]:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(413, f"request body is larger than {max_bytes // (1024 * 1024)} MB")
+    body = await _limited_body(request, max_bytes)
     try:
         fields = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
