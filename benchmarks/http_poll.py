@@ -18,20 +18,20 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psycopg
-from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from db import JobStore, NewJob, make_engine  # noqa: E402
-from db.server import find_server  # noqa: E402
 from handler.http.auth import create_api_key  # noqa: E402
 from handler.http.eta import QueueEstimator  # noqa: E402
-from migrations import upgrade  # noqa: E402
+from scratch_database import bench_server, scratch_database  # noqa: E402
 
 
 def percentiles(samples_ms: list[float]) -> str:
@@ -56,20 +56,31 @@ def fill(store: JobStore, count: int, owner: str) -> list[uuid.UUID]:
     return ids
 
 
-def start_server(database_url: str, port: int, data_dir: str) -> subprocess.Popen:
+@contextmanager
+def running_server(database_url: str, port: int, data_dir: str) -> Iterator[str]:
+    """`acestep-serverless serve` in its own process; yields its base URL."""
     env = {**os.environ, "ACESTEP_DATABASE_URL": database_url, "ACESTEP_PORT": str(port), "ACESTEP_DATA_DIR": data_dir,
            "ACESTEP_REQUIRE_KEYS": "true", "ACESTEP_MAX_QUEUED_PER_KEY": "100000"}
     proc = subprocess.Popen([sys.executable, "-m", "handler.cli", "serve"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _healthy(base):
+            if time.monotonic() > deadline:
+                raise RuntimeError("serve did not come up")
             time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("serve did not come up")
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def main() -> None:
@@ -82,14 +93,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
 
-    server_url = find_server(args.url, Path(".acestep/bench-postgres"))
-    name = f"bench_http_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    proc = None
-    try:
-        upgrade(url)
+    with scratch_database(bench_server(args.url), "bench_http") as url:
         store = JobStore(make_engine(url, pool_size=2))
         poller_id, poller_key = create_api_key(store, "poller")  # owns the deep queue
         _, submitter_key = create_api_key(store, "submitter")
@@ -109,9 +113,7 @@ def main() -> None:
             estimator.estimate(job)
             estimate_ms.append(1000 * (time.perf_counter() - start))
 
-        with tempfile.TemporaryDirectory() as data_dir:
-            proc = start_server(url, args.port, data_dir)
-            base = f"http://127.0.0.1:{args.port}"
+        with tempfile.TemporaryDirectory() as data_dir, running_server(url, args.port, data_dir) as base:
             poll_ms = []
             with httpx.Client(base_url=base, timeout=30, headers=bearer(poller_key)) as client:
                 for job_id in sample[:50]:
@@ -146,12 +148,6 @@ def main() -> None:
         print(f"  GET /v1/jobs/{{id}} over HTTP: {percentiles(poll_ms)}")
         print(f"  POST /v1/music/generate:      {submit_rate:.0f} jobs/s from {args.clients} clients"
               f"{f' ({len(errors)} errors)' if errors else ''}")
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=30)
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

@@ -18,18 +18,16 @@ import os
 import statistics
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from db import JobStore, JobWakeups, NewJob, make_engine  # noqa: E402
-from db.server import find_server  # noqa: E402
 from migrations import upgrade  # noqa: E402
+from scratch_database import bench_server, scratch_database  # noqa: E402
 
 ENTRYPOINT = "noop"
 
@@ -291,18 +289,6 @@ class Figures:
     notes: list[str] = field(default_factory=list)
 
 
-def fresh_database(server_url: str, name: str) -> str:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(server_url: str, name: str) -> None:
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def analyze(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("ANALYZE")
@@ -347,10 +333,8 @@ class Gate:
 
 def measure(system: str, server_url: str, args, ctx) -> Figures:
     impl = SYSTEMS[system]
-    name = f"bench_{system}_{uuid.uuid4().hex[:6]}"
-    url = fresh_database(server_url, name)
     figures = Figures()
-    try:
+    with scratch_database(server_url, f"bench_{system}", migrate=False) as url:
         impl.setup(url)
         # Submit, one statement per job, from W processes at once.
         count, elapsed = Gate(ctx).run(ctx, impl.submit_single, [(url, args.single_jobs // args.workers)] * args.workers)
@@ -381,8 +365,6 @@ def measure(system: str, server_url: str, args, ctx) -> Figures:
             p.join()
         figures.p50_ms = 1000 * statistics.median(samples)
         figures.p99_ms = 1000 * samples[min(len(samples) - 1, int(0.99 * len(samples)))]
-    finally:
-        drop_database(server_url, name)
     return figures
 
 
@@ -422,7 +404,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds, systems interleaved; medians reported")
     args = parser.parse_args()
 
-    server_url = find_server(args.url, Path(".acestep/bench-postgres"))
+    server_url = bench_server(args.url)
     ctx = mp.get_context("spawn")
     rounds: dict[str, list[Figures]] = {system: [] for system in args.systems.split(",")}
     for round_no in range(1, args.rounds + 1):

@@ -30,15 +30,6 @@ def start_embedded(data_dir: Path) -> str:
 
 
 def find_server(configured: str | None, data_dir: Path) -> str:
-    """The configured URL if set, else the local server on 127.0.0.1:5432, else an embedded one."""
-    if configured:
-        return configured
-    if reachable(LOCAL_URL):
-        return LOCAL_URL
-    return start_embedded(data_dir)
-
-
-def find_server(configured: str | None, data_dir: Path) -> str:
     """For tests and benchmarks: the given URL, else the local server on 127.0.0.1:5432, else an
     embedded one in `data_dir`. (`dev` never borrows the machine's server: it uses its own.)"""
     if configured:

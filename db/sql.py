@@ -14,7 +14,7 @@ def parse_queries(source: str) -> dict[str, str]:
     """Split a SQL file into {name: statement}; a name may appear once."""
     parts = _NAME.split(source)
     queries: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ValueError(f"query {name!r} is defined twice")
         # Leading comment lines document the statement; they are not sent to the server.

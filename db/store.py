@@ -212,7 +212,7 @@ class JobStore:
         if not jobs:
             return []
         ids = [new_job_id() for _ in jobs]
-        payload = [{"id": str(job_id), **job.as_row()} for job_id, job in zip(ids, jobs)]
+        payload = [{"id": str(job_id), **job.as_row()} for job_id, job in zip(ids, jobs, strict=True)]
         self._run("submit_jobs", now, owner=owner, max_attempts=max_attempts, jobs=Jsonb(payload))
         return ids
 

@@ -20,6 +20,8 @@ from db.store import RetryPolicy, WebhookDelivery
 
 log = logging.getLogger(__name__)
 
+WEBHOOK_RETRY = RetryPolicy(base_seconds=5.0, max_seconds=3600.0)
+
 
 def owner_webhook_secret(server_secret: bytes, owner: str) -> str:
     """Each caller's own signing secret, derived so that no caller can sign for another."""
@@ -39,7 +41,7 @@ class WebhookDispatcher:
         server_secret: bytes,
         *,
         max_attempts: int = 10,
-        retry: RetryPolicy = RetryPolicy(5.0, 3600.0),
+        retry: RetryPolicy = WEBHOOK_RETRY,
         timeout_seconds: float = 10.0,
         poll_seconds: float = 1.0,
     ):

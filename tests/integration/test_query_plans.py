@@ -1,7 +1,6 @@
 """With 100 000 queued jobs the hot queries use their indexes, never a sequential scan of jobs."""
 
 import json
-import uuid
 
 import pytest
 from sqlalchemy import text
