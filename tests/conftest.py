@@ -6,13 +6,17 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import psycopg
 import pytest
+from botocore.config import Config
+from moto.server import ThreadedMotoServer
 from sqlalchemy.engine import make_url
 
 from db import JobStore, make_engine
 from db.server import find_server
 from migrations import upgrade
+from tests.integration.http_harness import free_port
 
 
 def database_url(server_url: str, name: str) -> str:
@@ -67,3 +71,27 @@ def engine(db_url: str):
 @pytest.fixture
 def store(engine) -> JobStore:
     return JobStore(engine, lease_seconds=30)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 protocol endpoint (moto's server) on 127.0.0.1, with test credentials in the env."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    bucket = f"bucket-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, config=Config(signature_version="s3v4")).create_bucket(Bucket=bucket)
+    return bucket

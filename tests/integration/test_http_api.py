@@ -284,3 +284,29 @@ def test_oversized_bodies_are_refused(client, engine):
     response = client.post("/v1/music/generate", content=huge, headers={"Content-Type": "application/json"})
     assert response.status_code == 413
     assert job_rows(engine) == 0
+
+
+def test_with_s3_storage_uploads_and_results_go_to_the_bucket(tmp_path, db_url, s3_endpoint, s3_bucket):
+    settings = Settings(database_url=db_url, data_dir=tmp_path, port=free_port(),
+                        storage_url=f"s3://{s3_bucket}/acestep", s3_endpoint_url=s3_endpoint)
+    api = start_api(settings, db_url)
+    try:
+        with httpx.Client(base_url=api.url, timeout=30) as client:
+            response = client.post("/v1/music/generate", data={"caption": "remix this song", "task_type": "repaint"},
+                                   files={"src_audio": ("song.mp3", audio_bytes("mp3"), "audio/mpeg")})
+            assert response.status_code == 200, response.text
+            job_id = response.json()["job_id"]
+            assert api.services.storage.open(f"jobs/{job_id}/input-src.mp3").read() == audio_bytes("mp3")
+            with FakeWorker(api.services.store, api.services.storage):
+                done = poll(client, job_id)
+            url = done["result"]["first_audio_path"]
+            assert url.startswith(f"{s3_endpoint}/{s3_bucket}/acestep/jobs/{job_id}/") and "X-Amz-Signature=" in url
+            assert_downloads_audio(url)
+            reuse = client.post("/v1/music/generate", json={"task_type": "cover",
+                                "src_audio_path": f"s3://{s3_bucket}/acestep/jobs/{job_id}/output-0.mp3"})
+            assert reuse.status_code == 200, reuse.text
+            elsewhere = client.post("/v1/music/generate", json={"task_type": "cover",
+                                    "src_audio_path": f"s3://{s3_bucket}/other/jobs/{job_id}/output-0.mp3"})
+            assert elsewhere.status_code == 400
+    finally:
+        api.stop()

@@ -1,15 +1,10 @@
 """Object storage: S3 over the real protocol (moto's server on 127.0.0.1) and the local directory."""
 
 import io
-import socket
 import urllib.request
-import uuid
 from urllib.parse import parse_qs, urlparse
 
-import boto3
 import pytest
-from botocore.config import Config
-from moto.server import ThreadedMotoServer
 
 from handler.storage import (
     LocalStorage,
@@ -19,36 +14,12 @@ from handler.storage import (
     StorageUnavailable,
     storage_from_url,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+from tests.integration.http_harness import free_port
 
 
 @pytest.fixture
-def aws_env(monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-
-
-@pytest.fixture
-def s3(s3_endpoint, aws_env):
-    bucket = f"bucket-{uuid.uuid4().hex[:12]}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, config=Config(signature_version="s3v4"))
-    client.create_bucket(Bucket=bucket)
-    return S3Storage(bucket, "music", endpoint_url=s3_endpoint)
+def s3(s3_endpoint, s3_bucket):
+    return S3Storage(s3_bucket, "music", endpoint_url=s3_endpoint)
 
 
 @pytest.fixture
@@ -98,7 +69,7 @@ def test_s3_url_is_a_sigv4_presigned_get_that_downloads(s3):
         assert response.read() == b"fLaC-data"
 
 
-def test_s3_outage_is_reported_as_unavailable(aws_env):
+def test_s3_outage_is_reported_as_unavailable(s3_endpoint):
     dead = S3Storage("bucket", endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageUnavailable):
         dead.put("jobs/x/output-0.wav", io.BytesIO(b"x"), "audio/wav")
