@@ -36,7 +36,7 @@ class JobWakeups:
 
     def _connect(self) -> None:
         try:
-            self._conn = psycopg.connect(self._conninfo, autocommit=True)
+            self._conn = psycopg.connect(self._conninfo, autocommit=True, application_name="acestep-serverless")
             self._conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         except psycopg.OperationalError as exc:
             self._conn = None

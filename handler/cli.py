@@ -79,6 +79,31 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The GPU worker: load the models once, then claim and run jobs until stopped."""
+    from handler.http.services import build_services
+    from handler.worker.worker import Worker, WorkerOptions
+
+    settings = _settings()
+    if not settings.database_url:
+        raise SystemExit("ACESTEP_DATABASE_URL is not set: the worker needs the job database")
+    services = build_services(settings, settings.database_url)
+    options = WorkerOptions(
+        pipeline=settings.pipeline,
+        concurrency=args.concurrency,
+        once=args.once,
+        max_jobs=args.max_jobs,
+        exit_when_idle=args.exit_when_idle,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        job_timeout_seconds=settings.job_timeout_seconds,
+        shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        model_names=(settings.default_model,),
+    )
+    worker = Worker(services.store, services.storage, settings.database_url, options)
+    worker.install_signal_handlers()
+    return worker.run()
+
+
 def cmd_create_key(args: argparse.Namespace) -> int:
     """Create an API key; it is printed once and stored only as a hash."""
     from db import JobStore, make_engine
@@ -107,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.set_defaults(func=cmd_dev)
     serve = sub.add_parser("serve", help=cmd_serve.__doc__)
     serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help=cmd_worker.__doc__)
+    worker.add_argument("--once", action="store_true", help="run what is queued now, then exit")
+    worker.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help="exit after this long with nothing to do")
+    worker.add_argument("--max-jobs", type=int, metavar="N", help="exit after claiming N jobs")
+    worker.add_argument("--concurrency", type=int, default=1, metavar="N", help="jobs at once (one pipeline process each)")
+    worker.set_defaults(func=cmd_worker)
     create_key = sub.add_parser("create-key", help=cmd_create_key.__doc__)
     create_key.add_argument("name")
     create_key.add_argument("--max-queued", type=int, default=None)

@@ -80,7 +80,9 @@ class WebhookDispatcher:
             return
         gave_up = self._store.webhook_failed(delivery, error, max_attempts=self._max_attempts, retry=self._retry)
         log.warning(
-            "webhook delivery failed",
+            "webhook for job %s failed: %s",
+            delivery.job_id,
+            error,
             extra={"action": "webhook_failed", "job_id": str(delivery.job_id), "error": error, "gave_up": gave_up},
         )
 

@@ -63,7 +63,7 @@ def db_url(pg_server_url: str, template_db: str) -> Iterator[str]:
 
 @pytest.fixture
 def engine(db_url: str):
-    engine = make_engine(db_url, pool_size=4)
+    engine = make_engine(db_url, pool_size=4, application_name="acestep-tests")
     yield engine
     engine.dispose()
 

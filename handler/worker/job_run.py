@@ -1,0 +1,171 @@
+"""One claimed job on one pipeline process: heartbeat, run, upload, and the fenced outcome."""
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from db import DatabaseUnavailable, JobLost, JobStore
+from db.store import ClaimedJob
+from handler.storage import AUDIO_CONTENT_TYPES, ObjectStorage, StorageError, StorageUnavailable
+from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
+
+log = logging.getLogger(__name__)
+
+DB_RETRIES = 5
+UPLOAD_RETRIES = 6
+
+
+def output_key(job: ClaimedJob, index: int, fmt: str) -> str:
+    """Per attempt, so a stale attempt can never overwrite the files of the attempt that won."""
+    return f"jobs/{job.id}/attempt-{job.attempt}/output-{index}.{fmt}"
+
+
+def result_document(request: dict[str, Any], keys: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """The result contract rendered by handler/http/job_view.py."""
+    result = {
+        "audio_keys": keys,
+        "generation_info": info.get(
+            "generation_info", f"Steps: {request['inference_steps']}, Scale: {request['guidance_scale']}"
+        ),
+        "status_message": "Generation completed successfully!",
+        "seed_value": str(info.get("seed_value", "")),
+    }
+    for name in ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "dit_model"):
+        if info.get(name) is not None:
+            result[name] = info[name]
+    return result
+
+
+def with_db_retries(call, *args, **kwargs):
+    """Retry a store call through a dropped connection (the pool reconnects on the next try)."""
+    for attempt in range(DB_RETRIES):
+        try:
+            return call(*args, **kwargs)
+        except DatabaseUnavailable:
+            if attempt == DB_RETRIES - 1:
+                raise
+            time.sleep(min(0.2 * 2**attempt, 3.0))
+
+
+class JobRun:
+    def __init__(
+        self,
+        job: ClaimedJob,
+        *,
+        store: JobStore,
+        storage: ObjectStorage,
+        process: PipelineProcess,
+        worker_id: str,
+        heartbeat_seconds: float,
+        timeout_seconds: float,
+    ):
+        self.job = job
+        self._store = store
+        self._storage = storage
+        self._process = process
+        self._worker_id = worker_id
+        self._heartbeat_seconds = heartbeat_seconds
+        self._timeout = timeout_seconds
+        self._stage, self._progress = "claimed", 0.0
+        self._done = threading.Event()
+        self.lost = False
+
+    def _on_progress(self, stage: str, fraction: float) -> None:
+        self._stage, self._progress = stage, min(max(fraction, 0.0), 1.0)
+
+    def _heartbeat(self) -> None:
+        while not self._done.wait(self._heartbeat_seconds):
+            try:
+                cancel = self._store.heartbeat(self.job, self._worker_id, stage=self._stage, progress=self._progress)
+            except DatabaseUnavailable:
+                continue  # the lease outlasts a few missed beats; the next one reconnects
+            except JobLost:
+                self.lost = True
+                self._process.cancel()
+                return
+            if cancel:
+                self._process.cancel()
+
+    def run(self) -> str:
+        """Run to an outcome; returns it ('succeeded', 'failed', 'queued', 'canceled' or 'lost')."""
+        beat = threading.Thread(target=self._heartbeat, daemon=True)
+        beat.start()
+        out_dir = Path(tempfile.mkdtemp(prefix="acestep-job-"))
+        try:
+            return self._run(out_dir)
+        finally:
+            self._done.set()
+            beat.join(timeout=5)
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+    def _run(self, out_dir: Path) -> str:
+        request = dict(self.job.request)
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                finished = self._process.run(request, deadline=deadline, on_progress=self._on_progress, out_dir=out_dir)
+                break
+            except Canceled:
+                return self._outcome(self._store.finish_canceled, "canceled")
+            except OutOfMemory as exc:
+                if request.get("batch_size", 1) <= 1:
+                    return self._fail(f"out of memory even with one song per batch: {exc}", retryable=True)
+                request["batch_size"] = max(1, request["batch_size"] // 2)
+                log.warning("out of memory; retrying with a smaller batch",
+                            extra={"action": "oom_retry", "job_id": str(self.job.id), "batch_size": request["batch_size"]})
+            except PipelineError as exc:
+                return self._fail(str(exc), retryable=exc.retryable)
+        if self.lost:
+            return "lost"
+        self._on_progress("uploading", 0.98)
+        try:
+            keys = self._upload(finished.files, request["audio_format"])
+        except StorageError as exc:
+            return self._fail(f"could not store the audio: {exc}", retryable=True)
+        return self._complete(result_document(request, keys, finished.info), keys)
+
+    def _upload(self, files: list[Path], fmt: str) -> list[str]:
+        keys = []
+        for index, path in enumerate(files):
+            key = output_key(self.job, index, fmt)
+            for attempt in range(UPLOAD_RETRIES):
+                try:
+                    with path.open("rb") as data:
+                        self._storage.put(key, data, AUDIO_CONTENT_TYPES[fmt])
+                    break
+                except StorageUnavailable:
+                    if attempt == UPLOAD_RETRIES - 1:
+                        raise
+                    time.sleep(min(0.5 * 2**attempt, 10.0))
+            keys.append(key)
+        return keys
+
+    def _complete(self, result: dict[str, Any], keys: list[str]) -> str:
+        try:
+            with_db_retries(self._store.complete, self.job, self._worker_id, result)
+            return "succeeded"
+        except JobLost:
+            # A retried commit may have landed before the connection dropped: then it is ours.
+            row = with_db_retries(self._store.get, self.job.id)
+            if row["status"] == "succeeded" and row["result"] == result:
+                return "succeeded"
+            self._storage.delete_prefix(f"jobs/{self.job.id}/attempt-{self.job.attempt}/")
+            log.warning("job lost before completion; result dropped", extra={"action": "job_lost", "job_id": str(self.job.id)})
+            return "lost"
+
+    def _fail(self, error: str, *, retryable: bool) -> str:
+        try:
+            return with_db_retries(self._store.fail, self.job, self._worker_id, error, retryable=retryable)
+        except JobLost:
+            return "lost"
+
+    def _outcome(self, call, status: str) -> str:
+        try:
+            with_db_retries(call, self.job, self._worker_id)
+            return status
+        except JobLost:
+            return "lost"

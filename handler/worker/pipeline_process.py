@@ -1,0 +1,216 @@
+"""The pipeline in a supervised child process. Models load once in the child; each job is a request
+message; the child reports progress, and writes the encoded audio files itself (no large arrays
+cross the pipe). If the child dies (segfault, CUDA abort, OOM kill) or hangs past the deadline, the
+parent turns that into a job error naming what happened and starts a fresh child for the next job.
+
+The pipeline is loaded from a factory `module:callable` (ACESTEP_PIPELINE) returning an object with
+`run(request: dict, progress: Callable[[str, float], None]) -> GeneratedAudio`; `progress` raises
+`Canceled` once the client asked to cancel, so cancellation happens between stages.
+"""
+
+import importlib
+import multiprocessing as mp
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+SAMPLE_RATE = 48000
+SOUNDFILE_FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", None)}
+
+
+class Canceled(Exception):
+    """The client canceled the job."""
+
+
+class PipelineError(Exception):
+    """The pipeline failed on this job. `retryable` is False for faults of the input."""
+
+    def __init__(self, message: str, *, retryable: bool = False):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class PipelineCrashed(PipelineError):
+    """The pipeline process died."""
+
+
+class PipelineTimeout(PipelineError):
+    """The pipeline ran past the job's deadline and was stopped."""
+
+
+class OutOfMemory(PipelineError):
+    """The device ran out of memory (the worker may retry with a smaller batch)."""
+
+
+@dataclass
+class GeneratedAudio:
+    """What a pipeline returns: float32 arrays shaped (channels, samples) at `sample_rate`, and metadata
+    for the result (seed_value, generation_info, and bpm/duration/... when the LM filled them)."""
+
+    audios: list[np.ndarray]
+    sample_rate: int = SAMPLE_RATE
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Finished:
+    files: list[Path]
+    info: dict[str, Any]
+
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"ACESTEP_PIPELINE must be module:callable, got {spec!r}")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def encode(audio: np.ndarray, sample_rate: int, fmt: str, path: Path) -> None:
+    """Write one (channels, samples) float array; non-finite or silent audio is an error, not a file."""
+    if audio.ndim != 2 or not np.all(np.isfinite(audio)):
+        raise PipelineError("the pipeline produced invalid audio (not finite)", retryable=True)
+    if float(np.max(np.abs(audio), initial=0.0)) <= 1e-5:
+        raise PipelineError("the pipeline produced silent audio", retryable=True)
+    peak = float(np.max(np.abs(audio)))
+    samples = (audio / peak if peak > 1.0 else audio).T.astype(np.float32)
+    container, subtype = SOUNDFILE_FORMATS[fmt]
+    soundfile.write(str(path), samples, sample_rate, format=container, subtype=subtype)
+
+
+def _child_main(spec: str, conn, cancel_flag) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
+    try:
+        pipeline = load_factory(spec)()
+    except Exception as exc:  # any failure to load is reported as SETUP_FAILED, not a crash
+        conn.send(("setup_failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        return
+    conn.send(("ready",))
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        _, request, out_dir = message
+
+        def progress(stage: str, fraction: float) -> None:
+            if cancel_flag.is_set():
+                raise Canceled()
+            conn.send(("progress", stage, float(fraction)))
+
+        try:
+            generated = pipeline.run(request, progress)
+            progress("encoding", 0.97)
+            files = []
+            for i, audio in enumerate(generated.audios):
+                path = Path(out_dir) / f"output-{i}.{request['audio_format']}"
+                encode(np.asarray(audio), generated.sample_rate, request["audio_format"], path)
+                files.append(path)
+            conn.send(("done", files, generated.info))
+        except Canceled:
+            conn.send(("canceled",))
+        except PipelineError as exc:
+            conn.send(("failed", str(exc), exc.retryable, isinstance(exc, OutOfMemory)))
+        except MemoryError:
+            conn.send(("failed", "out of memory", True, True))
+        except Exception as exc:  # the pipeline's own bug: report it as this job's failure
+            conn.send(("failed", f"the pipeline failed: {type(exc).__name__}: {exc}", False, _is_oom(exc)))
+
+
+def _is_oom(exc: Exception) -> bool:
+    return "out of memory" in str(exc).lower()
+
+
+class PipelineProcess:
+    """One child process holding the loaded models; `run` one job at a time."""
+
+    def __init__(self, spec: str, *, setup_timeout: float = 1800.0):
+        self._spec = spec
+        self._setup_timeout = setup_timeout
+        self._ctx = mp.get_context("spawn")
+        self._proc = None
+        self._conn = None
+        self._cancel = self._ctx.Event()
+
+    def start(self) -> None:
+        """Start the child and wait until its models are loaded; raises PipelineError (SETUP_FAILED)."""
+        parent, child = self._ctx.Pipe()
+        self._cancel = self._ctx.Event()
+        self._proc = self._ctx.Process(target=_child_main, args=(self._spec, child, self._cancel), daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        message = self._receive(time.monotonic() + self._setup_timeout)
+        if message[0] != "ready":
+            self.stop()
+            raise PipelineError(f"pipeline setup failed: {message[1]}")
+
+    def _receive(self, deadline: float) -> tuple:
+        while True:
+            if self._conn.poll(0.1):
+                try:
+                    return self._conn.recv()
+                except EOFError:
+                    pass
+            if not self._proc.is_alive():
+                self._proc.join()
+                raise PipelineCrashed(
+                    f"the pipeline process died (exit code {self._proc.exitcode})", retryable=True
+                )
+            if time.monotonic() > deadline:
+                self._kill()
+                raise PipelineTimeout("the pipeline ran past its deadline and was stopped")
+
+    def run(
+        self,
+        request: dict,
+        *,
+        deadline: float,
+        on_progress: Callable[[str, float], None],
+        out_dir: Path,
+    ) -> Finished:
+        """Run one job. Raises Canceled, PipelineError (incl. crash and timeout); restarts after a death."""
+        if self._proc is None or not self._proc.is_alive():
+            self.start()
+        self._cancel.clear()
+        self._conn.send(("run", request, str(out_dir)))
+        try:
+            while True:
+                message = self._receive(deadline)
+                kind = message[0]
+                if kind == "progress":
+                    on_progress(message[1], message[2])
+                elif kind == "done":
+                    return Finished(files=[Path(p) for p in message[1]], info=message[2])
+                elif kind == "canceled":
+                    raise Canceled()
+                elif kind == "failed":
+                    error = OutOfMemory if message[3] else PipelineError
+                    raise error(message[1], retryable=message[2])
+        except (PipelineCrashed, PipelineTimeout):
+            self._proc = None
+            raise
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next stage boundary."""
+        self._cancel.set()
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(timeout=10)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(timeout=10)
+        self._kill()
+        self._proc = None

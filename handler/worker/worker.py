@@ -1,0 +1,195 @@
+"""The GPU worker: loads the models once, claims jobs up to its free slots, runs each on its own
+supervised pipeline process, and never loses one (fenced writes, leases, soft shutdown)."""
+
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError
+from db.store import ClaimedJob
+from handler.storage import ObjectStorage
+from handler.worker.job_run import JobRun, with_db_retries
+from handler.worker.pipeline_process import PipelineError, PipelineProcess
+
+log = logging.getLogger(__name__)
+
+RESCUE_EVERY_SECONDS = 5.0
+
+
+@dataclass
+class WorkerOptions:
+    pipeline: str
+    concurrency: int = 1
+    once: bool = False
+    max_jobs: int | None = None
+    exit_when_idle: float | None = None
+    heartbeat_seconds: float = 10.0
+    job_timeout_seconds: float = 1800.0
+    shutdown_grace_seconds: float = 30.0
+    poll_seconds: float = 5.0
+    model_names: tuple[str, ...] = ()
+
+
+class Slot:
+    """A pipeline process and the job it is running, if any."""
+
+    def __init__(self, process: PipelineProcess):
+        self.process = process
+        self.run: JobRun | None = None
+        self.thread: threading.Thread | None = None
+
+
+class Worker:
+    def __init__(self, store: JobStore, storage: ObjectStorage, wakeups_url: str, options: WorkerOptions):
+        self._store = store
+        self._storage = storage
+        self._wakeups_url = wakeups_url
+        self._options = options
+        self.worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self._slots = [Slot(PipelineProcess(options.pipeline)) for _ in range(options.concurrency)]
+        self._stopping = threading.Event()
+        self._hard_stop = threading.Event()
+        self._slot_freed = threading.Event()
+        self._claimed = 0
+        self._rescued_at = -float("inf")
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stopping.is_set():
+            self._hard_stop.set()
+        self._stopping.set()
+        self._slot_freed.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._slot_freed.set()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """0 after a clean stop; 1 when the models could not be loaded (SETUP_FAILED)."""
+        opts = self._options
+        with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
+                        capacity=opts.concurrency, models=list(opts.model_names), state="STARTING")
+        try:
+            for slot in self._slots:
+                slot.process.start()
+        except PipelineError as exc:
+            log.error("%s", exc, extra={"action": "setup_failed", "error": str(exc)})
+            with_db_retries(self._store.touch_worker, self.worker_id, state="SETUP_FAILED")
+            self._stop_processes()
+            return 1
+        with_db_retries(self._store.touch_worker, self.worker_id, state="READY")
+        log.info("worker %s ready", self.worker_id, extra={"action": "worker_ready", "worker_id": self.worker_id})
+        beat = threading.Thread(target=self._worker_heartbeat, daemon=True)
+        beat.start()
+        try:
+            with JobWakeups(self._wakeups_url) as wakeups:
+                self._loop(wakeups)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self, wakeups: JobWakeups) -> None:
+        opts = self._options
+        idle_since = time.monotonic()
+        while not self._stopping.is_set():
+            free = [s for s in self._slots if s.run is None]
+            jobs = self._claim(len(free))
+            for slot, job in zip(free, jobs, strict=False):
+                self._start(slot, job)
+            busy = any(s.run is not None for s in self._slots)
+            if busy:
+                idle_since = time.monotonic()
+            elif opts.once or self._reached_max_jobs():
+                return
+            elif opts.exit_when_idle is not None and time.monotonic() - idle_since >= opts.exit_when_idle:
+                log.info("idle; exiting", extra={"action": "exit_when_idle"})
+                return
+            if jobs and len(jobs) == len(free):
+                continue  # every free slot got a job: there may be more, once a slot frees
+            if busy:
+                self._slot_freed.wait(opts.poll_seconds)
+                self._slot_freed.clear()
+            else:
+                wakeups.wait(min(opts.poll_seconds, opts.exit_when_idle or opts.poll_seconds))
+
+    def _reached_max_jobs(self) -> bool:
+        return self._options.max_jobs is not None and self._claimed >= self._options.max_jobs
+
+    def _claim(self, free: int) -> list[ClaimedJob]:
+        if self._options.max_jobs is not None:
+            free = min(free, self._options.max_jobs - self._claimed)
+        if free <= 0:
+            return []
+        try:
+            if time.monotonic() - self._rescued_at > RESCUE_EVERY_SECONDS:
+                self._store.rescue_expired()
+                self._rescued_at = time.monotonic()
+            jobs = self._store.claim(self.worker_id, free)
+        except StoreError as exc:
+            log.warning("claim failed, retrying: %s", exc, extra={"action": "claim_failed", "error": str(exc)})
+            time.sleep(1.0)
+            return []
+        self._claimed += len(jobs)
+        return jobs
+
+    def _start(self, slot: Slot, job: ClaimedJob) -> None:
+        slot.run = JobRun(job, store=self._store, storage=self._storage, process=slot.process,
+                          worker_id=self.worker_id, heartbeat_seconds=self._options.heartbeat_seconds,
+                          timeout_seconds=self._options.job_timeout_seconds)
+        slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True)
+        slot.thread.start()
+
+    def _run_slot(self, slot: Slot) -> None:
+        run = slot.run
+        try:
+            outcome = run.run()
+            log.info("job %s: %s", run.job.id, outcome, extra={"action": "job_done", "job_id": str(run.job.id), "outcome": outcome})
+        except Exception:  # a bug here must not kill the worker; the lease returns the job
+            log.exception("job run crashed", extra={"action": "job_crashed", "job_id": str(run.job.id)})
+        finally:
+            slot.run = None
+            self._slot_freed.set()
+
+    def _worker_heartbeat(self) -> None:
+        while not self._hard_stop.wait(self._options.heartbeat_seconds):
+            busy = any(s.run is not None for s in self._slots)
+            try:
+                self._store.touch_worker(self.worker_id, state="BUSY" if busy else "READY")
+            except DatabaseUnavailable:
+                continue
+
+    def _shutdown(self) -> None:
+        """Soft stop: running jobs get the grace period, then go back to the queue with their attempt."""
+        deadline = time.monotonic() + self._options.shutdown_grace_seconds
+        while any(s.run is not None for s in self._slots) and time.monotonic() < deadline:
+            if self._hard_stop.wait(0.1):
+                break
+        for slot in self._slots:
+            run = slot.run
+            if run is not None:
+                try:
+                    with_db_retries(self._store.release, run.job, self.worker_id, refund=True)
+                    log.info("released job on shutdown", extra={"action": "release", "job_id": str(run.job.id)})
+                except (JobLost, StoreError):
+                    pass  # already finished or taken over: nothing of ours to give back
+        self._stop_processes()
+        self._hard_stop.set()
+        try:
+            self._store.remove_worker(self.worker_id)
+        except StoreError:
+            pass  # the row just goes stale; /health ignores stale workers
+
+    def _stop_processes(self) -> None:
+        for slot in self._slots:
+            slot.process.stop()

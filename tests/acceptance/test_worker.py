@@ -1,0 +1,108 @@
+"""The worker as a real process: outcomes of good and bad pipelines, kills, signals, reconnects."""
+
+import signal
+
+import psycopg
+import pytest
+
+from tests.acceptance.worker_harness import kill_group, start_worker, submit, wait_for, wait_status, worker_env
+
+
+def objects_under(tmp_path, job_id: str) -> list[str]:
+    root = tmp_path / "objects"
+    return sorted(str(p.relative_to(root)) for p in (root / "jobs" / job_id).rglob("*") if p.is_file())
+
+
+def test_once_runs_the_queue_and_exits(store, db_url, tmp_path):
+    ids = [submit(store, caption="a"), submit(store, caption="b", audio_format="wav", batch_size=1)]
+    worker = start_worker(worker_env(db_url, tmp_path), "--once")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    first, second = (store.get(i) for i in ids)
+    assert first["status"] == second["status"] == "succeeded"
+    assert first["result"]["audio_keys"] == [f"jobs/{ids[0]}/attempt-1/output-{i}.mp3" for i in range(2)]
+    assert first["result"]["seed_value"] == "7,8" and first["result"]["generation_info"].startswith("Steps: 8")
+    assert objects_under(tmp_path, ids[1]) == [f"jobs/{ids[1]}/attempt-1/output-0.wav"]
+    assert store.workers() == []  # deregistered on exit
+
+
+def test_bad_pipelines_fail_their_job_and_the_worker_goes_on(store, db_url, tmp_path):
+    raised = submit(store, caption="fake:raise")
+    exited = submit(store, caption="fake:exit")
+    hung = submit(store, caption="fake:hang")
+    fine = submit(store, caption="fine")
+    env = worker_env(db_url, tmp_path, ACESTEP_JOB_TIMEOUT_SECONDS="3")
+    worker = start_worker(env, "--exit-when-idle", "1")
+    try:
+        for job_id in (raised, exited, hung, fine):
+            wait_status(store, job_id, "succeeded", "failed", timeout=90)
+    finally:
+        output, _ = worker.communicate(timeout=60)
+    assert store.get(raised)["error"] == "the pipeline failed: ValueError: the DiT exploded"
+    crashed = store.get(exited)
+    assert crashed["error"] == "the pipeline process died (exit code 3)" and crashed["attempt"] == 3  # retried, then final
+    assert store.get(hung)["error"] == "the pipeline ran past its deadline and was stopped"
+    assert store.get(fine)["status"] == "succeeded"
+    assert worker.returncode == 0, output
+
+
+def test_setup_failure_is_reported_and_exits_nonzero(store, db_url, tmp_path):
+    worker = start_worker(worker_env(db_url, tmp_path, "broken_setup"), "--once")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 1
+    assert "pipeline setup failed" in output and "no checkpoints in /nowhere" in output
+    assert [w["state"] for w in store.workers()] == ["SETUP_FAILED"]
+
+
+def test_oom_retries_with_a_smaller_batch(store, db_url, tmp_path):
+    job_id = submit(store, caption="fake:oom", batch_size=4)
+    worker = start_worker(worker_env(db_url, tmp_path), "--once")
+    worker.communicate(timeout=120)
+    row = store.get(job_id)
+    assert row["status"] == "succeeded" and len(row["result"]["audio_keys"]) == 1
+
+
+def test_sigkill_mid_job_another_worker_completes_it_with_attempt_two(store, db_url, tmp_path):
+    job_id = submit(store, caption="slow")
+    first = start_worker(worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="2"))
+    wait_for(lambda: store.get(job_id)["stage"] == "dit", timeout=60)
+    kill_group(first)
+    first.wait(timeout=10)
+    second = start_worker(worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="0.05"), "--exit-when-idle", "6")
+    row = wait_status(store, job_id, "succeeded", timeout=60)
+    second.communicate(timeout=60)
+    assert row["attempt"] == 2
+    assert row["result"]["audio_keys"] == [f"jobs/{job_id}/attempt-2/output-{i}.mp3" for i in range(2)]
+    assert not any("attempt-1" in key for key in objects_under(tmp_path, job_id))
+    assert [e["attempt"] for e in row["errors"]] == [1]
+
+
+@pytest.mark.parametrize("grace,expected", [("30", "succeeded"), ("0", "queued")])
+def test_sigterm_mid_job_finishes_or_returns_it_to_the_queue(store, db_url, tmp_path, grace, expected):
+    job_id = submit(store, caption="slow")
+    env = worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="1", ACESTEP_SHUTDOWN_GRACE_SECONDS=grace)
+    worker = start_worker(env)
+    wait_for(lambda: store.get(job_id)["stage"] == "dit", timeout=60)
+    worker.send_signal(signal.SIGTERM)
+    output, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, output
+    row = store.get(job_id)
+    assert row["status"] == expected
+    if expected == "queued":
+        assert row["attempt"] == 0  # a soft shutdown spends no attempt
+        assert store.queue_position(job_id) == 1
+
+
+def test_terminated_database_connections_mid_job_reconnect(store, db_url, tmp_path):
+    job_id = submit(store, caption="slow")
+    worker = start_worker(worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="1"), "--exit-when-idle", "2")
+    wait_for(lambda: store.get(job_id)["stage"] == "dit", timeout=60)
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'acestep-serverless' AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+    assert killed >= 1
+    row = wait_status(store, job_id, "succeeded", "failed", timeout=60)
+    output, _ = worker.communicate(timeout=60)
+    assert row["status"] == "succeeded" and row["attempt"] == 1, output

@@ -1,0 +1,73 @@
+"""Fake pipelines for worker tests, loaded by the worker through ACESTEP_PIPELINE like the real one.
+Behaviour is chosen by the factory; FAKE_STAGE_SECONDS sets how long each of the 4 stages takes."""
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from handler.worker.pipeline_process import GeneratedAudio, OutOfMemory, SAMPLE_RATE
+
+STAGES = ("lm", "dit", "vae", "done")
+
+
+def _tone(seconds: float = 0.5) -> np.ndarray:
+    t = np.linspace(0, seconds, int(SAMPLE_RATE * seconds), endpoint=False)
+    wave = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    return np.stack([wave, wave])
+
+
+class Fake:
+    """Behaves as its factory says, or as a caption "fake:<behaviour>" says for that one job."""
+
+    def __init__(self, behaviour: str):
+        self.default = behaviour
+        self.stage_seconds = float(os.environ.get("FAKE_STAGE_SECONDS", "0.05"))
+
+    def run(self, request, progress):
+        caption = request.get("caption", "")
+        self.behaviour = caption.removeprefix("fake:") if caption.startswith("fake:") else self.default
+        for i, stage in enumerate(STAGES[:-1]):
+            progress(stage, i / len(STAGES))
+            if self.behaviour == "raise" and stage == "dit":
+                raise ValueError("the DiT exploded")
+            if self.behaviour == "exit" and stage == "dit":
+                os._exit(3)
+            if self.behaviour == "sigkill" and stage == "dit":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if self.behaviour == "hang" and stage == "dit":
+                time.sleep(3600)
+            if self.behaviour == "oom" and request["batch_size"] > 1:
+                raise OutOfMemory("CUDA out of memory")
+            time.sleep(self.stage_seconds)
+        batch = request["batch_size"]
+        return GeneratedAudio([_tone() for _ in range(batch)], info={"seed_value": ",".join(str(7 + i) for i in range(batch))})
+
+
+def ok():
+    return Fake("ok")
+
+
+def raises():
+    return Fake("raise")
+
+
+def exits():
+    return Fake("exit")
+
+
+def sigkill():
+    return Fake("sigkill")
+
+
+def hangs():
+    return Fake("hang")
+
+
+def oom_when_batched():
+    return Fake("oom")
+
+
+def broken_setup():
+    raise RuntimeError("no checkpoints in /nowhere")
