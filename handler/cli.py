@@ -2,6 +2,9 @@
 
 import argparse
 import logging
+import os
+import signal
+import subprocess
 import sys
 
 from pydantic import ValidationError
@@ -66,15 +69,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    """Embedded Postgres (or ACESTEP_DATABASE_URL), migrated, local storage, the HTTP API; Ctrl-C stops all."""
+    """Embedded Postgres (or ACESTEP_DATABASE_URL), migrated, local storage, the HTTP API and one worker."""
     from migrations import upgrade
 
     settings = _settings()
     url = _database_url(settings)
     upgrade(url)
     print(f"job store ready: {url}", flush=True)
-    print("no worker runs in this build yet: jobs stay queued until one claims them", flush=True)
-    _serve_http(settings, url)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "handler.cli", "worker"],
+        env={**os.environ, "ACESTEP_DATABASE_URL": url, "ACESTEP_DATA_DIR": str(settings.data_dir.resolve())},
+    )
+    try:
+        _serve_http(settings, url)
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # soft stop: a running job finishes or goes back to the queue
+            worker.wait(timeout=settings.shutdown_grace_seconds + 30)
+    if worker.returncode not in (0, None):
+        print(f"the worker exited with code {worker.returncode} (see its log above); jobs stayed queued", flush=True)
     print("stopped", flush=True)
     return 0
 
@@ -90,6 +103,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     services = build_services(settings, settings.database_url)
     options = WorkerOptions(
         pipeline=settings.pipeline,
+        checkpoint_dir=settings.checkpoint_dir,
         concurrency=args.concurrency,
         once=args.once,
         max_jobs=args.max_jobs,

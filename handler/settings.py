@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     max_queued_per_key: int = Field(100, ge=1, description="queued jobs one API key may have at once")
     default_batch_size: int = Field(2, ge=1, le=8, description="batch_size when a request has none")
     default_model: str = Field("acestep-v15-turbo", description="DiT model jobs run on")
+    checkpoint_dir: Path | None = Field(None, description="the checkpoints in the Hugging Face layout")
     pipeline: str = Field("pipeline.service:load_pipeline", description="module:callable that loads the pipeline")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM lets running jobs finish")

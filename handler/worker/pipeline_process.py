@@ -3,7 +3,8 @@ message; the child reports progress, and writes the encoded audio files itself (
 cross the pipe). If the child dies (segfault, CUDA abort, OOM kill) or hangs past the deadline, the
 parent turns that into a job error naming what happened and starts a fresh child for the next job.
 
-The pipeline is loaded from a factory `module:callable` (ACESTEP_PIPELINE) returning an object with
+The pipeline is loaded from a factory `module:callable` (ACESTEP_PIPELINE), called with the
+checkpoint directory (ACESTEP_CHECKPOINT_DIR, or None), returning an object with
 `run(request: dict, progress: Callable[[str, float], None]) -> GeneratedAudio`; `progress` raises
 `Canceled` once the client asked to cancel, so cancellation happens between stages.
 """
@@ -84,10 +85,10 @@ def encode(audio: np.ndarray, sample_rate: int, fmt: str, path: Path) -> None:
     soundfile.write(str(path), samples, sample_rate, format=container, subtype=subtype)
 
 
-def _child_main(spec: str, conn, cancel_flag) -> None:
+def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
     try:
-        pipeline = load_factory(spec)()
+        pipeline = load_factory(spec)(Path(checkpoint_dir) if checkpoint_dir else None)
     except Exception as exc:  # any failure to load is reported as SETUP_FAILED, not a crash
         conn.send(("setup_failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
@@ -129,19 +130,24 @@ def _is_oom(exc: Exception) -> bool:
 class PipelineProcess:
     """One child process holding the loaded models; `run` one job at a time."""
 
-    def __init__(self, spec: str, *, setup_timeout: float = 1800.0):
+    def __init__(self, spec: str, *, checkpoint_dir: Path | None = None, setup_timeout: float = 1800.0):
         self._spec = spec
+        self._checkpoint_dir = str(checkpoint_dir) if checkpoint_dir else None
         self._setup_timeout = setup_timeout
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
         self._cancel = self._ctx.Event()
 
+    def ensure_started(self) -> None:
+        if self._proc is None or not self._proc.is_alive():
+            self.start()
+
     def start(self) -> None:
         """Start the child and wait until its models are loaded; raises PipelineError (SETUP_FAILED)."""
         parent, child = self._ctx.Pipe()
         self._cancel = self._ctx.Event()
-        self._proc = self._ctx.Process(target=_child_main, args=(self._spec, child, self._cancel), daemon=True)
+        self._proc = self._ctx.Process(target=_child_main, args=(self._spec, self._checkpoint_dir, child, self._cancel), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
@@ -175,8 +181,7 @@ class PipelineProcess:
         out_dir: Path,
     ) -> Finished:
         """Run one job. Raises Canceled, PipelineError (incl. crash and timeout); restarts after a death."""
-        if self._proc is None or not self._proc.is_alive():
-            self.start()
+        self.ensure_started()
         self._cancel.clear()
         self._conn.send(("run", request, str(out_dir)))
         try:

@@ -3,11 +3,13 @@ supervised pipeline process, and never loses one (fenced writes, leases, soft sh
 
 import logging
 import signal
+from collections import Counter
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError
 from db.store import ClaimedJob
@@ -23,6 +25,7 @@ RESCUE_EVERY_SECONDS = 5.0
 @dataclass
 class WorkerOptions:
     pipeline: str
+    checkpoint_dir: Path | None = None
     concurrency: int = 1
     once: bool = False
     max_jobs: int | None = None
@@ -32,6 +35,7 @@ class WorkerOptions:
     shutdown_grace_seconds: float = 30.0
     poll_seconds: float = 5.0
     model_names: tuple[str, ...] = ()
+    keep_warm: bool = False  # leave the pipeline processes running after `run` (for the next invocation)
 
 
 class Slot:
@@ -50,12 +54,18 @@ class Worker:
         self._wakeups_url = wakeups_url
         self._options = options
         self.worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self._slots = [Slot(PipelineProcess(options.pipeline)) for _ in range(options.concurrency)]
+        self._slots = [
+            Slot(PipelineProcess(options.pipeline, checkpoint_dir=options.checkpoint_dir)) for _ in range(options.concurrency)
+        ]
         self._stopping = threading.Event()
         self._hard_stop = threading.Event()
         self._slot_freed = threading.Event()
         self._claimed = 0
         self._rescued_at = -float("inf")
+        self._time_budget: float | None = None
+        self._started_at = time.monotonic()
+        self.outcomes: Counter[str] = Counter()
+        self.stop_reason = ""
 
     # --- signals ---------------------------------------------------------------------------
 
@@ -73,16 +83,34 @@ class Worker:
         self._stopping.set()
         self._slot_freed.set()
 
+    def summary(self) -> dict:
+        return {
+            "worker_id": self.worker_id,
+            "claimed": self._claimed,
+            "outcomes": dict(self.outcomes),
+            "seconds": round(time.monotonic() - self._started_at, 1),
+            "stopped_because": self.stop_reason or "stopped",
+        }
+
+    def close(self) -> None:
+        """Stop the pipeline processes kept warm between runs."""
+        self._stop_processes()
+
     # --- lifecycle -------------------------------------------------------------------------
 
-    def run(self) -> int:
-        """0 after a clean stop; 1 when the models could not be loaded (SETUP_FAILED)."""
+    def run(self, *, time_budget_seconds: float | None = None) -> int:
+        """0 after a clean stop; 1 when the models could not be loaded (SETUP_FAILED).
+        With a time budget, claiming stops once it is spent (a serverless invocation's limit)."""
+        self._time_budget = time_budget_seconds
         opts = self._options
         with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
                         capacity=opts.concurrency, models=list(opts.model_names), state="STARTING")
+        self._stopping.clear()
+        self._hard_stop.clear()
+        self._claimed, self._started_at, self.outcomes, self.stop_reason = 0, time.monotonic(), Counter(), ""
         try:
             for slot in self._slots:
-                slot.process.start()
+                slot.process.ensure_started()
         except PipelineError as exc:
             log.error("%s", exc, extra={"action": "setup_failed", "error": str(exc)})
             with_db_retries(self._store.touch_worker, self.worker_id, state="SETUP_FAILED")
@@ -108,12 +136,17 @@ class Worker:
             for slot, job in zip(free, jobs, strict=False):
                 self._start(slot, job)
             busy = any(s.run is not None for s in self._slots)
+            if not busy and self._out_of_time():
+                self.stop_reason = "time budget spent"
+                return
             if busy:
                 idle_since = time.monotonic()
             elif opts.once or self._reached_max_jobs():
+                self.stop_reason = "queue empty" if opts.once else "max jobs reached"
                 return
             elif opts.exit_when_idle is not None and time.monotonic() - idle_since >= opts.exit_when_idle:
                 log.info("idle; exiting", extra={"action": "exit_when_idle"})
+                self.stop_reason = "idle"
                 return
             if jobs and len(jobs) == len(free):
                 continue  # every free slot got a job: there may be more, once a slot frees
@@ -123,13 +156,17 @@ class Worker:
             else:
                 wakeups.wait(min(opts.poll_seconds, opts.exit_when_idle or opts.poll_seconds))
 
+    def _out_of_time(self) -> bool:
+        budget = self._time_budget
+        return budget is not None and time.monotonic() - self._started_at >= budget
+
     def _reached_max_jobs(self) -> bool:
         return self._options.max_jobs is not None and self._claimed >= self._options.max_jobs
 
     def _claim(self, free: int) -> list[ClaimedJob]:
         if self._options.max_jobs is not None:
             free = min(free, self._options.max_jobs - self._claimed)
-        if free <= 0:
+        if free <= 0 or self._out_of_time():
             return []
         try:
             if time.monotonic() - self._rescued_at > RESCUE_EVERY_SECONDS:
@@ -154,6 +191,7 @@ class Worker:
         run = slot.run
         try:
             outcome = run.run()
+            self.outcomes[outcome] += 1
             log.info("job %s: %s", run.job.id, outcome, extra={"action": "job_done", "job_id": str(run.job.id), "outcome": outcome})
         except Exception:  # a bug here must not kill the worker; the lease returns the job
             log.exception("job run crashed", extra={"action": "job_crashed", "job_id": str(run.job.id)})
@@ -183,7 +221,8 @@ class Worker:
                     log.info("released job on shutdown", extra={"action": "release", "job_id": str(run.job.id)})
                 except (JobLost, StoreError):
                     pass  # already finished or taken over: nothing of ours to give back
-        self._stop_processes()
+        if not self._options.keep_warm:
+            self._stop_processes()
         self._hard_stop.set()
         try:
             self._store.remove_worker(self.worker_id)

@@ -45,29 +45,29 @@ class Fake:
         return GeneratedAudio([_tone() for _ in range(batch)], info={"seed_value": ",".join(str(7 + i) for i in range(batch))})
 
 
-def ok():
+def ok(checkpoint_dir=None):
     return Fake("ok")
 
 
-def raises():
+def raises(checkpoint_dir=None):
     return Fake("raise")
 
 
-def exits():
+def exits(checkpoint_dir=None):
     return Fake("exit")
 
 
-def sigkill():
+def sigkill(checkpoint_dir=None):
     return Fake("sigkill")
 
 
-def hangs():
+def hangs(checkpoint_dir=None):
     return Fake("hang")
 
 
-def oom_when_batched():
+def oom_when_batched(checkpoint_dir=None):
     return Fake("oom")
 
 
-def broken_setup():
+def broken_setup(checkpoint_dir=None):
     raise RuntimeError("no checkpoints in /nowhere")
