@@ -106,3 +106,35 @@ def test_terminated_database_connections_mid_job_reconnect(store, db_url, tmp_pa
     row = wait_status(store, job_id, "succeeded", "failed", timeout=60)
     output, _ = worker.communicate(timeout=60)
     assert row["status"] == "succeeded" and row["attempt"] == 1, output
+
+
+def test_cancel_is_honoured_between_stages(store, db_url, tmp_path):
+    job_id = submit(store, caption="slow")
+    worker = start_worker(worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="1"), "--exit-when-idle", "1")
+    wait_for(lambda: store.get(job_id)["stage"] == "lm", timeout=60)
+    store.cancel(job_id)
+    row = wait_status(store, job_id, "canceled", "succeeded", timeout=60)
+    worker.communicate(timeout=60)
+    assert row["status"] == "canceled" and row["result"] is None
+
+
+def test_concurrency_and_max_jobs(store, db_url, tmp_path):
+    ids = [submit(store, caption=str(i), batch_size=1) for i in range(5)]
+    worker = start_worker(worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="0.5"), "--concurrency", "2", "--max-jobs", "3")
+    wait_for(lambda: sum(store.get(i)["status"] == "running" for i in ids) == 2, timeout=60)
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    assert sorted(store.get(i)["status"] for i in ids) == ["queued", "queued", "succeeded", "succeeded", "succeeded"]
+
+
+def test_a_second_signal_stops_at_once_and_returns_the_job(store, db_url, tmp_path):
+    job_id = submit(store, caption="slow")
+    env = worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="5", ACESTEP_SHUTDOWN_GRACE_SECONDS="120")
+    worker = start_worker(env)
+    wait_for(lambda: store.get(job_id)["stage"] == "lm", timeout=60)
+    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signal.SIGINT)
+    output, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, output
+    row = store.get(job_id)
+    assert (row["status"], row["attempt"]) == ("queued", 0)
