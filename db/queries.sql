@@ -63,6 +63,39 @@ WHERE j.id = picked.id
 RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.owner, j.model, j.task_type, j.request,
           j.created_at, j.lease_expires_at;
 
+-- name: claim_batch
+-- Claim queued jobs with the given batch key (request->>'batch_key') among the next :lookahead in
+-- claim order, to share one GPU batch with a job this worker already holds.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+ahead AS (
+    SELECT j.id
+    FROM jobs AS j
+    WHERE j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+    ORDER BY j.priority, j.created_at, j.id
+    LIMIT :lookahead
+),
+picked AS (
+    SELECT j.id
+    FROM jobs AS j JOIN ahead USING (id)
+    WHERE j.status = 'queued' AND j.request->>'batch_key' = :batch_key
+    ORDER BY j.priority, j.created_at, j.id
+    LIMIT :limit
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE jobs AS j
+SET status = 'running',
+    attempt = j.attempt + 1,
+    worker_id = :worker_id,
+    started_at = clock.now,
+    heartbeat_at = clock.now,
+    lease_expires_at = clock.now + make_interval(secs => CAST(:lease_seconds AS float8)),
+    stage = 'claimed',
+    progress = 0
+FROM picked, clock
+WHERE j.id = picked.id AND j.status = 'queued'
+RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.owner, j.model, j.task_type, j.request,
+          j.created_at, j.lease_expires_at;
+
 -- name: heartbeat_job
 -- Extend the lease and record progress; returns whether a cancel was requested.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)

@@ -295,6 +295,18 @@ class JobStore:
         jobs.sort(key=lambda j: (j.priority, j.created_at, j.id))
         return jobs
 
+    def claim_batch(
+        self, worker_id: str, batch_key: str, limit: int, *, lookahead: int = 200, now: datetime | None = None
+    ) -> list[ClaimedJob]:
+        """Claim up to `limit` more jobs with `batch_key` from the next `lookahead` in line."""
+        if limit <= 0:
+            return []
+        rows = self._run(
+            "claim_batch", now, worker_id=worker_id, batch_key=batch_key, limit=limit, lookahead=lookahead,
+            lease_seconds=self.lease_seconds,
+        )
+        return sorted((ClaimedJob(**row._asdict()) for row in rows), key=lambda j: (j.priority, j.created_at, j.id))
+
     def heartbeat(
         self,
         job: ClaimedJob,

@@ -105,6 +105,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pipeline=settings.pipeline,
         checkpoint_dir=settings.checkpoint_dir,
         concurrency=args.concurrency,
+        batch_jobs=args.batch_jobs or settings.worker_batch_jobs,
         once=args.once,
         max_jobs=args.max_jobs,
         exit_when_idle=args.exit_when_idle,
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--exit-when-idle", type=float, metavar="SECONDS", help="exit after this long with nothing to do")
     worker.add_argument("--max-jobs", type=int, metavar="N", help="exit after claiming N jobs")
     worker.add_argument("--concurrency", type=int, default=1, metavar="N", help="jobs at once (one pipeline process each)")
+    worker.add_argument("--batch-jobs", type=int, metavar="N", help="compatible jobs run as one GPU batch (default 1)")
     worker.set_defaults(func=cmd_worker)
     create_key = sub.add_parser("create-key", help=cmd_create_key.__doc__)
     create_key.add_argument("name")

@@ -16,6 +16,7 @@ class Drainer:
             pipeline=settings.pipeline,
         checkpoint_dir=settings.checkpoint_dir,
             concurrency=concurrency,
+            batch_jobs=settings.worker_batch_jobs,
             once=True,
             heartbeat_seconds=settings.heartbeat_seconds,
             job_timeout_seconds=settings.job_timeout_seconds,

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     default_model: str = Field("acestep-v15-turbo", description="DiT model jobs run on")
     checkpoint_dir: Path | None = Field(None, description="the checkpoints in the Hugging Face layout")
     pipeline: str = Field("pipeline.service:load_pipeline", description="module:callable that loads the pipeline")
+    worker_batch_jobs: int = Field(1, ge=1, le=64, description="jobs one GPU batch may hold (compatible jobs only)")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM lets running jobs finish")
     webhook_max_attempts: int = Field(10, ge=1, le=100, description="POSTs per webhook before giving up")

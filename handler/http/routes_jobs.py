@@ -1,6 +1,7 @@
 """The seed API: submit a generation, poll it, list and cancel jobs."""
 
 import io
+import math
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -88,10 +89,20 @@ def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def batch_key(params: GenerateRequest, model: str) -> str:
+    """Jobs with equal keys can share one GPU batch: same model, task, steps and 30 s duration bucket."""
+    bucket = "lm" if params.audio_duration is None else str(math.ceil(params.audio_duration / 30) * 30)
+    return f"{model}|{params.task_type}|{params.inference_steps}|{bucket}|{'thinking' if params.thinking else 'dit'}"
+
+
 def new_job(params: GenerateRequest, inputs: AudioInputs, settings) -> NewJob:
     batch = params.effective_batch_size(settings.default_batch_size)
     duration = params.audio_duration or UNKNOWN_DURATION_SECONDS
-    request = params.model_dump() | {"batch_size": batch, "inputs": dict(inputs.references)}
+    request = params.model_dump() | {
+        "batch_size": batch,
+        "inputs": dict(inputs.references),
+        "batch_key": batch_key(params, settings.default_model),
+    }
     return NewJob(
         request=request,
         model=settings.default_model,

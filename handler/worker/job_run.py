@@ -52,9 +52,11 @@ def with_db_retries(call, *args, **kwargs):
 
 
 class JobRun:
+    """One claimed job, or several that share one GPU batch; each ends on its own, fenced."""
+
     def __init__(
         self,
-        job: ClaimedJob,
+        jobs: list[ClaimedJob],
         *,
         store: JobStore,
         storage: ObjectStorage,
@@ -63,7 +65,7 @@ class JobRun:
         heartbeat_seconds: float,
         timeout_seconds: float,
     ):
-        self.job = job
+        self.jobs = jobs
         self._store = store
         self._storage = storage
         self._process = process
@@ -72,66 +74,82 @@ class JobRun:
         self._timeout = timeout_seconds
         self._stage, self._progress = "claimed", 0.0
         self._done = threading.Event()
-        self.lost = False
+        self._lost: set = set()
+        self._cancel_requested: set = set()
 
     def _on_progress(self, stage: str, fraction: float) -> None:
         self._stage, self._progress = stage, min(max(fraction, 0.0), 1.0)
 
     def _heartbeat(self) -> None:
         while not self._done.wait(self._heartbeat_seconds):
-            try:
-                cancel = self._store.heartbeat(self.job, self._worker_id, stage=self._stage, progress=self._progress)
-            except DatabaseUnavailable:
-                continue  # the lease outlasts a few missed beats; the next one reconnects
-            except JobLost:
-                self.lost = True
-                self._process.cancel()
-                return
-            if cancel:
-                self._process.cancel()
+            for job in self.jobs:
+                if job.id in self._lost:
+                    continue
+                try:
+                    if self._store.heartbeat(job, self._worker_id, stage=self._stage, progress=self._progress):
+                        self._cancel_requested.add(job.id)
+                except DatabaseUnavailable:
+                    break  # the lease outlasts a few missed beats; the next round reconnects
+                except JobLost:
+                    self._lost.add(job.id)
+            if all(job.id in self._lost | self._cancel_requested for job in self.jobs):
+                self._process.cancel()  # nobody waits for this batch any more
 
-    def run(self) -> str:
-        """Run to an outcome; returns it ('succeeded', 'failed', 'queued', 'canceled' or 'lost')."""
+    def run(self) -> dict[str, str]:
+        """Run to an outcome per job id ('succeeded', 'failed', 'queued', 'canceled' or 'lost')."""
         beat = threading.Thread(target=self._heartbeat, daemon=True)
         beat.start()
         out_dir = Path(tempfile.mkdtemp(prefix="acestep-job-"))
         try:
-            return self._run(out_dir)
+            return self._run(self.jobs, out_dir)
         finally:
             self._done.set()
             beat.join(timeout=5)
             shutil.rmtree(out_dir, ignore_errors=True)
 
-    def _run(self, out_dir: Path) -> str:
-        request = dict(self.job.request)
+    def _run(self, jobs: list[ClaimedJob], out_dir: Path) -> dict[str, str]:
+        requests = [dict(job.request) for job in jobs]
         deadline = time.monotonic() + self._timeout
         while True:
             try:
-                finished = self._process.run(request, deadline=deadline, on_progress=self._on_progress, out_dir=out_dir)
+                finished = self._process.run(requests, deadline=deadline, on_progress=self._on_progress, out_dir=out_dir)
                 break
             except Canceled:
-                return self._outcome(self._store.finish_canceled, "canceled")
+                return {str(job.id): self._end_canceled(job) for job in jobs}
             except OutOfMemory as exc:
-                if request.get("batch_size", 1) <= 1:
-                    return self._fail(f"out of memory even with one song per batch: {exc}", retryable=True)
-                request["batch_size"] = max(1, request["batch_size"] // 2)
+                if len(jobs) > 1:  # too big together: one job at a time
+                    outcomes: dict[str, str] = {}
+                    for job in jobs:
+                        outcomes |= self._run([job], out_dir)
+                    return outcomes
+                if requests[0].get("batch_size", 1) <= 1:
+                    return {str(jobs[0].id): self._fail(jobs[0], f"out of memory even with one song per batch: {exc}", retryable=True)}
+                requests[0]["batch_size"] = max(1, requests[0]["batch_size"] // 2)
                 log.warning("out of memory; retrying with a smaller batch",
-                            extra={"action": "oom_retry", "job_id": str(self.job.id), "batch_size": request["batch_size"]})
+                            extra={"action": "oom_retry", "job_id": str(jobs[0].id), "batch_size": requests[0]["batch_size"]})
             except PipelineError as exc:
-                return self._fail(str(exc), retryable=exc.retryable)
-        if self.lost:
-            return "lost"
+                return {str(job.id): self._fail(job, str(exc), retryable=exc.retryable) for job in jobs}
         self._on_progress("uploading", 0.98)
-        try:
-            keys = self._upload(finished.files, request["audio_format"])
-        except StorageError as exc:
-            return self._fail(f"could not store the audio: {exc}", retryable=True)
-        return self._complete(result_document(request, keys, finished.info), keys)
+        return {
+            str(job.id): self._finish(job, request, result)
+            for job, request, result in zip(jobs, requests, finished, strict=True)
+        }
 
-    def _upload(self, files: list[Path], fmt: str) -> list[str]:
+    def _finish(self, job: ClaimedJob, request: dict[str, Any], finished) -> str:
+        if job.id in self._lost:
+            return "lost"
+        if job.id in self._cancel_requested:
+            return self._end_canceled(job)
+        try:
+            keys = self._upload(job, finished.files, request["audio_format"])
+        except StorageError as exc:
+            return self._fail(job, f"could not store the audio: {exc}", retryable=True)
+        return self._complete(job, result_document(request, keys, finished.info))
+
+    def _upload(self, job: ClaimedJob, files: list[Path], fmt: str) -> list[str]:
         keys = []
         for index, path in enumerate(files):
-            key = output_key(self.job, index, fmt)
+            key = output_key(job, index, fmt)
             for attempt in range(UPLOAD_RETRIES):
                 try:
                     with path.open("rb") as data:
@@ -144,28 +162,28 @@ class JobRun:
             keys.append(key)
         return keys
 
-    def _complete(self, result: dict[str, Any], keys: list[str]) -> str:
+    def _complete(self, job: ClaimedJob, result: dict[str, Any]) -> str:
         try:
-            with_db_retries(self._store.complete, self.job, self._worker_id, result)
+            with_db_retries(self._store.complete, job, self._worker_id, result)
             return "succeeded"
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.
-            row = with_db_retries(self._store.get, self.job.id)
+            row = with_db_retries(self._store.get, job.id)
             if row["status"] == "succeeded" and row["result"] == result:
                 return "succeeded"
-            self._storage.delete_prefix(f"jobs/{self.job.id}/attempt-{self.job.attempt}/")
-            log.warning("job lost before completion; result dropped", extra={"action": "job_lost", "job_id": str(self.job.id)})
+            self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
+            log.warning("job %s lost before completion; result dropped", job.id, extra={"action": "job_lost"})
             return "lost"
 
-    def _fail(self, error: str, *, retryable: bool) -> str:
+    def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> str:
         try:
-            return with_db_retries(self._store.fail, self.job, self._worker_id, error, retryable=retryable)
+            return with_db_retries(self._store.fail, job, self._worker_id, error, retryable=retryable)
         except JobLost:
             return "lost"
 
-    def _outcome(self, call, status: str) -> str:
+    def _end_canceled(self, job: ClaimedJob) -> str:
         try:
-            with_db_retries(call, self.job, self._worker_id)
-            return status
+            with_db_retries(self._store.finish_canceled, job, self._worker_id)
+            return "canceled"
         except JobLost:
             return "lost"

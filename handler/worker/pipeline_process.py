@@ -5,8 +5,9 @@ parent turns that into a job error naming what happened and starts a fresh child
 
 The pipeline is loaded from a factory `module:callable` (ACESTEP_PIPELINE), called with the
 checkpoint directory (ACESTEP_CHECKPOINT_DIR, or None), returning an object with
-`run(request: dict, progress: Callable[[str, float], None]) -> GeneratedAudio`; `progress` raises
-`Canceled` once the client asked to cancel, so cancellation happens between stages.
+`run(request: dict, progress: Callable[[str, float], None]) -> GeneratedAudio` and optionally
+`run_batch(requests: list[dict], progress) -> list[GeneratedAudio]` for jobs that share one GPU
+batch; `progress` raises `Canceled` once the run should stop, so cancellation is between stages.
 """
 
 import importlib
@@ -97,7 +98,7 @@ def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> Non
         message = conn.recv()
         if message[0] == "stop":
             return
-        _, request, out_dir = message
+        _, requests, out_dir = message
 
         def progress(stage: str, fraction: float) -> None:
             if cancel_flag.is_set():
@@ -105,14 +106,17 @@ def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> Non
             conn.send(("progress", stage, float(fraction)))
 
         try:
-            generated = pipeline.run(request, progress)
+            generated = _generate(pipeline, requests, progress)
             progress("encoding", 0.97)
-            files = []
-            for i, audio in enumerate(generated.audios):
-                path = Path(out_dir) / f"output-{i}.{request['audio_format']}"
-                encode(np.asarray(audio), generated.sample_rate, request["audio_format"], path)
-                files.append(path)
-            conn.send(("done", files, generated.info))
+            finished = []
+            for index, (request, audio) in enumerate(zip(requests, generated, strict=True)):
+                files = []
+                for i, samples in enumerate(audio.audios):
+                    path = Path(out_dir) / f"{index}-output-{i}.{request['audio_format']}"
+                    encode(np.asarray(samples), audio.sample_rate, request["audio_format"], path)
+                    files.append(path)
+                finished.append((files, audio.info))
+            conn.send(("done", finished))
         except Canceled:
             conn.send(("canceled",))
         except PipelineError as exc:
@@ -121,6 +125,13 @@ def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> Non
             conn.send(("failed", "out of memory", True, True))
         except Exception as exc:  # the pipeline's own bug: report it as this job's failure
             conn.send(("failed", f"the pipeline failed: {type(exc).__name__}: {exc}", False, _is_oom(exc)))
+
+
+def _generate(pipeline, requests: list[dict], progress) -> list[GeneratedAudio]:
+    """One GPU batch for jobs that can share it (`run_batch`), else one job after another."""
+    if len(requests) > 1 and hasattr(pipeline, "run_batch"):
+        return pipeline.run_batch(requests, progress)
+    return [pipeline.run(request, progress) for request in requests]
 
 
 def _is_oom(exc: Exception) -> bool:
@@ -174,16 +185,17 @@ class PipelineProcess:
 
     def run(
         self,
-        request: dict,
+        requests: list[dict],
         *,
         deadline: float,
         on_progress: Callable[[str, float], None],
         out_dir: Path,
-    ) -> Finished:
-        """Run one job. Raises Canceled, PipelineError (incl. crash and timeout); restarts after a death."""
+    ) -> list[Finished]:
+        """Run jobs that share one batch; one Finished per request, in order.
+        Raises Canceled, PipelineError (incl. crash and timeout); restarts the child after a death."""
         self.ensure_started()
         self._cancel.clear()
-        self._conn.send(("run", request, str(out_dir)))
+        self._conn.send(("run", requests, str(out_dir)))
         try:
             while True:
                 message = self._receive(deadline)
@@ -191,7 +203,7 @@ class PipelineProcess:
                 if kind == "progress":
                     on_progress(message[1], message[2])
                 elif kind == "done":
-                    return Finished(files=[Path(p) for p in message[1]], info=message[2])
+                    return [Finished(files=[Path(p) for p in files], info=info) for files, info in message[1]]
                 elif kind == "canceled":
                     raise Canceled()
                 elif kind == "failed":

@@ -27,6 +27,7 @@ class WorkerOptions:
     pipeline: str
     checkpoint_dir: Path | None = None
     concurrency: int = 1
+    batch_jobs: int = 1  # jobs one GPU batch may hold (same model, task, steps, duration bucket)
     once: bool = False
     max_jobs: int | None = None
     exit_when_idle: float | None = None
@@ -181,20 +182,36 @@ class Worker:
         return jobs
 
     def _start(self, slot: Slot, job: ClaimedJob) -> None:
-        slot.run = JobRun(job, store=self._store, storage=self._storage, process=slot.process,
+        jobs = [job] + self._claim_batch_mates(job)
+        slot.run = JobRun(jobs, store=self._store, storage=self._storage, process=slot.process,
                           worker_id=self.worker_id, heartbeat_seconds=self._options.heartbeat_seconds,
                           timeout_seconds=self._options.job_timeout_seconds)
         slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True)
         slot.thread.start()
 
+    def _claim_batch_mates(self, head: ClaimedJob) -> list[ClaimedJob]:
+        """Queued jobs that can share the head job's GPU batch (same batch key), up to the batch size."""
+        room = self._options.batch_jobs - 1
+        if self._options.max_jobs is not None:
+            room = min(room, self._options.max_jobs - self._claimed)
+        key = head.request.get("batch_key")
+        if room <= 0 or not key:
+            return []
+        try:
+            mates = self._store.claim_batch(self.worker_id, key, room)
+        except StoreError:
+            return []
+        self._claimed += len(mates)
+        return mates
+
     def _run_slot(self, slot: Slot) -> None:
         run = slot.run
         try:
-            outcome = run.run()
-            self.outcomes[outcome] += 1
-            log.info("job %s: %s", run.job.id, outcome, extra={"action": "job_done", "job_id": str(run.job.id), "outcome": outcome})
-        except Exception:  # a bug here must not kill the worker; the lease returns the job
-            log.exception("job run crashed", extra={"action": "job_crashed", "job_id": str(run.job.id)})
+            for job_id, outcome in run.run().items():
+                self.outcomes[outcome] += 1
+                log.info("job %s: %s", job_id, outcome, extra={"action": "job_done", "job_id": job_id, "outcome": outcome})
+        except Exception:  # a bug here must not kill the worker; the leases return the jobs
+            log.exception("job run crashed", extra={"action": "job_crashed", "job_ids": [str(j.id) for j in run.jobs]})
         finally:
             slot.run = None
             self._slot_freed.set()
@@ -214,11 +231,10 @@ class Worker:
             if self._hard_stop.wait(0.1):
                 break
         for slot in self._slots:
-            run = slot.run
-            if run is not None:
+            for job in slot.run.jobs if slot.run is not None else []:
                 try:
-                    with_db_retries(self._store.release, run.job, self.worker_id, refund=True)
-                    log.info("released job on shutdown", extra={"action": "release", "job_id": str(run.job.id)})
+                    with_db_retries(self._store.release, job, self.worker_id, refund=True)
+                    log.info("released job %s on shutdown", job.id, extra={"action": "release", "job_id": str(job.id)})
                 except (JobLost, StoreError):
                     pass  # already finished or taken over: nothing of ours to give back
         if not self._options.keep_warm:

@@ -138,3 +138,17 @@ def test_a_second_signal_stops_at_once_and_returns_the_job(store, db_url, tmp_pa
     assert worker.returncode == 0, output
     row = store.get(job_id)
     assert (row["status"], row["attempt"]) == ("queued", 0)
+
+
+def test_compatible_jobs_share_a_batch_and_complete_each_on_its_own(store, db_url, tmp_path):
+    same = [submit(store, caption=f"same {i}", audio_duration=60, batch_size=1) for i in range(3)]
+    other_steps = submit(store, caption="other", audio_duration=60, inference_steps=16, batch_size=1)
+    env = worker_env(db_url, tmp_path, "batching", ACESTEP_WORKER_BATCH_JOBS="4")
+    worker = start_worker(env, "--once")
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 0, output
+    rows = [store.get(i) for i in same]
+    assert all(r["status"] == "succeeded" and r["result"]["generation_info"] == "one batch of 3 jobs" for r in rows)
+    assert len({r["result"]["audio_keys"][0] for r in rows}) == 3  # each job its own files
+    lone = store.get(other_steps)
+    assert lone["status"] == "succeeded" and lone["result"]["generation_info"] == "Steps: 16, Scale: 7.0"

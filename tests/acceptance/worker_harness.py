@@ -7,17 +7,19 @@ import sys
 import time
 from pathlib import Path
 
-from db import JobStore, NewJob
+from db import JobStore
 from handler.http.generate_request import GenerateRequest
+from handler.http.inputs import AudioInputs
+from handler.http.routes_jobs import new_job
+from handler.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def submit(store: JobStore, **fields) -> str:
-    """Queue a job as the HTTP function would (validated request, effective batch size, no inputs)."""
-    params = GenerateRequest(**fields)
-    request = params.model_dump() | {"batch_size": params.effective_batch_size(2), "inputs": {}}
-    return str(store.submit(NewJob(request=request, model="acestep-v15-turbo")).id)
+    """Queue a job as the HTTP function would (validated request, its batch key, no audio inputs)."""
+    job = new_job(GenerateRequest(**fields), AudioInputs(), Settings(_env_file=None))
+    return str(store.submit(job).id)
 
 
 def worker_env(db_url: str, tmp_path: Path, pipeline: str = "ok", **extra: str) -> dict[str, str]:
