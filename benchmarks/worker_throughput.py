@@ -48,7 +48,7 @@ def wakeup_latency(url: str, samples: int, data_dir: str) -> list[float]:
         latencies = []
         for _ in range(samples):
             job_id = submit(store, caption="noop", batch_size=1)
-            wait_until(lambda: store.get(job_id)["status"] == "succeeded")
+            wait_until(lambda job_id=job_id: store.get(job_id)["status"] == "succeeded")
             row = store.get(job_id)
             latencies.append(1000 * (row["started_at"] - row["created_at"]).total_seconds())
             time.sleep(0.05)  # the worker goes idle and back to LISTEN
@@ -82,7 +82,7 @@ def dev_throughput(jobs: int, clients: int, port: int) -> float:
                 t.join()
             with httpx.Client(base_url=base, timeout=30) as http:
                 for job_id in ids:
-                    wait_until(lambda: http.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded", timeout=300)
+                    wait_until(lambda job_id=job_id: http.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded", timeout=300)
             return len(ids) / (time.perf_counter() - start)
         finally:
             dev.terminate()
