@@ -151,11 +151,11 @@ class Worker:
                 return
             if jobs and len(jobs) == len(free):
                 continue  # every free slot got a job: there may be more, once a slot frees
-            if busy:
+            if len(jobs) == len(free):  # no free slot: wait for one
                 self._slot_freed.wait(opts.poll_seconds)
                 self._slot_freed.clear()
-            else:
-                wakeups.wait(min(opts.poll_seconds, opts.exit_when_idle or opts.poll_seconds))
+            else:  # a free slot and nothing to claim: wait for a new job (NOTIFY) or the poll
+                wakeups.wait(min(opts.poll_seconds, opts.exit_when_idle or opts.poll_seconds, 0.25 if busy else opts.poll_seconds))
 
     def _out_of_time(self) -> bool:
         budget = self._time_budget
