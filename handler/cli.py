@@ -94,27 +94,16 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """The GPU worker: load the models once, then claim and run jobs until stopped."""
-    from handler.http.services import build_services
-    from handler.worker.worker import Worker, WorkerOptions
+    from handler.worker.worker import worker_from_settings
 
     settings = _settings()
     if not settings.database_url:
         raise SystemExit("ACESTEP_DATABASE_URL is not set: the worker needs the job database")
-    services = build_services(settings, settings.database_url)
-    options = WorkerOptions(
-        pipeline=settings.pipeline,
-        checkpoint_dir=settings.checkpoint_dir,
-        concurrency=args.concurrency,
-        batch_jobs=args.batch_jobs or settings.worker_batch_jobs,
-        once=args.once,
-        max_jobs=args.max_jobs,
-        exit_when_idle=args.exit_when_idle,
-        heartbeat_seconds=settings.heartbeat_seconds,
-        job_timeout_seconds=settings.job_timeout_seconds,
-        shutdown_grace_seconds=settings.shutdown_grace_seconds,
-        model_names=(settings.default_model,),
+    overrides = {"batch_jobs": args.batch_jobs} if args.batch_jobs else {}
+    worker = worker_from_settings(
+        settings, concurrency=args.concurrency, once=args.once, max_jobs=args.max_jobs,
+        exit_when_idle=args.exit_when_idle, **overrides,
     )
-    worker = Worker(services.store, services.storage, settings.database_url, options)
     worker.install_signal_handlers()
     return worker.run()
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError
 from db.store import ClaimedJob
+from handler.http.services import build_services
+from handler.settings import Settings
 from handler.storage import ObjectStorage
 from handler.worker.job_run import JobRun, with_db_retries
 from handler.worker.pipeline_process import PipelineError, PipelineProcess
@@ -37,6 +39,21 @@ class WorkerOptions:
     poll_seconds: float = 5.0
     model_names: tuple[str, ...] = ()
     keep_warm: bool = False  # leave the pipeline processes running after `run` (for the next invocation)
+
+
+def worker_from_settings(settings: Settings, **options) -> "Worker":
+    """A worker on the configured database and storage; `options` override WorkerOptions fields."""
+    services = build_services(settings, settings.database_url)
+    defaults = {
+        "pipeline": settings.pipeline,
+        "checkpoint_dir": settings.checkpoint_dir,
+        "batch_jobs": settings.worker_batch_jobs,
+        "heartbeat_seconds": settings.heartbeat_seconds,
+        "job_timeout_seconds": settings.job_timeout_seconds,
+        "shutdown_grace_seconds": settings.shutdown_grace_seconds,
+        "model_names": (settings.default_model,),
+    }
+    return Worker(services.store, services.storage, settings.database_url, WorkerOptions(**(defaults | options)))
 
 
 class Slot:
