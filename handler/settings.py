@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     worker_batch_jobs: int = Field(1, ge=1, le=64, description="jobs one GPU batch may hold (compatible jobs only)")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM lets running jobs finish")
+    retention_seconds: float = Field(7 * 86400, gt=0, description="finished jobs and their files are deleted this long after")
     webhook_max_attempts: int = Field(10, ge=1, le=100, description="POSTs per webhook before giving up")
     webhook_retry_base_seconds: float = Field(5.0, ge=0, description="backoff after a failed webhook POST; doubles")
     webhook_retry_max_seconds: float = Field(3600.0, ge=0, description="longest backoff between webhook POSTs")

@@ -11,6 +11,7 @@ from db import DatabaseUnavailable, StoreError
 from handler.http import routes_jobs, routes_release, routes_system
 from handler.http.generate_request import GenerateRequest
 from handler.http.services import Services, build_services
+from handler.retention import prune_until
 from handler.settings import Settings
 from handler.storage import StorageError, StorageUnavailable
 
@@ -18,19 +19,29 @@ log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def _webhook_dispatcher(app: FastAPI):
-    """Deliver webhooks from the outbox while the app runs; what is left waits in the table."""
+async def _background_work(app: FastAPI):
+    """While the app runs: deliver webhooks from the outbox and prune expired jobs. Whatever is left
+    when it stops waits in the tables for the next process."""
+    services: Services = app.state.services
     stop = threading.Event()
-    thread = threading.Thread(target=app.state.services.webhooks.run_until, args=(stop,), daemon=True)
-    thread.start()
+    threads = [
+        threading.Thread(target=services.webhooks.run_until, args=(stop,), daemon=True),
+        threading.Thread(
+            target=prune_until, args=(services.store, services.storage, services.settings.retention_seconds, stop),
+            daemon=True,
+        ),
+    ]
+    for thread in threads:
+        thread.start()
     yield
     stop.set()
-    thread.join(timeout=15)
+    for thread in threads:
+        thread.join(timeout=15)
 
 
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(
-        lifespan=_webhook_dispatcher,
+        lifespan=_background_work,
         title="ACE-Step 1.5 serverless API",
         version="0.1.0",
         description="Submit music generation jobs and poll them; jobs live in Postgres, audio in object storage.",
