@@ -130,7 +130,8 @@ class Worker:
             for slot in self._slots:
                 slot.process.ensure_started()
         except PipelineError as exc:
-            log.error("%s", exc, extra={"action": "setup_failed", "error": str(exc)})
+            log.error("%s; this worker takes no jobs (check ACESTEP_PIPELINE and ACESTEP_CHECKPOINT_DIR)", exc,
+                      extra={"action": "setup_failed", "error": str(exc)})
             with_db_retries(self._store.touch_worker, self.worker_id, state="SETUP_FAILED")
             self._stop_processes()
             return 1
