@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile
 
-SAMPLE_RATE = 48000
-SOUNDFILE_FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", None)}
+from pipeline.audio_io import SAMPLE_RATE, AudioError, encode_audio
+
 
 
 class Canceled(Exception):
@@ -74,18 +73,6 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def encode(audio: np.ndarray, sample_rate: int, fmt: str, path: Path) -> None:
-    """Write one (channels, samples) float array; non-finite or silent audio is an error, not a file."""
-    if audio.ndim != 2 or not np.all(np.isfinite(audio)):
-        raise PipelineError("the pipeline produced invalid audio (not finite)", retryable=True)
-    if float(np.max(np.abs(audio), initial=0.0)) <= 1e-5:
-        raise PipelineError("the pipeline produced silent audio", retryable=True)
-    peak = float(np.max(np.abs(audio)))
-    samples = (audio / peak if peak > 1.0 else audio).T.astype(np.float32)
-    container, subtype = SOUNDFILE_FORMATS[fmt]
-    soundfile.write(str(path), samples, sample_rate, format=container, subtype=subtype)
-
-
 def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
     try:
@@ -113,7 +100,10 @@ def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> Non
                 files = []
                 for i, samples in enumerate(audio.audios):
                     path = Path(out_dir) / f"{index}-output-{i}.{request['audio_format']}"
-                    encode(np.asarray(samples), audio.sample_rate, request["audio_format"], path)
+                    try:
+                        encode_audio(np.asarray(samples), audio.sample_rate, request["audio_format"], path)
+                    except AudioError as exc:
+                        raise PipelineError(str(exc), retryable=True) from None
                     files.append(path)
                 finished.append((files, audio.info))
             conn.send(("done", finished))
