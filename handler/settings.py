@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     pipeline: str = Field("pipeline.service:load_pipeline", description="module:callable that loads the pipeline")
     worker_batch_jobs: int = Field(1, ge=1, le=64, description="jobs one GPU batch may hold (compatible jobs only)")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
+    upload_tries: int = Field(6, ge=1, le=20, description="tries per attempt to store a result (doubling backoff)")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM lets running jobs finish")
     retention_seconds: float = Field(7 * 86400, gt=0, description="finished jobs and their files are deleted this long after")
     webhook_max_attempts: int = Field(10, ge=1, le=100, description="POSTs per webhook before giving up")

@@ -16,7 +16,6 @@ from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError
 log = logging.getLogger(__name__)
 
 DB_RETRIES = 5
-UPLOAD_RETRIES = 6
 
 
 def output_key(job: ClaimedJob, index: int, fmt: str) -> str:
@@ -64,8 +63,10 @@ class JobRun:
         worker_id: str,
         heartbeat_seconds: float,
         timeout_seconds: float,
+        upload_tries: int = 6,
     ):
         self.jobs = jobs
+        self._upload_tries = upload_tries
         self._store = store
         self._storage = storage
         self._process = process
@@ -150,13 +151,13 @@ class JobRun:
         keys = []
         for index, path in enumerate(files):
             key = output_key(job, index, fmt)
-            for attempt in range(UPLOAD_RETRIES):
+            for attempt in range(self._upload_tries):
                 try:
                     with path.open("rb") as data:
                         self._storage.put(key, data, AUDIO_CONTENT_TYPES[fmt])
                     break
                 except StorageUnavailable:
-                    if attempt == UPLOAD_RETRIES - 1:
+                    if attempt == self._upload_tries - 1:
                         raise
                     time.sleep(min(0.5 * 2**attempt, 10.0))
             keys.append(key)

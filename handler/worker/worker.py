@@ -36,6 +36,7 @@ class WorkerOptions:
     heartbeat_seconds: float = 10.0
     job_timeout_seconds: float = 1800.0
     shutdown_grace_seconds: float = 30.0
+    upload_tries: int = 6  # per attempt, with doubling backoff, before the attempt fails (retryable)
     poll_seconds: float = 5.0
     model_names: tuple[str, ...] = ()
     keep_warm: bool = False  # leave the pipeline processes running after `run` (for the next invocation)
@@ -51,6 +52,7 @@ def worker_from_settings(settings: Settings, **options) -> "Worker":
         "heartbeat_seconds": settings.heartbeat_seconds,
         "job_timeout_seconds": settings.job_timeout_seconds,
         "shutdown_grace_seconds": settings.shutdown_grace_seconds,
+        "upload_tries": settings.upload_tries,
         "model_names": (settings.default_model,),
     }
     return Worker(services.store, services.storage, settings.database_url, WorkerOptions(**(defaults | options)))
@@ -203,7 +205,8 @@ class Worker:
         jobs = [job] + self._claim_batch_mates(job)
         slot.run = JobRun(jobs, store=self._store, storage=self._storage, process=slot.process,
                           worker_id=self.worker_id, heartbeat_seconds=self._options.heartbeat_seconds,
-                          timeout_seconds=self._options.job_timeout_seconds)
+                          timeout_seconds=self._options.job_timeout_seconds,
+                          upload_tries=self._options.upload_tries)
         slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True)
         slot.thread.start()
 

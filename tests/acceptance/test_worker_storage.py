@@ -72,3 +72,20 @@ def test_upload_outage_then_recovery_completes_the_job(store, db_url, tmp_path, 
     client = boto3.client("s3", endpoint_url=s3_endpoint, config=Config(signature_version="s3v4"))
     for key in row["result"]["audio_keys"]:
         assert client.head_object(Bucket=s3_bucket, Key=f"music/{key}")["ContentLength"] > 0
+
+
+def test_storage_down_for_good_fails_the_job_once_its_attempts_are_spent(store, db_url, tmp_path, s3_endpoint, s3_bucket):
+    proxy = SwitchableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.up = False
+    env = worker_env(db_url, tmp_path, ACESTEP_STORAGE_URL=f"s3://{s3_bucket}/music",
+                     ACESTEP_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", ACESTEP_UPLOAD_TRIES="1")
+    job_id = submit(store, caption="storage is gone", batch_size=1)
+    worker = start_worker(env, "--exit-when-idle", "2")
+    try:
+        row = wait_status(store, job_id, "succeeded", "failed", timeout=120)
+    finally:
+        output, _ = worker.communicate(timeout=60)
+        proxy.close()
+    assert row["status"] == "failed" and row["attempt"] == 3, output
+    assert row["error"].startswith("could not store the audio: object storage unavailable")
+    assert [e["retryable"] for e in row["errors"]] == [True, True, True]
