@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
 from pydantic import ValidationError
 
 from db.server import start_embedded
@@ -108,6 +110,46 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return worker.run()
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a job to the API, show its place in the queue and progress, download the audio."""
+    import json
+
+    from handler.client import ClientError, submit_and_wait
+
+    settings = _settings()
+    fields: dict = {"caption": args.caption, "lyrics": args.lyrics, "audio_format": args.format, "task_type": args.task}
+    if args.duration is not None:
+        fields["audio_duration"] = args.duration
+    if args.thinking:
+        fields["thinking"] = True
+    for item in args.param:
+        name, _, raw = item.partition("=")
+        try:
+            fields[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[name] = raw
+    url = args.url or settings.public_url or f"http://{settings.host}:{settings.port}"
+    try:
+        paths = submit_and_wait(url, fields, out_dir=Path(args.out), api_key=args.key, src_audio=args.src)
+    except (ClientError, httpx.HTTPError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_download_models(args: argparse.Namespace) -> int:
+    """Fetch the real checkpoints from the Hugging Face hub, then check their layout."""
+    from pipeline.download import download_models
+
+    settings = _settings()
+    target = Path(args.dir) if args.dir else (settings.checkpoint_dir or Path("checkpoints"))
+    found = download_models(target, args.with_models)
+    print(f"checkpoints ready in {found.root}: DiT {', '.join(found.dits)}; LM {', '.join(found.lms) or 'none'}")
+    return 0
+
+
 def cmd_create_key(args: argparse.Namespace) -> int:
     """Create an API key; it is printed once and stored only as a hash."""
     from db import JobStore, make_engine
@@ -143,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, metavar="N", help="jobs at once (one pipeline process each)")
     worker.add_argument("--batch-jobs", type=int, metavar="N", help="compatible jobs run as one GPU batch (default 1)")
     worker.set_defaults(func=cmd_worker)
+    submit = sub.add_parser("submit", help=cmd_submit.__doc__)
+    submit.add_argument("--caption", default="")
+    submit.add_argument("--lyrics", default="")
+    submit.add_argument("--duration", type=float, help="seconds of audio (10-600)")
+    submit.add_argument("--thinking", action="store_true", help="let the 5 Hz LM write the audio codes")
+    submit.add_argument("--format", default="mp3", choices=["mp3", "wav", "flac"])
+    submit.add_argument("--task", default="text2music", choices=["text2music", "cover", "repaint"])
+    submit.add_argument("--src", type=Path, help="source audio to upload (cover, repaint)")
+    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="any other field of the API")
+    submit.add_argument("--url", help="the API (default: ACESTEP_PUBLIC_URL or http://ACESTEP_HOST:ACESTEP_PORT)")
+    submit.add_argument("--key", help="API key, if the server wants one")
+    submit.add_argument("--out", default=".", help="where the audio goes")
+    submit.set_defaults(func=cmd_submit)
+    download = sub.add_parser("download-models", help=cmd_download_models.__doc__)
+    download.add_argument("dir", nargs="?", help="default: ACESTEP_CHECKPOINT_DIR or ./checkpoints")
+    download.add_argument("--with", dest="with_models", action="append", default=[], metavar="NAME",
+                          help="also an extra model, e.g. acestep-5Hz-lm-4B or acestep-v15-base")
+    download.set_defaults(func=cmd_download_models)
     create_key = sub.add_parser("create-key", help=cmd_create_key.__doc__)
     create_key.add_argument("name")
     create_key.add_argument("--max-queued", type=int, default=None)
