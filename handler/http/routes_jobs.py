@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 
 from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
@@ -148,9 +149,9 @@ def body_limit(svc: Services) -> int:
 async def submit_generation(
     svc: Services, who: Caller, fields: dict[str, Any], files: dict, idempotency_key: str | None
 ) -> dict:
-    """Validate, store uploads, insert the row; on any refusal nothing stays behind."""
-    settings = svc.settings
-    max_upload = int(settings.max_upload_mb * 1024 * 1024)
+    """Validate, store uploads, insert the row; on any refusal nothing stays behind. The blocking
+    part (database, object storage) runs off the event loop."""
+    max_upload = int(svc.settings.max_upload_mb * 1024 * 1024)
     job_id = new_job_id()
     inputs = AudioInputs()
     try:
@@ -159,23 +160,33 @@ async def submit_generation(
         for upload in inputs.uploads:  # an uploaded file overrides the matching _path field
             fields[ROLES[upload.role][1]] = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
         params = GenerateRequest.model_validate(fields)
-        for role, (_, path_field) in ROLES.items():
-            value = getattr(params, path_field)
-            if value and role not in {u.role for u in inputs.uploads}:
-                inputs.references[role] = resolve_reference(
-                    path_field, value, owner=who.owner, store=svc.store, storage=svc.storage,
-                    input_root=settings.input_root,
-                )
     except ValidationError as exc:
         raise HTTPException(422, validation_detail(exc)) from None
     except InputError as exc:
         raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
+    return await run_in_threadpool(_persist, svc, who, params, inputs, job_id, idempotency_key)
 
-    for upload in inputs.uploads:
-        key = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
-        svc.storage.put(key, io.BytesIO(upload.data), AUDIO_CONTENT_TYPES[upload.ext])
-        inputs.references[upload.role] = {"key": key}
+
+def _persist(
+    svc: Services, who: Caller, params: GenerateRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None
+) -> dict:
+    settings = svc.settings
+    uploaded = {u.role for u in inputs.uploads}
     try:
+        for role, (_, path_field) in ROLES.items():
+            value = getattr(params, path_field)
+            if value and role not in uploaded:
+                inputs.references[role] = resolve_reference(
+                    path_field, value, owner=who.owner, store=svc.store, storage=svc.storage,
+                    input_root=settings.input_root,
+                )
+    except InputError as exc:
+        raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
+    try:
+        for upload in inputs.uploads:
+            key = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
+            svc.storage.put(key, io.BytesIO(upload.data), AUDIO_CONTENT_TYPES[upload.ext])
+            inputs.references[upload.role] = {"key": key}
         submitted = svc.store.submit(
             new_job(params, inputs, settings),
             job_id=job_id,

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from db import JobNotFound
 from handler.http.job_view import epoch
@@ -69,7 +70,7 @@ async def release_task(
     svc = services(request)
     fields, files = await read_body(request, max_bytes=body_limit(svc))
     token = fields.pop("ai_token", None)
-    who = svc.auth.caller(authorization or (f"Bearer {token}" if token else None))
+    who = await run_in_threadpool(svc.auth.caller, authorization or (f"Bearer {token}" if token else None))
     files = {UPLOAD_ALIASES.get(name, name): upload for name, upload in files.items()}
     submitted = await submit_generation(svc, who, seed_fields(fields, svc.settings.default_model), files, idempotency_key)
     return envelope({"task_id": submitted["job_id"], "status": "queued", "queue_position": submitted["queue_position"]})
@@ -123,9 +124,13 @@ async def query_result(request: Request, authorization: Annotated[str | None, He
     svc = services(request)
     fields, _ = await read_body(request, max_bytes=1024 * 1024)
     token = fields.pop("ai_token", None)
-    who = svc.auth.caller(authorization or (f"Bearer {token}" if token else None))
+    who = await run_in_threadpool(svc.auth.caller, authorization or (f"Bearer {token}" if token else None))
+    return envelope(await run_in_threadpool(_query, svc, who, _task_ids(fields)))
+
+
+def _query(svc, who, task_ids: list[str]) -> list[dict]:
     data = []
-    for task_id in _task_ids(fields):
+    for task_id in task_ids:
         try:
             job = svc.store.get(UUID(task_id))
         except (ValueError, JobNotFound):
@@ -138,4 +143,4 @@ async def query_result(request: Request, authorization: Annotated[str | None, He
         progress_text = f"{job['stage'] or job['status']} {round(100 * (job['progress'] or 0))}%"
         data.append({"task_id": task_id, "status": STATUS_CODES[job["status"]], "result": json.dumps(items),
                      "progress_text": progress_text})
-    return envelope(data)
+    return data
