@@ -154,7 +154,7 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     """Create an API key; it is printed once and stored only as a hash."""
     from db import JobStore, make_engine
     from handler.http.auth import create_api_key
-    from handler.http.services import secret_key
+    from handler.backends import secret_key
     from handler.webhooks import owner_webhook_secret
 
     settings = _settings()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError
 from db.store import ClaimedJob
-from handler.http.services import build_services
+from handler.backends import build_storage, build_store
 from handler.settings import Settings
 from handler.storage import ObjectStorage
 from handler.worker.job_run import JobRun, with_db_retries
@@ -44,7 +44,6 @@ class WorkerOptions:
 
 def worker_from_settings(settings: Settings, **options) -> "Worker":
     """A worker on the configured database and storage; `options` override WorkerOptions fields."""
-    services = build_services(settings, settings.database_url)
     defaults = {
         "pipeline": settings.pipeline,
         "checkpoint_dir": settings.checkpoint_dir,
@@ -55,7 +54,10 @@ def worker_from_settings(settings: Settings, **options) -> "Worker":
         "upload_tries": settings.upload_tries,
         "model_names": (settings.default_model,),
     }
-    return Worker(services.store, services.storage, settings.database_url, WorkerOptions(**(defaults | options)))
+    return Worker(
+        build_store(settings, settings.database_url), build_storage(settings), settings.database_url,
+        WorkerOptions(**(defaults | options)),
+    )
 
 
 class Slot:
@@ -96,10 +98,6 @@ class Worker:
     def _on_signal(self, signum, frame) -> None:
         if self._stopping.is_set():
             self._hard_stop.set()
-        self._stopping.set()
-        self._slot_freed.set()
-
-    def stop(self) -> None:
         self._stopping.set()
         self._slot_freed.set()
 

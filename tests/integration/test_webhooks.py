@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from handler.http.services import secret_key
+from handler.backends import secret_key
 from handler.settings import Settings
 from handler.webhooks import owner_webhook_secret
 from tests.integration.http_harness import free_port, run_fake_jobs, start_api
