@@ -1,0 +1,340 @@
+"""Samplers, apart from the model: schedules, the turbo Euler/SDE loop with cover and repaint
+handling, and the base/SFT loop with classifier-free guidance.
+
+Rectified flow: x_t = t * noise + (1 - t) * x0 and the DiT predicts v = noise - x0.
+
+Turbo checkpoints (distilled, no guidance) use fixed 8-entry schedules: the shift transform
+s t / (1 + (s - 1) t) of t = 1, 7/8, ..., 1/8 for shift 1, 2 or 3 (other shifts snap to the
+nearest). Custom timesteps snap to the nearest of the 20 values those schedules hold. Each schedule
+is held in float32, as the reference does (double values move the second step by ~2e-5).
+Base/SFT checkpoints use `steps` points of linspace(1, 0) with the same shift transform and CFG."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.dit.model import AceStepDiT, CrossAttentionCache
+
+TURBO_SHIFTS = (1.0, 2.0, 3.0)
+TURBO_STEPS = 8
+MAX_CUSTOM_TIMESTEPS = 20
+
+
+def shift_timestep(t: float, shift: float) -> float:
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def turbo_schedule(shift: float) -> list[float]:
+    shift = min(TURBO_SHIFTS, key=lambda s: abs(s - shift))
+    return [shift_timestep(1 - i / TURBO_STEPS, shift) for i in range(TURBO_STEPS)]
+
+
+VALID_TURBO_TIMESTEPS = sorted({t for s in TURBO_SHIFTS for t in turbo_schedule(s)}, reverse=True)
+
+
+def snap_timesteps(timesteps: list[float]) -> list[float]:
+    """Custom timesteps -> the nearest valid turbo values (trailing zeros dropped, at most 20)."""
+    values = list(timesteps)
+    while values and values[-1] == 0:
+        values.pop()
+    if not values:
+        raise ValueError("timesteps must hold at least one value above 0")
+    return [min(VALID_TURBO_TIMESTEPS, key=lambda v: abs(v - t)) for t in values[:MAX_CUSTOM_TIMESTEPS]]
+
+
+def base_schedule(steps: int, shift: float) -> list[float]:
+    """`steps` timesteps from 1 down (0 excluded) with the shift transform, for base/SFT models."""
+    if steps < 1:
+        raise ValueError("inference_steps must be at least 1")
+    return [shift_timestep(1 - i / steps, shift) for i in range(steps)]
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance for base/SFT models: `scale` applied on timesteps inside
+    [interval_start, interval_end] of the sampling progress; `apg` selects adaptive projected guidance."""
+
+    scale: float = 7.0
+    interval_start: float = 0.0
+    interval_end: float = 1.0
+    apg: bool = False
+    apg_momentum: float = -0.75
+    apg_norm_threshold: float = 2.5
+    apg_eta: float = 0.0
+
+    def active(self, step: int, steps: int) -> bool:
+        progress = step / max(steps - 1, 1)
+        return self.scale > 1.0 and self.interval_start <= progress <= self.interval_end
+
+
+class _Momentum:
+    def __init__(self, momentum: float):
+        self.momentum = momentum
+        self.average = None
+
+    def update(self, value: torch.Tensor) -> torch.Tensor:
+        self.average = value if self.average is None else value + self.momentum * self.average
+        return self.average
+
+
+def apg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: Guidance, momentum: _Momentum) -> torch.Tensor:
+    """Adaptive projected guidance: the guidance difference (momentum-averaged, norm-clipped over
+    time and channels) split into its parts parallel and orthogonal to the conditional prediction;
+    the parallel part is weighted by `apg_eta`."""
+    diff = momentum.update(cond - uncond)
+    if guidance.apg_norm_threshold > 0:
+        norm = diff.norm(p=2, dim=(1, 2), keepdim=True)
+        diff = diff * torch.clamp(guidance.apg_norm_threshold / (norm + 1e-12), max=1.0)
+    unit = torch.nn.functional.normalize(cond.double(), dim=(1, 2))
+    parallel = (diff.double() * unit).sum(dim=(1, 2), keepdim=True) * unit
+    orthogonal = diff.double() - parallel
+    update = (orthogonal + guidance.apg_eta * parallel).to(cond.dtype)
+    return cond + (guidance.scale - 1) * update
+
+
+@dataclass
+class Condition:
+    """What the decoder is conditioned on for one phase of sampling."""
+
+    encoder_hidden_states: torch.Tensor
+    context_latents: torch.Tensor
+    cache: CrossAttentionCache | None = None
+
+    def cached(self, model: AceStepDiT) -> CrossAttentionCache:
+        if self.cache is None:
+            self.cache = model.decoder.cross_cache(self.encoder_hidden_states)
+        return self.cache
+
+
+def prepare_condition(
+    model: AceStepDiT,
+    *,
+    text_hidden_states,
+    text_attention_mask,
+    lyric_hidden_states,
+    lyric_attention_mask,
+    refer_audio_acoustic_hidden_states_packed,
+    refer_audio_order_mask,
+    silence_latent,
+    src_latents,
+    chunk_masks,
+    is_covers,
+    precomputed_lm_hints_25Hz=None,
+    audio_codes=None,
+) -> Condition:
+    """Condition states and context latents [src | chunk mask]; cover items take the 25 Hz hints
+    (given, from codes, or from tokenizing and detokenizing their own source) as their source."""
+    states, _mask = model.encoder(
+        text_hidden_states, text_attention_mask, lyric_hidden_states, lyric_attention_mask,
+        refer_audio_acoustic_hidden_states_packed, refer_audio_order_mask,
+    )
+    frames = src_latents.shape[1]
+    if bool(is_covers.any()):
+        if precomputed_lm_hints_25Hz is not None:
+            hints = precomputed_lm_hints_25Hz
+        elif audio_codes is not None:
+            hints = model.codes_to_hints(audio_codes)
+        else:
+            ones = torch.ones(src_latents.shape[:2], dtype=src_latents.dtype, device=src_latents.device)
+            quantized, _indices, _pooled = model.tokenize(src_latents, silence_latent, ones)
+            hints = model.detokenize(quantized)
+        if hints.shape[1] < frames:
+            raise ValueError(f"cover hints cover {hints.shape[1]} frames, fewer than the {frames} to generate")
+        src_latents = torch.where(is_covers[:, None, None] > 0, hints[:, :frames].to(src_latents.dtype), src_latents)
+    context = torch.cat([src_latents, chunk_masks.to(src_latents.dtype)], dim=-1)
+    return Condition(states, context)
+
+
+def repaint_blend(generated: torch.Tensor, clean: torch.Tensor, mask: torch.Tensor, crossfade: int) -> torch.Tensor:
+    """Keep `generated` inside the span, `clean` outside, with linear ramps (excluding 0 and 1) over
+    `crossfade` frames on each side of the span."""
+    soft = mask.to(generated.dtype).clone()
+    if crossfade > 0:
+        frames = mask.shape[1]
+        for b in range(mask.shape[0]):
+            row = mask[b]
+            if bool(row.all()) or not bool(row.any()):
+                continue
+            inside = torch.nonzero(row).flatten()
+            left, right = int(inside[0]), int(inside[-1]) + 1
+            start = max(left - crossfade, 0)
+            if left > start:
+                soft[b, start:left] = torch.linspace(0, 1, left - start + 2, device=soft.device)[1:-1]
+            end = min(right + crossfade, frames)
+            if end > right:
+                soft[b, right:end] = torch.linspace(1, 0, end - right + 2, device=soft.device)[1:-1]
+    weight = soft[..., None]
+    return weight * generated + (1.0 - weight) * clean
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def generate_turbo(
+    model: AceStepDiT,
+    cover: Condition,
+    noise: torch.Tensor,
+    *,
+    schedule: list[float],
+    non_cover: Condition | None = None,
+    audio_cover_strength: float = 1.0,
+    cover_noise_strength: float = 0.0,
+    src_latents: torch.Tensor | None = None,
+    repaint_mask: torch.Tensor | None = None,
+    clean_src_latents: torch.Tensor | None = None,
+    repaint_crossfade_frames: int = 10,
+    repaint_injection_ratio: float = 0.5,
+    infer_method: str = "ode",
+    generator: torch.Generator | None = None,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """The turbo loop. `cover` conditions the first int(steps x audio_cover_strength) steps and
+    `non_cover` the rest. With cover_noise_strength > 0 sampling starts at the schedule entry nearest
+    to 1 - strength from that mix of noise and `src_latents`. Repaint re-injects the noised clean
+    source outside `repaint_mask` after each of the first round(ratio x steps) steps, then blends the
+    span edges. `infer_method` "sde" re-noises the predicted x0 with `generator` instead of an Euler
+    step. Returns the x0 latents."""
+    if infer_method not in ("ode", "sde"):
+        raise ValueError(f"infer_method must be 'ode' or 'sde', got {infer_method!r}")
+    xt = noise
+    if cover_noise_strength > 0.0:
+        if src_latents is None:
+            raise ValueError("cover_noise_strength needs src_latents")
+        start = min(schedule, key=lambda t: abs(t - (1.0 - cover_noise_strength)))
+        xt = start * noise + (1 - start) * src_latents
+        schedule = schedule[schedule.index(start):]
+    timesteps = torch.tensor(schedule, dtype=torch.float32).tolist()  # held in float32, as the reference
+    steps = len(timesteps)
+    cover_steps = int(steps * audio_cover_strength)
+    injection_steps = round(repaint_injection_ratio * steps)
+    batch = noise.shape[0]
+    condition = cover
+    for step, t in enumerate(timesteps):
+        if step >= cover_steps and non_cover is not None:
+            condition = non_cover
+        t_batch = torch.full((batch,), t, dtype=noise.dtype, device=noise.device)
+        velocity = model.decoder(xt, t_batch, t_batch, None, condition.context_latents, cache=condition.cached(model))
+        if step == steps - 1:
+            xt = xt - velocity * t
+        else:
+            t_next = timesteps[step + 1]
+            if infer_method == "sde":
+                x0 = xt - velocity * t
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                xt = t_next * fresh + (1 - t_next) * x0
+            else:
+                xt = xt - velocity * (t - t_next)
+            if repaint_mask is not None and clean_src_latents is not None and step < injection_steps:
+                renoised = t_next * noise + (1.0 - t_next) * clean_src_latents
+                xt = torch.where(repaint_mask[..., None].expand_as(xt), xt, renoised)
+        if progress is not None:
+            progress(step + 1, steps)
+    if repaint_mask is not None and clean_src_latents is not None and repaint_crossfade_frames > 0:
+        xt = repaint_blend(xt, clean_src_latents, repaint_mask, repaint_crossfade_frames)
+    return xt
+
+
+def generate_guided(
+    model: AceStepDiT,
+    cond: Condition,
+    uncond: Condition,
+    noise: torch.Tensor,
+    *,
+    schedule: list[float],
+    guidance: Guidance,
+    infer_method: str = "ode",
+    generator: torch.Generator | None = None,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Base/SFT loop: Euler (or SDE) over `schedule` down to 0, with the conditional and
+    unconditional predictions batched together where guidance is active."""
+    xt = noise
+    batch = noise.shape[0]
+    momentum = _Momentum(guidance.apg_momentum)
+    steps = len(schedule)
+    for step, t in enumerate(schedule):
+        t_next = schedule[step + 1] if step + 1 < steps else 0.0
+        t_batch = torch.full((batch,), t, dtype=noise.dtype, device=noise.device)
+        velocity = model.decoder(xt, t_batch, t_batch, None, cond.context_latents, cache=cond.cached(model))
+        if guidance.active(step, steps):
+            unguided = model.decoder(xt, t_batch, t_batch, None, uncond.context_latents, cache=uncond.cached(model))
+            if guidance.apg:
+                velocity = apg_combine(velocity, unguided, guidance, momentum)
+            else:
+                velocity = unguided + guidance.scale * (velocity - unguided)
+        if infer_method == "sde" and t_next > 0:
+            x0 = xt - velocity * t
+            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            xt = t_next * fresh + (1 - t_next) * x0
+        else:
+            xt = xt - velocity * (t - t_next)
+        if progress is not None:
+            progress(step + 1, steps)
+    return xt
+
+
+def generate_audio(
+    model: AceStepDiT,
+    *,
+    text_hidden_states,
+    text_attention_mask,
+    lyric_hidden_states,
+    lyric_attention_mask,
+    refer_audio_acoustic_hidden_states_packed,
+    refer_audio_order_mask,
+    silence_latent,
+    src_latents,
+    chunk_masks,
+    is_covers,
+    noise,
+    shift: float = 3.0,
+    timesteps: list[float] | None = None,
+    infer_method: str = "ode",
+    audio_cover_strength: float = 1.0,
+    non_cover_text_hidden_states=None,
+    non_cover_text_attention_mask=None,
+    precomputed_lm_hints_25Hz=None,
+    audio_codes=None,
+    cover_noise_strength: float = 0.0,
+    repaint_mask=None,
+    clean_src_latents=None,
+    repaint_crossfade_frames: int = 10,
+    repaint_injection_ratio: float = 0.5,
+    generator: torch.Generator | None = None,
+    progress: ProgressFn | None = None,
+) -> torch.Tensor:
+    """Turbo generation with the reference's `generate_audio` arguments (noise given instead of a
+    seed). With audio_cover_strength < 1 the later steps use a text2music condition: the non-cover
+    caption, the silence latent as source, no cover items."""
+    shared = dict(
+        lyric_hidden_states=lyric_hidden_states,
+        lyric_attention_mask=lyric_attention_mask,
+        refer_audio_acoustic_hidden_states_packed=refer_audio_acoustic_hidden_states_packed,
+        refer_audio_order_mask=refer_audio_order_mask,
+        silence_latent=silence_latent,
+        chunk_masks=chunk_masks,
+    )
+    cover = prepare_condition(
+        model, text_hidden_states=text_hidden_states, text_attention_mask=text_attention_mask,
+        src_latents=src_latents, is_covers=is_covers, precomputed_lm_hints_25Hz=precomputed_lm_hints_25Hz,
+        audio_codes=audio_codes, **shared,
+    )
+    non_cover = None
+    if audio_cover_strength < 1.0:
+        batch, frames = src_latents.shape[:2]
+        silence = silence_latent[:, :frames].to(src_latents.dtype).expand(batch, -1, -1)
+        non_cover = prepare_condition(
+            model,
+            text_hidden_states=text_hidden_states if non_cover_text_hidden_states is None else non_cover_text_hidden_states,
+            text_attention_mask=text_attention_mask if non_cover_text_attention_mask is None else non_cover_text_attention_mask,
+            src_latents=silence, is_covers=torch.zeros_like(is_covers), **shared,
+        )
+    schedule = snap_timesteps(timesteps) if timesteps else turbo_schedule(shift)
+    return generate_turbo(
+        model, cover, noise, schedule=schedule, non_cover=non_cover, audio_cover_strength=audio_cover_strength,
+        cover_noise_strength=cover_noise_strength, src_latents=src_latents, repaint_mask=repaint_mask,
+        clean_src_latents=clean_src_latents, repaint_crossfade_frames=repaint_crossfade_frames,
+        repaint_injection_ratio=repaint_injection_ratio, infer_method=infer_method, generator=generator,
+        progress=progress,
+    )
