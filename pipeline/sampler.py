@@ -52,45 +52,56 @@ def base_schedule(steps: int, shift: float) -> list[float]:
 
 @dataclass
 class Guidance:
-    """Classifier-free guidance for base/SFT models: `scale` applied on timesteps inside
-    [interval_start, interval_end] of the sampling progress; `apg` selects adaptive projected guidance."""
+    """Guidance for base/SFT checkpoints: the unconditional branch replaces the condition states by
+    the checkpoint's `null_condition_emb`; the two predictions are combined by adaptive projected
+    guidance (the reference's default) or plain CFG, on steps whose t lies in [interval_start,
+    interval_end]. Scale <= 1 means no guidance."""
 
     scale: float = 7.0
     interval_start: float = 0.0
     interval_end: float = 1.0
-    apg: bool = False
+    method: str = "apg"  # or "cfg"
     apg_momentum: float = -0.75
     apg_norm_threshold: float = 2.5
     apg_eta: float = 0.0
 
-    def active(self, step: int, steps: int) -> bool:
-        progress = step / max(steps - 1, 1)
-        return self.scale > 1.0 and self.interval_start <= progress <= self.interval_end
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 1.0
+
+    def applies_at(self, t: float) -> bool:
+        return self.interval_start <= t <= self.interval_end
 
 
 class _Momentum:
     def __init__(self, momentum: float):
         self.momentum = momentum
-        self.average = None
+        self.average: torch.Tensor | float = 0.0
 
     def update(self, value: torch.Tensor) -> torch.Tensor:
-        self.average = value if self.average is None else value + self.momentum * self.average
+        self.average = value + self.momentum * self.average
         return self.average
 
 
 def apg_combine(cond: torch.Tensor, uncond: torch.Tensor, guidance: Guidance, momentum: _Momentum) -> torch.Tensor:
-    """Adaptive projected guidance: the guidance difference (momentum-averaged, norm-clipped over
-    time and channels) split into its parts parallel and orthogonal to the conditional prediction;
-    the parallel part is weighted by `apg_eta`."""
+    """Adaptive projected guidance on [B, T, C] velocities: the momentum-averaged difference, its norm
+    over time clipped per channel, split into parts parallel and orthogonal to the conditional
+    prediction (in float64); the parallel part is weighted by `apg_eta`."""
     diff = momentum.update(cond - uncond)
     if guidance.apg_norm_threshold > 0:
-        norm = diff.norm(p=2, dim=(1, 2), keepdim=True)
-        diff = diff * torch.clamp(guidance.apg_norm_threshold / (norm + 1e-12), max=1.0)
-    unit = torch.nn.functional.normalize(cond.double(), dim=(1, 2))
-    parallel = (diff.double() * unit).sum(dim=(1, 2), keepdim=True) * unit
+        norm = diff.norm(p=2, dim=1, keepdim=True)
+        diff = diff * torch.minimum(torch.ones_like(diff), guidance.apg_norm_threshold / norm)
+    unit = torch.nn.functional.normalize(cond.double(), dim=1)
+    parallel = (diff.double() * unit).sum(dim=1, keepdim=True) * unit
     orthogonal = diff.double() - parallel
-    update = (orthogonal + guidance.apg_eta * parallel).to(cond.dtype)
+    update = orthogonal.to(cond.dtype) + guidance.apg_eta * parallel.to(cond.dtype)
     return cond + (guidance.scale - 1) * update
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, guidance: Guidance, momentum: _Momentum) -> torch.Tensor:
+    if guidance.method == "apg":
+        return apg_combine(cond, uncond, guidance, momentum)
+    return uncond + guidance.scale * (cond - uncond)
 
 
 @dataclass
@@ -105,6 +116,12 @@ class Condition:
         if self.cache is None:
             self.cache = model.decoder.cross_cache(self.encoder_hidden_states)
         return self.cache
+
+    def with_unconditional(self, null_embedding: torch.Tensor) -> "Condition":
+        """Batch [conditional; unconditional]: the second half sees `null_embedding` everywhere."""
+        states = self.encoder_hidden_states
+        null = null_embedding.to(states.dtype).expand_as(states)
+        return Condition(torch.cat([states, null]), torch.cat([self.context_latents, self.context_latents]))
 
 
 def prepare_condition(
@@ -171,7 +188,7 @@ def repaint_blend(generated: torch.Tensor, clean: torch.Tensor, mask: torch.Tens
 ProgressFn = Callable[[int, int], None]
 
 
-def generate_turbo(
+def sample(
     model: AceStepDiT,
     cover: Condition,
     noise: torch.Tensor,
@@ -186,15 +203,18 @@ def generate_turbo(
     repaint_crossfade_frames: int = 10,
     repaint_injection_ratio: float = 0.5,
     infer_method: str = "ode",
+    guidance: Guidance | None = None,
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
-    """The turbo loop. `cover` conditions the first int(steps x audio_cover_strength) steps and
+    """The sampling loop over `schedule` (descending, 0 excluded; the last step goes to 0, so it
+    returns x - v t). `cover` conditions the first int(steps x audio_cover_strength) steps and
     `non_cover` the rest. With cover_noise_strength > 0 sampling starts at the schedule entry nearest
     to 1 - strength from that mix of noise and `src_latents`. Repaint re-injects the noised clean
     source outside `repaint_mask` after each of the first round(ratio x steps) steps, then blends the
-    span edges. `infer_method` "sde" re-noises the predicted x0 with `generator` instead of an Euler
-    step. Returns the x0 latents."""
+    span edges. "sde" re-noises the predicted x0 with `generator` instead of an Euler step (base
+    models re-noise to the unshifted 1 - (i + 1) / steps, as the reference does). `guidance` (base
+    and SFT models) batches the unconditional branch with the conditional one. Returns x0 latents."""
     if infer_method not in ("ode", "sde"):
         raise ValueError(f"infer_method must be 'ode' or 'sde', got {infer_method!r}")
     xt = noise
@@ -204,73 +224,41 @@ def generate_turbo(
         start = min(schedule, key=lambda t: abs(t - (1.0 - cover_noise_strength)))
         xt = start * noise + (1 - start) * src_latents
         schedule = schedule[schedule.index(start):]
-    timesteps = torch.tensor(schedule, dtype=torch.float32).tolist()  # held in float32, as the reference
-    steps = len(timesteps)
+    timesteps = torch.tensor(schedule, dtype=torch.float32).tolist() + [0.0]  # held in float32, as the reference
+    steps = len(timesteps) - 1
     cover_steps = int(steps * audio_cover_strength)
     injection_steps = round(repaint_injection_ratio * steps)
-    batch = noise.shape[0]
+    guided = guidance is not None and guidance.enabled
+    if guided:
+        null = model.null_condition_emb
+        cover = cover.with_unconditional(null)
+        non_cover = non_cover.with_unconditional(null) if non_cover is not None else None
+    momentum = _Momentum(guidance.apg_momentum if guidance else 0.0)
     condition = cover
-    for step, t in enumerate(timesteps):
+    for step in range(steps):
+        t, t_next = timesteps[step], timesteps[step + 1]
         if step >= cover_steps and non_cover is not None:
             condition = non_cover
-        t_batch = torch.full((batch,), t, dtype=noise.dtype, device=noise.device)
-        velocity = model.decoder(xt, t_batch, t_batch, None, condition.context_latents, cache=condition.cached(model))
-        if step == steps - 1:
-            xt = xt - velocity * t
+        x_in = torch.cat([xt, xt]) if guided else xt
+        t_batch = torch.full((x_in.shape[0],), t, dtype=noise.dtype, device=noise.device)
+        velocity = model.decoder(x_in, t_batch, t_batch, None, condition.context_latents, cache=condition.cached(model))
+        if guided:
+            cond, uncond = velocity.chunk(2)
+            velocity = guide(cond, uncond, guidance, momentum) if guidance.applies_at(t) else cond
+        if infer_method == "sde":
+            x0 = xt - velocity * t
+            target = 1.0 - (step + 1) / steps if guidance is not None else t_next
+            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            xt = target * fresh + (1 - target) * x0 if step < steps - 1 else x0
         else:
-            t_next = timesteps[step + 1]
-            if infer_method == "sde":
-                x0 = xt - velocity * t
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                xt = t_next * fresh + (1 - t_next) * x0
-            else:
-                xt = xt - velocity * (t - t_next)
-            if repaint_mask is not None and clean_src_latents is not None and step < injection_steps:
-                renoised = t_next * noise + (1.0 - t_next) * clean_src_latents
-                xt = torch.where(repaint_mask[..., None].expand_as(xt), xt, renoised)
+            xt = xt - velocity * (t - t_next)
+        if repaint_mask is not None and clean_src_latents is not None and step < injection_steps and step < steps - 1:
+            renoised = t_next * noise + (1.0 - t_next) * clean_src_latents
+            xt = torch.where(repaint_mask[..., None].expand_as(xt), xt, renoised)
         if progress is not None:
             progress(step + 1, steps)
     if repaint_mask is not None and clean_src_latents is not None and repaint_crossfade_frames > 0:
         xt = repaint_blend(xt, clean_src_latents, repaint_mask, repaint_crossfade_frames)
-    return xt
-
-
-def generate_guided(
-    model: AceStepDiT,
-    cond: Condition,
-    uncond: Condition,
-    noise: torch.Tensor,
-    *,
-    schedule: list[float],
-    guidance: Guidance,
-    infer_method: str = "ode",
-    generator: torch.Generator | None = None,
-    progress: ProgressFn | None = None,
-) -> torch.Tensor:
-    """Base/SFT loop: Euler (or SDE) over `schedule` down to 0, with the conditional and
-    unconditional predictions batched together where guidance is active."""
-    xt = noise
-    batch = noise.shape[0]
-    momentum = _Momentum(guidance.apg_momentum)
-    steps = len(schedule)
-    for step, t in enumerate(schedule):
-        t_next = schedule[step + 1] if step + 1 < steps else 0.0
-        t_batch = torch.full((batch,), t, dtype=noise.dtype, device=noise.device)
-        velocity = model.decoder(xt, t_batch, t_batch, None, cond.context_latents, cache=cond.cached(model))
-        if guidance.active(step, steps):
-            unguided = model.decoder(xt, t_batch, t_batch, None, uncond.context_latents, cache=uncond.cached(model))
-            if guidance.apg:
-                velocity = apg_combine(velocity, unguided, guidance, momentum)
-            else:
-                velocity = unguided + guidance.scale * (velocity - unguided)
-        if infer_method == "sde" and t_next > 0:
-            x0 = xt - velocity * t
-            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            xt = t_next * fresh + (1 - t_next) * x0
-        else:
-            xt = xt - velocity * (t - t_next)
-        if progress is not None:
-            progress(step + 1, steps)
     return xt
 
 
@@ -301,12 +289,16 @@ def generate_audio(
     clean_src_latents=None,
     repaint_crossfade_frames: int = 10,
     repaint_injection_ratio: float = 0.5,
+    guidance: Guidance | None = None,
+    steps: int = TURBO_STEPS,
     generator: torch.Generator | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
-    """Turbo generation with the reference's `generate_audio` arguments (noise given instead of a
-    seed). With audio_cover_strength < 1 the later steps use a text2music condition: the non-cover
-    caption, the silence latent as source, no cover items."""
+    """Generation with the reference's `generate_audio` arguments (noise given instead of a
+    seed). Turbo checkpoints: pass no `guidance`; the schedule comes from `shift` or `timesteps`.
+    Base/SFT checkpoints: pass `guidance` and `steps` (linspace schedule with the shift transform).
+    With audio_cover_strength < 1 the later steps use a text2music condition: the non-cover caption,
+    the silence latent as source, no cover items."""
     shared = dict(
         lyric_hidden_states=lyric_hidden_states,
         lyric_attention_mask=lyric_attention_mask,
@@ -330,11 +322,14 @@ def generate_audio(
             text_attention_mask=text_attention_mask if non_cover_text_attention_mask is None else non_cover_text_attention_mask,
             src_latents=silence, is_covers=torch.zeros_like(is_covers), **shared,
         )
-    schedule = snap_timesteps(timesteps) if timesteps else turbo_schedule(shift)
-    return generate_turbo(
+    if guidance is None:
+        schedule = snap_timesteps(timesteps) if timesteps else turbo_schedule(shift)
+    else:
+        schedule = base_schedule(steps, shift)
+    return sample(
         model, cover, noise, schedule=schedule, non_cover=non_cover, audio_cover_strength=audio_cover_strength,
         cover_noise_strength=cover_noise_strength, src_latents=src_latents, repaint_mask=repaint_mask,
         clean_src_latents=clean_src_latents, repaint_crossfade_frames=repaint_crossfade_frames,
-        repaint_injection_ratio=repaint_injection_ratio, infer_method=infer_method, generator=generator,
-        progress=progress,
+        repaint_injection_ratio=repaint_injection_ratio, infer_method=infer_method, guidance=guidance,
+        generator=generator, progress=progress,
     )
