@@ -16,26 +16,18 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline.audio_io import SAMPLE_RATE, AudioError, encode_audio
+from pipeline.interface import Canceled, GeneratedAudio, OutOfMemory, PipelineError
+
+__all__ = ["SAMPLE_RATE", "Canceled", "GeneratedAudio", "OutOfMemory", "PipelineError", "PipelineProcess"]
 
 
-
-class Canceled(Exception):
-    """The client canceled the job."""
-
-
-class PipelineError(Exception):
-    """The pipeline failed on this job. `retryable` is False for faults of the input."""
-
-    def __init__(self, message: str, *, retryable: bool = False):
-        super().__init__(message)
-        self.retryable = retryable
 
 
 class PipelineCrashed(PipelineError):
@@ -44,20 +36,6 @@ class PipelineCrashed(PipelineError):
 
 class PipelineTimeout(PipelineError):
     """The pipeline ran past the job's deadline and was stopped."""
-
-
-class OutOfMemory(PipelineError):
-    """The device ran out of memory (the worker may retry with a smaller batch)."""
-
-
-@dataclass
-class GeneratedAudio:
-    """What a pipeline returns: float32 arrays shaped (channels, samples) at `sample_rate`, and metadata
-    for the result (seed_value, generation_info, and bpm/duration/... when the LM filled them)."""
-
-    audios: list[np.ndarray]
-    sample_rate: int = SAMPLE_RATE
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

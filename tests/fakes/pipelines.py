@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 
-from handler.worker.pipeline_process import GeneratedAudio, OutOfMemory, SAMPLE_RATE
+from pipeline.audio_io import SAMPLE_RATE
+from pipeline.interface import GeneratedAudio, OutOfMemory
 
 STAGES = ("lm", "dit", "vae", "done")
 
