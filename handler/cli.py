@@ -12,7 +12,7 @@ import httpx
 from pydantic import ValidationError
 
 from db.server import start_embedded
-from handler.settings import Settings
+from handler.settings import DEFAULT_PIPELINE, Settings
 
 log = logging.getLogger("acestep_serverless")
 
@@ -78,10 +78,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
     url = _database_url(settings)
     upgrade(url)
     print(f"job store ready: {url}", flush=True)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "handler.cli", "worker"],
-        env={**os.environ, "ACESTEP_DATABASE_URL": url, "ACESTEP_DATA_DIR": str(settings.data_dir.resolve())},
-    )
+    env = {**os.environ, "ACESTEP_DATABASE_URL": url, "ACESTEP_DATA_DIR": str(settings.data_dir.resolve())}
+    if settings.pipeline == DEFAULT_PIPELINE and settings.checkpoint_dir is None:
+        env["ACESTEP_CHECKPOINT_DIR"] = str(_tiny_checkpoints(settings.data_dir.resolve() / "tiny-checkpoints"))
+    worker = subprocess.Popen([sys.executable, "-m", "handler.cli", "worker"], env=env)
     try:
         _serve_http(settings, url)
     finally:
@@ -91,6 +91,31 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if worker.returncode not in (0, None):
         print(f"the worker exited with code {worker.returncode} (see its log above); jobs stayed queued", flush=True)
     print("stopped", flush=True)
+    return 0
+
+
+def _tiny_checkpoints(folder: Path) -> Path:
+    """Tiny random checkpoints for `dev` without ACESTEP_CHECKPOINT_DIR, built once, with a loud warning."""
+    banner = "=" * 78
+    print(f"{banner}\nWARNING: ACESTEP_CHECKPOINT_DIR is not set, so the worker uses TINY RANDOM checkpoints in\n"
+          f"  {folder}\nThe API works end to end, but THE AUDIO IS NOISE. For music: acestep-serverless\n"
+          f"download-models DIR, then ACESTEP_CHECKPOINT_DIR=DIR.\n{banner}", flush=True)
+    marker = folder / ".complete"
+    if not marker.exists():
+        from pipeline.tiny import build_tiny_checkpoints
+
+        print("building the tiny checkpoints (first run only)...", flush=True)
+        build_tiny_checkpoints(folder)
+        marker.touch()
+    return folder
+
+
+def cmd_make_tiny_checkpoints(args: argparse.Namespace) -> int:
+    """Tiny random checkpoints in the real layout (for tests and trying the API; the audio is noise)."""
+    from pipeline.tiny import build_tiny_checkpoints
+
+    root = build_tiny_checkpoints(Path(args.dir), seed=args.seed, with_lm=not args.no_lm)
+    print(f"tiny random checkpoints in {root} (the audio they make is noise)")
     return 0
 
 
@@ -203,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--with", dest="with_models", action="append", default=[], metavar="NAME",
                           help="also an extra model, e.g. acestep-5Hz-lm-4B or acestep-v15-base")
     download.set_defaults(func=cmd_download_models)
+    tiny = sub.add_parser("make-tiny-checkpoints", help=cmd_make_tiny_checkpoints.__doc__)
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--no-lm", action="store_true", help="leave out the 5 Hz LM")
+    tiny.set_defaults(func=cmd_make_tiny_checkpoints)
     create_key = sub.add_parser("create-key", help=cmd_create_key.__doc__)
     create_key.add_argument("name")
     create_key.add_argument("--max-queued", type=int, default=None)

@@ -7,6 +7,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+DEFAULT_PIPELINE = "pipeline.service:load_pipeline"
+
+
 class Settings(BaseSettings):
     """Configuration of every entry point. Names are a contract: see DESIGN's Configuration table."""
 
@@ -37,7 +40,7 @@ class Settings(BaseSettings):
     default_batch_size: int = Field(2, ge=1, le=8, description="batch_size when a request has none")
     default_model: str = Field("acestep-v15-turbo", description="DiT model jobs run on")
     checkpoint_dir: Path | None = Field(None, description="the checkpoints in the Hugging Face layout")
-    pipeline: str = Field("pipeline.service:load_pipeline", description="module:callable that loads the pipeline")
+    pipeline: str = Field(DEFAULT_PIPELINE, description="module:callable that loads the pipeline")
     worker_batch_jobs: int = Field(1, ge=1, le=64, description="jobs one GPU batch may hold (compatible jobs only)")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
     upload_tries: int = Field(6, ge=1, le=20, description="tries per attempt to store a result (doubling backoff)")

@@ -95,3 +95,11 @@ def s3_bucket(s3_endpoint) -> str:
     bucket = f"bucket-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, config=Config(signature_version="s3v4")).create_bucket(Bucket=bucket)
     return bucket
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> Path:
+    """Tiny random checkpoints in the real layout, built once per test session (no 5 Hz LM)."""
+    from pipeline.tiny import build_tiny_checkpoints
+
+    return build_tiny_checkpoints(tmp_path_factory.mktemp("checkpoints"), with_lm=False)

@@ -10,7 +10,7 @@ from typing import Any
 
 from db import DatabaseUnavailable, JobLost, JobStore
 from db.store import ClaimedJob
-from handler.storage import AUDIO_CONTENT_TYPES, ObjectStorage, StorageError, StorageUnavailable
+from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
 from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,36 @@ class JobRun:
             beat.join(timeout=5)
             shutil.rmtree(out_dir, ignore_errors=True)
 
+    def _fetch_inputs(self, job: ClaimedJob, out_dir: Path) -> dict[str, str]:
+        """The job's audio inputs as local files for the pipeline: stored objects are downloaded
+        (retried like uploads), server paths are used as they are."""
+        files = {}
+        for role, ref in (job.request.get("inputs") or {}).items():
+            if "path" in ref:
+                files[role] = ref["path"]
+                continue
+            target = out_dir / f"{job.id}-input-{role}{Path(ref['key']).suffix}"
+            for attempt in range(self._upload_tries):
+                try:
+                    with self._storage.open(ref["key"]) as source, target.open("wb") as sink:
+                        shutil.copyfileobj(source, sink)
+                    break
+                except StorageUnavailable:
+                    if attempt == self._upload_tries - 1:
+                        raise
+                    time.sleep(min(0.5 * 2**attempt, 10.0))
+            files[role] = str(target)
+        return files
+
     def _run(self, jobs: list[ClaimedJob], out_dir: Path) -> dict[str, str]:
-        requests = [dict(job.request) for job in jobs]
+        requests = []
+        for job in jobs:
+            try:
+                requests.append(dict(job.request) | {"input_files": self._fetch_inputs(job, out_dir)})
+            except ObjectNotFound as exc:
+                return {str(j.id): self._fail(j, f"an input audio file is gone from storage: {exc}", retryable=False) for j in jobs}
+            except StorageError as exc:
+                return {str(j.id): self._fail(j, f"could not read the input audio: {exc}", retryable=True) for j in jobs}
         deadline = time.monotonic() + self._timeout
         while True:
             try:

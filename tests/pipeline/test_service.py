@@ -1,0 +1,123 @@
+"""The whole pipeline on tiny random checkpoints: lengths, task types, batches, seeds, errors."""
+
+import numpy as np
+import pytest
+import soundfile
+
+from pipeline.interface import PipelineError
+from pipeline.service import load_pipeline
+from pipeline.audio_io import SAMPLE_RATE
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoints):
+    return load_pipeline(tiny_checkpoints)
+
+
+def request(**overrides):
+    base = dict(caption="a calm piano piece", lyrics="[inst]", vocal_language="en", batch_size=1, audio_duration=3.0,
+                use_random_seed=False, seed=7, inference_steps=8, guidance_scale=7.0, task_type="text2music",
+                audio_format="wav", audio_cover_strength=1.0, thinking=False)
+    return base | overrides
+
+
+def tone_file(path, seconds: float, rate: int = 44100):
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(path, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), rate)
+    return str(path)
+
+
+def run(pipe, **overrides):
+    stages = []
+    out = pipe.run(request(**overrides), lambda stage, fraction: stages.append((stage, fraction)))
+    return out, stages
+
+
+@pytest.mark.parametrize("seconds", [3.0, 4.37])
+def test_requested_seconds_give_exactly_that_many_samples(pipe, seconds):
+    out, stages = run(pipe, audio_duration=seconds)
+    assert [a.shape for a in out.audios] == [(2, round(seconds * SAMPLE_RATE))]
+    assert out.audios[0].dtype == np.float32 and np.isfinite(out.audios[0]).all()
+    assert {"dit", "vae"} <= {s for s, _ in stages} and [f for _, f in stages] == sorted(f for _, f in stages)
+
+
+def test_same_seed_same_audio_and_batch_items_get_their_own_seeds(pipe):
+    first, _ = run(pipe, batch_size=2, seed=1234)
+    again, _ = run(pipe, batch_size=2, seed=1234)
+    other, _ = run(pipe, batch_size=1, seed=99)
+    assert first.info["seed_value"] == "1234,1235"
+    assert all(np.array_equal(a, b) for a, b in zip(first.audios, again.audios, strict=True))
+    assert not np.array_equal(first.audios[0], first.audios[1])
+    assert not np.array_equal(first.audios[0], other.audios[0])
+    single, _ = run(pipe, batch_size=1, seed=1235)  # item 1 of the batch is reproducible on its own
+    assert np.allclose(single.audios[0], first.audios[1], atol=1e-4)
+
+
+def test_random_seeds_are_reported(pipe):
+    out, _ = run(pipe, use_random_seed=True, batch_size=2)
+    seeds = [int(s) for s in out.info["seed_value"].split(",")]
+    assert len(seeds) == 2 and all(0 <= s < 2**32 for s in seeds)
+
+
+def test_cover_uses_the_source_length_and_strength(pipe, tmp_path):
+    src = tone_file(tmp_path / "src.wav", 2.5)
+    out, _ = run(pipe, task_type="cover", audio_duration=None, input_files={"src": src}, audio_cover_strength=0.5)
+    assert out.audios[0].shape == (2, 2.5 * SAMPLE_RATE)
+    full, _ = run(pipe, task_type="cover", audio_duration=None, input_files={"src": src})
+    assert not np.array_equal(out.audios[0], full.audios[0])
+
+
+def test_repaint_keeps_the_length_and_outpaints(pipe, tmp_path):
+    src = tone_file(tmp_path / "src.wav", 4.0)
+    inside, _ = run(pipe, task_type="repaint", input_files={"src": src}, repainting_start=1.0, repainting_end=2.0)
+    assert inside.audios[0].shape == (2, 4 * SAMPLE_RATE)
+    outpaint, _ = run(pipe, task_type="repaint", input_files={"src": src}, repainting_start=-1.0, repainting_end=5.0)
+    assert outpaint.audios[0].shape == (2, 6 * SAMPLE_RATE)
+
+
+def test_reference_audio_changes_the_timbre_condition(pipe, tmp_path):
+    ref = tone_file(tmp_path / "ref.flac", 2.0, rate=22050)
+    plain, _ = run(pipe)
+    styled, _ = run(pipe, input_files={"ref": ref})
+    assert styled.audios[0].shape == plain.audios[0].shape and not np.array_equal(styled.audios[0], plain.audios[0])
+
+
+def test_audio_codes_drive_a_cover(pipe):
+    codes = "".join(f"<|audio_code_{(i * 7919) % 64000}|>" for i in range(15))
+    out, _ = run(pipe, audio_duration=None, audio_code_string=codes)
+    assert out.audios[0].shape == (2, 3 * SAMPLE_RATE)  # 15 codes at 5 per second
+    with pytest.raises(PipelineError, match="codes; 25 .* are needed"):
+        run(pipe, audio_duration=5.0, audio_code_string=codes)
+
+
+def test_input_errors_are_clear(pipe, tmp_path):
+    short = tone_file(tmp_path / "short.wav", 0.3)
+    with pytest.raises(PipelineError, match="source audio is 0.30 s long; at least 1 s"):
+        run(pipe, task_type="cover", input_files={"src": short})
+    src = tone_file(tmp_path / "src.wav", 5.0)
+    with pytest.raises(PipelineError, match=r"repaint window \[7, 9\] s must overlap the 5.00 s"):
+        run(pipe, task_type="repaint", input_files={"src": src}, repainting_start=7.0, repainting_end=9.0)
+    with pytest.raises(PipelineError, match="needs source audio"):
+        run(pipe, task_type="repaint")
+    with pytest.raises(PipelineError, match="thinking=true needs a 5 Hz LM"):
+        run(pipe, thinking=True)
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    with pytest.raises(PipelineError, match="source audio: not decodable"):
+        run(pipe, task_type="cover", input_files={"src": str(tmp_path / "bad.wav")})
+
+
+def test_base_checkpoint_samples_with_guidance(tmp_path, tiny_checkpoints):
+    import shutil
+
+    from pipeline.tiny import build_tiny_dit
+    from pipeline.vae import Vae
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoints, root, ignore=shutil.ignore_patterns("acestep-v15-turbo"))
+    build_tiny_dit(root / "acestep-v15-base", Vae.load(root / "vae"), turbo=False)
+    base = load_pipeline(root)
+    assert not base.dit.config.turbo
+    calls = []
+    out = base.run(request(inference_steps=5), lambda s, f: calls.append(f))
+    assert out.audios[0].shape == (2, 3 * SAMPLE_RATE) and out.info["dit_model"] == "acestep-v15-base"
+    assert len(calls) >= 5
