@@ -96,4 +96,23 @@ def build_tiny_checkpoints(root: Path, *, seed: int = 0, with_lm: bool = True) -
     return root
 
 
-__all__ = ["build_tiny_checkpoints", "build_tiny_dit", "tiny_dit_config"]
+
+
+def full_size_dit_config(*, turbo: bool = True) -> dict:
+    """The real acestep-v15-turbo config.json values (ACE-Step 1.5, 2 B parameters), for random-weight
+    speed and memory measurements where the real weights are not at hand."""
+    raw = tiny_dit_config(64, 1024, turbo=turbo)
+    layers = 24
+    raw.update(
+        hidden_size=2048, intermediate_size=6144, head_dim=128, num_attention_heads=16, num_key_value_heads=8,
+        num_hidden_layers=layers, num_audio_decoder_hidden_layers=layers,
+        layer_types=["sliding_attention", "full_attention"] * (layers // 2), sliding_window=128,
+        num_lyric_encoder_hidden_layers=8, num_timbre_encoder_hidden_layers=4, fsq_dim=2048,
+    )
+    return raw
+
+
+FULL_SIZE_VAE_CONFIG = {
+    "audio_channels": 2, "sampling_rate": 48000, "encoder_hidden_size": 128, "downsampling_ratios": [2, 4, 4, 6, 10],
+    "channel_multiples": [1, 2, 4, 8, 16], "decoder_channels": 128, "decoder_input_channels": 64,
+}
