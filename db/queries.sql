@@ -348,7 +348,11 @@ RETURNING w.id;
 DELETE FROM workers WHERE id = :id RETURNING id;
 
 -- name: list_workers
-SELECT id, host, capacity, models, state, started_at, heartbeat_at FROM workers ORDER BY id;
+-- `alive`: heartbeat within :stale_seconds (a worker that died without deregistering is not).
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+SELECT id, host, capacity, models, state, started_at, heartbeat_at,
+       heartbeat_at > clock.now - make_interval(secs => CAST(:stale_seconds AS float8)) AS alive
+FROM workers, clock ORDER BY id;
 
 -- name: list_jobs
 -- One page of an owner's jobs, newest first; :before is the created_at of the last row seen.

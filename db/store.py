@@ -431,8 +431,9 @@ class JobStore:
     def remove_worker(self, worker_id: str) -> None:
         self._run("remove_worker", None, id=worker_id)
 
-    def workers(self) -> list[dict[str, Any]]:
-        return [r._asdict() for r in self._run("list_workers", None)]
+    def workers(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Every worker row, with `alive` (heartbeat within `stale_seconds`)."""
+        return [r._asdict() for r in self._run("list_workers", now, stale_seconds=stale_seconds)]
 
     def live_capacity(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> tuple[int, int]:
         """(job slots, workers) of workers that are alive and ready."""

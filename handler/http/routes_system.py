@@ -19,17 +19,17 @@ WORKER_STALE_SECONDS = 30.0
 def health(request: Request) -> dict:
     store = services(request).store
     try:
-        workers = store.workers()
+        workers = store.workers(stale_seconds=WORKER_STALE_SECONDS)
     except StoreError as exc:
         raise HTTPException(503, {"status": "unavailable", "database": str(exc)}) from None
     slots, live = store.live_capacity(stale_seconds=WORKER_STALE_SECONDS)
-    models = sorted({m for w in workers if w["state"] in ("READY", "BUSY") for m in w["models"]})
+    models = sorted({m for w in workers if w["alive"] and w["state"] in ("READY", "BUSY") for m in w["models"]})
     return {
         "status": "ok",
         "database": "ok",
         "live_workers": live,
         "worker_slots": slots,
-        "workers": [{"id": w["id"], "state": w["state"], "models": w["models"]} for w in workers],
+        "workers": [{"id": w["id"], "state": w["state"], "alive": w["alive"], "models": w["models"]} for w in workers],
         "models_loaded": models,
     }
 
@@ -37,7 +37,7 @@ def health(request: Request) -> dict:
 @router.get("/v1/models", summary="Models the live workers have loaded", responses={401: {}})
 def models(request: Request, who: Annotated[Caller, Depends(caller)]) -> dict:
     svc = services(request)
-    workers = [w for w in svc.store.workers() if w["state"] in ("READY", "BUSY")]
+    workers = [w for w in svc.store.workers(stale_seconds=WORKER_STALE_SECONDS) if w["alive"] and w["state"] in ("READY", "BUSY")]
     loaded = sorted({m for w in workers for m in w["models"]})
     return {"default": svc.settings.default_model, "models": [{"name": m} for m in loaded]}
 

@@ -1,6 +1,7 @@
 """The seed API over real HTTP: the spec's curl examples end to end, bad input, paths, idempotency."""
 
 import io
+from datetime import datetime, timedelta, timezone
 import json
 import time
 from urllib.parse import urlparse
@@ -269,6 +270,13 @@ def test_health_stats_models_and_openapi(client, api):
     api.services.store.register_worker("gpu-1", host="h", capacity=2, models=["acestep-v15-turbo"], state="READY")
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["live_workers"] == 1 and health["models_loaded"] == ["acestep-v15-turbo"]
+    assert client.get("/v1/models").json()["models"] == [{"name": "acestep-v15-turbo"}]
+    # a worker that died without deregistering (no heartbeat for an hour) no longer counts
+    long_ago = datetime.now(timezone.utc) - timedelta(hours=1)
+    api.services.store.register_worker("gpu-2", host="h", capacity=1, models=["acestep-v15-base"], state="READY", now=long_ago)
+    health = client.get("/health").json()
+    assert health["models_loaded"] == ["acestep-v15-turbo"] and health["live_workers"] == 1
+    assert {w["id"]: w["alive"] for w in health["workers"]} == {"gpu-1": True, "gpu-2": False}
     assert client.get("/v1/models").json()["models"] == [{"name": "acestep-v15-turbo"}]
     client.post("/v1/music/generate", json={})
     stats = client.get("/v1/stats").json()
