@@ -167,11 +167,27 @@ async def submit_generation(
     return await run_in_threadpool(_persist, svc, who, params, inputs, job_id, idempotency_key)
 
 
+LM_PREFIX = "acestep-5Hz-lm-"
+
+
+def check_lm_model(svc: Services, name: str | None) -> None:
+    """An `lm_model_path` must name a 5 Hz LM the registered workers have loaded (what their rows
+    report). With no worker registered (scaled to zero) there is nothing to check against, and a
+    worker without that LM fails the job saying so."""
+    if not name:
+        return
+    known = sorted({m for w in svc.store.workers() for m in w["models"] if m.startswith(LM_PREFIX)})
+    if known and name not in known:
+        raise HTTPException(422, [{"field": "lm_model_path",
+                                   "message": f"unknown 5 Hz LM {name!r}; the workers have loaded: {', '.join(known)}"}])
+
+
 def _persist(
     svc: Services, who: Caller, params: GenerateRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None
 ) -> dict:
     settings = svc.settings
     uploaded = {u.role for u in inputs.uploads}
+    check_lm_model(svc, params.lm_model_path)
     try:
         for role, (_, path_field) in ROLES.items():
             value = getattr(params, path_field)

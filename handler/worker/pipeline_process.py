@@ -58,7 +58,7 @@ def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> Non
     except Exception as exc:  # any failure to load is reported as SETUP_FAILED, not a crash
         conn.send(("setup_failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
-    conn.send(("ready",))
+    conn.send(("ready", [str(m) for m in getattr(pipeline, "models", ())]))
     while True:
         message = conn.recv()
         if message[0] == "stop":
@@ -116,6 +116,7 @@ class PipelineProcess:
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
+        self.models: tuple[str, ...] = ()
         self._cancel = self._ctx.Event()
 
     def ensure_started(self) -> None:
@@ -134,6 +135,7 @@ class PipelineProcess:
         if message[0] != "ready":
             self.stop()
             raise PipelineError(f"pipeline setup failed: {message[1]}")
+        self.models = tuple(message[1])  # what the pipeline says it loaded (DiT and LM names), if it says
 
     def _receive(self, deadline: float) -> tuple:
         while True:

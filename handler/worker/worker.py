@@ -135,7 +135,9 @@ class Worker:
             with_db_retries(self._store.touch_worker, self.worker_id, state="SETUP_FAILED")
             self._stop_processes()
             return 1
-        with_db_retries(self._store.touch_worker, self.worker_id, state="READY")
+        loaded = sorted({m for slot in self._slots for m in slot.process.models}) or list(opts.model_names)
+        with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
+                        capacity=opts.concurrency, models=loaded, state="READY")
         log.info("worker %s ready", self.worker_id, extra={"action": "worker_ready", "worker_id": self.worker_id})
         beat = threading.Thread(target=self._worker_heartbeat, daemon=True)
         beat.start()

@@ -318,3 +318,15 @@ def test_with_s3_storage_uploads_and_results_go_to_the_bucket(tmp_path, db_url, 
             assert elsewhere.status_code == 400
     finally:
         api.stop()
+
+
+def test_lm_model_path_must_name_a_loaded_lm(client, api):
+    accepted_without_workers = client.post("/v1/music/generate", json={"lm_model_path": "acestep-5Hz-lm-4B"})
+    assert accepted_without_workers.status_code == 200  # nothing registered to check against
+    api.services.store.register_worker("gpu-1", host="h", capacity=1, state="READY",
+                                       models=["acestep-v15-turbo", "acestep-5Hz-lm-1.7B"])
+    refused = client.post("/v1/music/generate", json={"lm_model_path": "acestep-5Hz-lm-4B"})
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == [{"field": "lm_model_path",
+                                         "message": "unknown 5 Hz LM 'acestep-5Hz-lm-4B'; the workers have loaded: acestep-5Hz-lm-1.7B"}]
+    assert client.post("/v1/music/generate", json={"lm_model_path": "acestep-5Hz-lm-1.7B"}).status_code == 200

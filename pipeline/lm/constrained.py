@@ -1,0 +1,139 @@
+"""Constrained decoding for the 5 Hz LM, independent of how the model is run.
+
+Phase 1 writes the metadata block field by field in the fixed order bpm, caption, duration,
+genres, keyscale, language, timesignature (skipped fields left out). Field names and user-given
+values are forced; bpm (30-300), duration (10 to the tier maximum), keyscale, language and
+timesignature are chosen among their valid values (token by token, over the byte strings of the
+tokens, so multi-byte characters such as ♭ split across tokens still match); caption (and genres,
+when not skipped) is free text with audio-code and markup tokens blocked, ending when after a
+newline the most likely token does not continue the line with a space. Phase 1 ends with the
+end-of-text token where the reference would start `</think>`.
+
+Phase 2 allows only `<|audio_code_N|>` tokens until exactly n codes are written, then only the
+end-of-text token.
+
+`Vocabulary` indexes a tokenizer once: each token's bytes, the audio-code ids, the end token."""
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+FIELD_ORDER = ("bpm", "caption", "duration", "genres", "keyscale", "language", "timesignature")
+BPM_RANGE = (30, 300)
+MIN_DURATION = 10
+KEYSCALE_NOTES = "ABCDEFG"
+KEYSCALE_ACCIDENTALS = ("", "#", "b", "\u266f", "\u266d")
+KEYSCALE_MODES = ("major", "minor")
+VALID_KEYSCALES = tuple(f"{n}{a} {m}" for n, a, m in itertools.product(KEYSCALE_NOTES, KEYSCALE_ACCIDENTALS, KEYSCALE_MODES))
+VALID_LANGUAGES = (
+    "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fr", "he", "hi", "hr", "ht", "hu",
+    "id", "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no", "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr",
+    "sv", "sw", "ta", "te", "th", "tl", "tr", "uk", "ur", "vi", "yue", "zh", "unknown",
+)
+VALID_TIME_SIGNATURES = ("2", "3", "4", "6")
+AUDIO_CODES = 64000
+MAX_CAPTION_TOKENS = 512
+END_TOKEN = "<|im_end|>"
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's printable mapping of the 256 byte values."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+class Vocabulary:
+    """A tokenizer's tokens as bytes, indexed by first byte, plus the audio-code and end ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        decoder = _byte_decoder()
+        added = {i for i in tokenizer.added_tokens_decoder}
+        size = len(tokenizer)
+        self.token_bytes: list[bytes] = []
+        for token_id, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
+            piece = piece or ""
+            if token_id in added or not all(c in decoder for c in piece):
+                self.token_bytes.append(b"" if token_id in added else tokenizer.decode([token_id]).encode())
+            else:
+                self.token_bytes.append(bytes(decoder[c] for c in piece))
+        self.by_first_byte: dict[int, list[int]] = defaultdict(list)
+        for token_id, data in enumerate(self.token_bytes):
+            if data:
+                self.by_first_byte[data[0]].append(token_id)
+        code_ids = tokenizer.convert_tokens_to_ids([f"<|audio_code_{i}|>" for i in range(AUDIO_CODES)])
+        if any(i is None or i == tokenizer.unk_token_id or not self.token_bytes[i] == b"" for i in code_ids):
+            raise ValueError(f"the LM tokenizer lacks the {AUDIO_CODES} <|audio_code_N|> tokens")
+        self.code_ids = torch.tensor(code_ids)
+        self.end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+        self.newline_ids = [i for i, data in enumerate(self.token_bytes) if data == b"\n"]
+        free = torch.ones(size, dtype=torch.bool)
+        free[sorted(added)] = False
+        for token_id, data in enumerate(self.token_bytes):
+            if b"`" in data or (b"\n" in data and data != b"\n") or not data:
+                free[token_id] = False
+        self.free_text = free.nonzero().flatten()  # caption/genres tokens: no markup, no special tokens, newline only alone
+        self.continues_line = {i for i, data in enumerate(self.token_bytes) if data[:1] in (b" ", b"\t")}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+@dataclass
+class Choice:
+    """Choosing one of `values` written as ' <value>\\n', token by token."""
+
+    vocabulary: Vocabulary
+    values: tuple[str, ...]
+
+    def __post_init__(self):
+        self.targets = {f" {v}\n".encode() for v in self.values}
+        self.prefixes = {t[:i] for t in self.targets for i in range(len(t) + 1)}
+        self.written = b""
+
+    def allowed(self) -> list[int]:
+        nexts = {t[len(self.written)] for t in self.targets if t.startswith(self.written) and len(t) > len(self.written)}
+        out = []
+        for first in nexts:
+            for token_id in self.vocabulary.by_first_byte.get(first, ()):
+                if self.written + self.vocabulary.token_bytes[token_id] in self.prefixes:
+                    out.append(token_id)
+        return out
+
+    def take(self, token_id: int) -> bool:
+        """Record a token; True once a whole value and its newline are written."""
+        self.written += self.vocabulary.token_bytes[token_id]
+        return self.written in self.targets
+
+    @property
+    def value(self) -> str:
+        return self.written.decode().strip()
+
+
+def field_values(field: str, max_duration: int) -> tuple[str, ...] | None:
+    """The valid values of a constrained field; None for free-text fields."""
+    if field == "bpm":
+        return tuple(str(v) for v in range(BPM_RANGE[0], BPM_RANGE[1] + 1))
+    if field == "duration":
+        return tuple(str(v) for v in range(MIN_DURATION, max(max_duration, MIN_DURATION) + 1))
+    if field == "keyscale":
+        return VALID_KEYSCALES
+    if field == "language":
+        return VALID_LANGUAGES
+    if field == "timesignature":
+        return VALID_TIME_SIGNATURES
+    return None
+
+
+def user_value_text(field: str, value) -> str:
+    """How a user-given value is written into the block (not range-checked, as in the reference)."""
+    return f"{field}: {value}\n"
