@@ -88,12 +88,19 @@ def guided(logits: torch.Tensor, items: int, cfg_scale: float) -> torch.Tensor:
 class PtBackend:
     """LMBackend on transformers (`lm_backend: "pt"`)."""
 
-    def __init__(self, path: Path, *, device: torch.device, dtype: torch.dtype):
-        self.name = Path(path).name
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
-        self.vocabulary = Vocabulary(self.tokenizer)
+    def __init__(self, name: str, model, tokenizer):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.vocabulary = Vocabulary(tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.vocabulary.end_id
+
+    @classmethod
+    def load(cls, path: Path, *, device: torch.device, dtype: torch.dtype) -> "PtBackend":
+        """The LM checkpoint folder (Qwen3 causal LM + tokenizer with the audio-code tokens), local only."""
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
+        return cls(Path(path).name, model, tokenizer)
 
     def _session(self, prompts: list[str], unconditional: list[str], cfg_scale: float) -> Session:
         texts = prompts + (unconditional if cfg_scale != 1.0 else [])

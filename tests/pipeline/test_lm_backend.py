@@ -18,7 +18,7 @@ PROMPT = "<|im_start|>user\n# Caption\nslow jazz\n<|im_end|>\n<|im_start|>assist
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     path = build_tiny_lm(tmp_path_factory.mktemp("lm") / "acestep-5Hz-lm-0.6B")
-    return PtBackend(path, device=torch.device("cpu"), dtype=torch.float32)
+    return PtBackend.load(path, device=torch.device("cpu"), dtype=torch.float32)
 
 
 @pytest.fixture(autouse=True)
