@@ -2,23 +2,25 @@
 
 `load_pipeline(checkpoint_dir)` is the worker's default factory (ACESTEP_PIPELINE). One request:
 
-1. seeds (one per batch item; `seed_value` reports the ones used), the task and its length;
-2. text: caption prompt (instruction, caption, metas) through the Qwen3 text encoder; lyric prompt
+1. seeds (one per batch item; `seed_value` reports the ones used), the source audio when the task
+   reads it;
+2. the 5 Hz LM stage and every prompt string (`pipeline.lm.planner`): `thinking=true` writes the
+   metadata block and the audio codes (the DiT then runs as cover from them), `thinking=false` only
+   fills missing bpm/key/time signature/duration; the LM is skipped for cover and repaint;
+3. text: caption prompt (instruction, caption, metas) through the Qwen3 text encoder; lyric prompt
    through its embedding table only;
-3. audio inputs through the VAE: the source (cover, repaint) and the timbre reference (three 10 s
+4. audio inputs through the VAE: the source (cover, repaint) and the timbre reference (three 10 s
    slices of 30 s), or the checkpoint's silence latent;
-4. the DiT sampler (turbo: fixed schedule, no guidance; base/SFT: guidance) from per-item seeded noise;
-5. tiled VAE decode, cropped to exactly the requested number of samples.
+5. the DiT sampler (turbo: fixed schedule, no guidance; base/SFT: guidance) from per-item seeded noise;
+6. tiled VAE decode, cropped to exactly the requested number of samples.
 
 Documented choices where the reference is loose: a request without a duration (and no source
 audio) gets 30 s, which is what its caption metas already say; a fixed seed s gives items s, s+1, ...
-(the reference fixes only the first item); errors in the inputs are job errors with a clear message.
-The 5 Hz LM (`thinking`, metadata completion) is the LM stage's job; without an LM loaded,
-`thinking=true` fails the job saying so."""
+(the reference fixes only the first item); errors in the inputs are job errors with a clear message;
+without an LM loaded, `thinking=true` fails the job saying so and missing metadata stays N/A."""
 
 import logging
 import os
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import prompts
 from pipeline.audio_io import SAMPLE_RATE, AudioError, load_audio
 from pipeline.checkpoints import Checkpoints, discover
 from pipeline.dit.load import load_dit, load_silence_latent
 from pipeline.dit.model import AceStepDiT
 from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError
+from pipeline.lm.loading import load_lms, select_lm
+from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.sampler import Guidance, generate_audio
 from pipeline.text_encoder import TextEncoder
 from pipeline.vae import Vae
@@ -41,12 +44,10 @@ from pipeline.vae import Vae
 log = logging.getLogger(__name__)
 
 DEFAULT_DIT = "acestep-v15-turbo"
-DEFAULT_DURATION_SECONDS = 30.0
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 600.0
 MIN_SOURCE_SECONDS = 1.0
 TIMBRE_SECONDS, TIMBRE_SLICE_SECONDS = 30.0, 10.0
 MAX_SEED = 2**32 - 1
-CODES_PER_SECOND = 5
 SILENCE = 1e-5
 
 Progress = Callable[[str, float], None]
@@ -60,21 +61,17 @@ def pick_device() -> tuple[torch.device, torch.dtype]:
 
 
 @dataclass
-class Plan:
-    """One request made concrete: the task, the frames to generate and what conditions them."""
+class Latents:
+    """What the DiT generates from: the frames, the source and masks, cover or not, the codes."""
 
-    task: str
     frames: int
     samples: int
-    seeds: list[int]
-    instruction: str
-    metas: str
     src_latents: torch.Tensor  # [1, frames, C]
     chunk_mask: torch.Tensor  # [1, frames] bool
     is_cover: bool
     repaint_mask: torch.Tensor | None = None
     clean_src: torch.Tensor | None = None
-    codes: list[list[int]] | None = None
+    codes: torch.Tensor | None = None  # [batch, codes, 1]
 
 
 class AceStepPipeline:
@@ -93,7 +90,10 @@ class AceStepPipeline:
         if self.vae.latent_dim != self.dit.config.audio_acoustic_hidden_dim:
             raise PipelineError(f"the VAE's latent width {self.vae.latent_dim} does not match the DiT's "
                                 f"audio_acoustic_hidden_dim {self.dit.config.audio_acoustic_hidden_dim}")
-        self.lm = None  # the 5 Hz LM stage plugs in here
+        self.lms = load_lms(checkpoints, device=self.device, dtype=self.dtype)
+        self.models = [self.dit_name, *sorted(self.lms)]  # reported to the workers table
+        # The longest song the LM may plan (the reference caps it by GPU memory tier).
+        self.lm_limits = LMLimits(max_duration=int(os.environ.get("ACESTEP_LM_MAX_DURATION", MAX_DURATION_SECONDS)))
 
     # ---- planning -------------------------------------------------------------------------------
 
@@ -140,72 +140,86 @@ class AceStepPipeline:
         latents = self.vae.encode(torch.from_numpy(np.stack(items)).to(self.device, self.dtype))
         return fit_frames(latents, frames, self.silence_frames(frames))
 
-    def plan(self, request: dict[str, Any], batch: int) -> Plan:
-        task = request.get("task_type", "text2music")
+    def source(self, request: dict[str, Any], task: str) -> tuple[torch.Tensor | None, int]:
+        """The source audio's latents and length in samples, for the tasks that read it."""
+        if task not in ("cover", "repaint"):
+            return None, 0
         files = request.get("input_files") or {}
-        seeds = self.seeds(request, batch)
-        codes = parse_code_strings(request.get("audio_code_string") or "", batch)
-        duration = request.get("audio_duration")
-        src = clean = repaint_mask = None
-        src_samples = 0
-        if task in ("cover", "repaint"):
-            if "src" not in files:
-                raise PipelineError(f"{task} needs source audio (src_audio_path or an uploaded src_audio)")
-            src, src_samples = self.encode_file(files["src"], "source audio")
-            if src_samples < MIN_SOURCE_SECONDS * SAMPLE_RATE:
-                raise PipelineError(f"source audio is {src_samples / SAMPLE_RATE:.2f} s long; "
-                                    f"at least {MIN_SOURCE_SECONDS:g} s is needed")
-        if task == "repaint":
-            src_seconds = src.shape[1] / self.frame_rate
-            start = float(request.get("repainting_start") or 0.0)
-            end = request.get("repainting_end")
-            end = src_seconds if end is None or end < 0 else float(end)
-            if end <= start or start > src_seconds or end < 0:
-                raise PipelineError(f"repaint window [{start:g}, {end:g}] s must overlap the {src_seconds:.2f} s of "
-                                    "source audio (it may extend past either end to out-paint)")
-            pad_left = round(max(-start, 0.0) * self.frame_rate)
-            total = max(end, src_seconds) - min(start, 0.0)
-            frames = round(total * self.frame_rate)
-            if total > MAX_DURATION_SECONDS:
-                raise PipelineError(f"repaint result would be {total:.1f} s; at most {MAX_DURATION_SECONDS:g} s")
-            clean = torch.zeros(1, frames, src.shape[2], device=self.device, dtype=self.dtype)
-            clean[:, pad_left:pad_left + src.shape[1]] = src[:, : frames - pad_left]
-            lo = round((max(start, 0.0) - min(start, 0.0)) * self.frame_rate)
-            hi = min(round((end - min(start, 0.0)) * self.frame_rate), frames)
-            repaint_mask = torch.zeros(1, frames, dtype=torch.bool, device=self.device)
-            repaint_mask[:, lo:hi] = True
-            src_latents = torch.where(repaint_mask[..., None], self.silence_frames(frames), clean)
-            samples, seconds = round(total * SAMPLE_RATE), total
-        else:
-            if duration is None and src is not None:
-                duration = src_samples / SAMPLE_RATE
-            elif duration is None and codes is not None:
-                duration = len(codes[0]) / CODES_PER_SECOND
-            elif duration is None:
-                duration = DEFAULT_DURATION_SECONDS
-            seconds = float(duration)
-            if not MIN_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS:
-                raise PipelineError(f"audio_duration must be within {MIN_DURATION_SECONDS:g}-{MAX_DURATION_SECONDS:g} s")
-            samples = round(seconds * SAMPLE_RATE)
-            frames = -(-samples // self.vae.hop_length)
-            silence = self.silence_frames(frames)
-            src_latents = fit_frames(src, frames, silence) if src is not None else silence
-        chunk_mask = repaint_mask if repaint_mask is not None else torch.ones(1, frames, dtype=torch.bool, device=self.device)
-        is_cover = task == "cover" or codes is not None
-        if codes is not None and task == "repaint":
-            raise PipelineError("audio_code_string cannot be combined with task_type repaint")
-        instruction = request.get("instruction") or prompts.DEFAULT_INSTRUCTION
-        if instruction == prompts.DEFAULT_INSTRUCTION:  # the default follows the task, as in the reference
-            instruction = prompts.LM_CODES_INSTRUCTION if is_cover else prompts.instruction_for(task)
-        metas = prompts.format_metas(request.get("bpm"), request.get("key_scale"), request.get("time_signature"), seconds)
-        return Plan(task, frames, samples, seeds, instruction, metas, src_latents, chunk_mask, is_cover,
-                    repaint_mask, clean, codes)
+        if "src" not in files:
+            raise PipelineError(f"{task} needs source audio (src_audio_path or an uploaded src_audio)")
+        src, samples = self.encode_file(files["src"], "source audio")
+        if samples < MIN_SOURCE_SECONDS * SAMPLE_RATE:
+            raise PipelineError(f"source audio is {samples / SAMPLE_RATE:.2f} s long; at least {MIN_SOURCE_SECONDS:g} s is needed")
+        return src, samples
+
+    def text_plan(self, request: dict[str, Any], batch: int, seeds: list[int], src_samples: int) -> tuple[GenerationPlan, str | None]:
+        """The LM stage (when the request asks for it) and every string the DiT's text side reads;
+        with the name of the LM that was available to it."""
+        params = params_from_request(request)
+        lm = select_lm(self.lms, request.get("lm_model_path"), request.get("lm_backend") or "pt") if self.lms else None
+        try:
+            plan = plan_generation(params, lm, batch_size=batch, seeds=seeds, limits=self.lm_limits,
+                                   src_audio_duration=src_samples / SAMPLE_RATE if src_samples else None)
+        except LMUnavailableError:
+            raise PipelineError("thinking=true needs a 5 Hz LM, and this worker has none loaded") from None
+        except ValueError as exc:
+            raise PipelineError(str(exc)) from None
+        return plan, lm.name if lm is not None else None
+
+    def latents(self, request: dict[str, Any], text: GenerationPlan, src: torch.Tensor | None, batch: int) -> Latents:
+        codes = [item.audio_codes for item in text.items]
+        if any(codes) and not all(codes):
+            raise PipelineError("audio_code_string must give codes for every item of the batch or for none")
+        if any(codes) and len({len(c) for c in codes}) != 1:
+            raise PipelineError("every audio_code_string of a batch must hold the same number of codes")
+        if text.task_type == "repaint":
+            if any(codes):
+                raise PipelineError("audio_code_string cannot be combined with task_type repaint")
+            return self.repaint_latents(request, src)
+        seconds = text.duration
+        if not MIN_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS:
+            raise PipelineError(f"audio_duration must be within {MIN_DURATION_SECONDS:g}-{MAX_DURATION_SECONDS:g} s")
+        samples = round(seconds * SAMPLE_RATE)
+        frames = -(-samples // self.vae.hop_length)
+        silence = self.silence_frames(frames)
+        src_latents = fit_frames(src, frames, silence) if src is not None else silence
+        chunk_mask = torch.ones(1, frames, dtype=torch.bool, device=self.device)
+        code_tensor = None
+        if all(codes):
+            needed = -(-frames // self.dit.config.pool_window_size)
+            if len(codes[0]) < needed:
+                raise PipelineError(f"audio_code_string holds {len(codes[0])} codes; {needed} (5 per second) "
+                                    f"are needed for {seconds:g} s")
+            code_tensor = torch.tensor(codes, device=self.device, dtype=torch.long)[..., None]
+        return Latents(frames, samples, src_latents, chunk_mask, text.task_type == "cover", codes=code_tensor)
+
+    def repaint_latents(self, request: dict[str, Any], src: torch.Tensor) -> Latents:
+        """The source with the window [start, end) replaced by silence and marked for regeneration;
+        a window past either end of the source out-paints (the source is padded with zeros)."""
+        src_seconds = src.shape[1] / self.frame_rate
+        start = float(request.get("repainting_start") or 0.0)
+        end = request.get("repainting_end")
+        end = src_seconds if end is None or end < 0 else float(end)
+        if end <= start or start > src_seconds or end < 0:
+            raise PipelineError(f"repaint window [{start:g}, {end:g}] s must overlap the {src_seconds:.2f} s of "
+                                "source audio (it may extend past either end to out-paint)")
+        total = max(end, src_seconds) - min(start, 0.0)
+        if total > MAX_DURATION_SECONDS:
+            raise PipelineError(f"repaint result would be {total:.1f} s; at most {MAX_DURATION_SECONDS:g} s")
+        frames = round(total * self.frame_rate)
+        pad_left = round(max(-start, 0.0) * self.frame_rate)
+        clean = torch.zeros(1, frames, src.shape[2], device=self.device, dtype=self.dtype)
+        clean[:, pad_left:pad_left + src.shape[1]] = src[:, : frames - pad_left]
+        lo = round((max(start, 0.0) - min(start, 0.0)) * self.frame_rate)
+        hi = min(round((end - min(start, 0.0)) * self.frame_rate), frames)
+        mask = torch.zeros(1, frames, dtype=torch.bool, device=self.device)
+        mask[:, lo:hi] = True
+        src_latents = torch.where(mask[..., None], self.silence_frames(frames), clean)
+        return Latents(frames, round(total * SAMPLE_RATE), src_latents, mask, False, mask, clean)
 
     # ---- running --------------------------------------------------------------------------------
 
     def run(self, request: dict[str, Any], progress: Progress) -> GeneratedAudio:
-        if request.get("thinking") and self.lm is None:
-            raise PipelineError("thinking=true needs a 5 Hz LM, and this worker has none loaded")
         batch = int(request.get("batch_size") or 1)
         try:
             with torch.inference_mode():
@@ -215,37 +229,33 @@ class AceStepPipeline:
 
     def _run(self, request: dict[str, Any], batch: int, progress: Progress) -> GeneratedAudio:
         progress("preparing", 0.02)
-        plan = self.plan(request, batch)
-        caption = prompts.extract_sft_caption(request.get("caption") or "")
-        text, text_mask = self.text.encode_text([prompts.caption_prompt(plan.instruction, caption, plan.metas)] * batch)
-        lyrics, lyric_mask = self.text.embed_lyrics(
-            [prompts.lyric_prompt(request.get("lyrics") or "", request.get("vocal_language") or "en")] * batch
-        )
-        timbre = self.timbre_latents((request.get("input_files") or {}).get("ref"), plan.seeds)
-        progress("dit", 0.1)
+        task = request.get("task_type", "text2music")
+        seeds = self.seeds(request, batch)
+        src, src_samples = self.source(request, task)
+        if self.lms and request.get("thinking"):
+            progress("lm", 0.05)
+        text, lm_name = self.text_plan(request, batch, seeds, src_samples)
+        plan = self.latents(request, text, src, batch)
+        progress("conditioning", 0.3)
+        captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])
+        lyrics, lyric_mask = self.text.embed_lyrics([item.lyric_prompt for item in text.items])
+        timbre = self.timbre_latents((request.get("input_files") or {}).get("ref"), seeds)
+        non_cover_text = non_cover_mask = None
+        strength = float(request.get("audio_cover_strength", 1.0)) if plan.is_cover else 1.0
+        if strength < 1.0:
+            non_cover_text, non_cover_mask = self.text.encode_text([item.non_cover_caption_prompt for item in text.items])
+        progress("dit", 0.35)
         noise = torch.cat([
             torch.randn((1, plan.frames, self.silence.shape[2]), generator=torch.Generator(self.device).manual_seed(s),
                         device=self.device, dtype=self.dtype)
-            for s in plan.seeds
+            for s in seeds
         ])
         expand = lambda t: t.expand(batch, *t.shape[1:]) if t is not None else None  # noqa: E731
         config = self.dit.config
-        codes = None
-        if plan.codes is not None:
-            needed = -(-plan.frames // config.pool_window_size)
-            if len(plan.codes[0]) < needed:
-                raise PipelineError(f"audio_code_string holds {len(plan.codes[0])} codes; {needed} (5 per second) "
-                                    f"are needed for {plan.samples / SAMPLE_RATE:g} s")
-            codes = torch.tensor(plan.codes, device=self.device, dtype=torch.long)[..., None]
-        non_cover_text = non_cover_mask = None
-        if request.get("audio_cover_strength", 1.0) < 1.0 and plan.is_cover:
-            plain = prompts.caption_prompt(prompts.DEFAULT_INSTRUCTION, caption, plan.metas)
-            non_cover_text, non_cover_mask = self.text.encode_text([plain] * batch)
         guidance = None if config.turbo else Guidance(scale=float(request.get("guidance_scale", 7.0)))
-        generator = torch.Generator(self.device).manual_seed(plan.seeds[0])
         latents = generate_audio(
             self.dit,
-            text_hidden_states=text, text_attention_mask=text_mask,
+            text_hidden_states=captions, text_attention_mask=captions_mask,
             lyric_hidden_states=lyrics, lyric_attention_mask=lyric_mask,
             refer_audio_acoustic_hidden_states_packed=timbre,
             refer_audio_order_mask=torch.arange(batch, device=self.device),
@@ -254,26 +264,36 @@ class AceStepPipeline:
             chunk_masks=expand(plan.chunk_mask)[..., None].expand(-1, -1, self.silence.shape[2]),
             is_covers=torch.full((batch,), plan.is_cover, device=self.device),
             noise=noise,
-            audio_codes=codes,
-            audio_cover_strength=float(request.get("audio_cover_strength", 1.0)) if plan.is_cover else 1.0,
+            audio_codes=plan.codes,
+            audio_cover_strength=strength,
             non_cover_text_hidden_states=non_cover_text, non_cover_text_attention_mask=non_cover_mask,
             repaint_mask=expand(plan.repaint_mask), clean_src_latents=expand(plan.clean_src),
             shift=float(request.get("shift", 3.0)),
             guidance=guidance, steps=int(request.get("inference_steps", 8)),
-            infer_method=request.get("infer_method", "ode"), generator=generator,
-            progress=lambda step, steps: progress("dit", 0.1 + 0.7 * step / steps),
+            infer_method=request.get("infer_method", "ode"), generator=torch.Generator(self.device).manual_seed(seeds[0]),
+            progress=lambda step, steps: progress("dit", 0.35 + 0.45 * step / steps),
         )
         progress("vae", 0.82)
         audio = self.vae.decode(latents)[:, :, : plan.samples].float().numpy()
         audios = [finish_audio(item, index) for index, item in enumerate(audio)]
         progress("vae", 0.95)
-        info = {
-            "seed_value": ",".join(str(s) for s in plan.seeds),
-            "generation_info": f"{self.dit_name}: {plan.task}, {len(plan.seeds)} x {plan.samples / SAMPLE_RATE:g} s",
+        return GeneratedAudio(audios, SAMPLE_RATE, self.result_info(text, plan, seeds, lm_name))
+
+    def result_info(self, text: GenerationPlan, plan: Latents, seeds: list[int], lm_name: str | None) -> dict[str, Any]:
+        """seed_value, generation_info and, when the LM ran, what it decided (bpm, duration, ...)."""
+        seconds = plan.samples / SAMPLE_RATE
+        info: dict[str, Any] = {
+            "seed_value": ",".join(str(s) for s in seeds),
+            "generation_info": f"{self.dit_name}: {text.task_type}, {len(seeds)} x {seconds:g} s",
             "dit_model": self.dit_name,
-            "duration": plan.samples / SAMPLE_RATE,
+            "duration": seconds,
         }
-        return GeneratedAudio(audios, SAMPLE_RATE, info)
+        if text.lm.metadata_request is not None or text.lm.codes_requests:  # the LM was called
+            meta = text.metadata
+            info |= {"bpm": meta.get("bpm"), "genres": meta.get("genres"), "keyscale": meta.get("keyscale"),
+                     "timesignature": meta.get("timesignature"), "metas": {k: v for k, v in meta.items() if v not in (None, "")},
+                     "lm_model": lm_name}
+        return {k: v for k, v in info.items() if v is not None}
 
 
 def fit_frames(latents: torch.Tensor, frames: int, filler: torch.Tensor) -> torch.Tensor:
@@ -282,18 +302,6 @@ def fit_frames(latents: torch.Tensor, frames: int, filler: torch.Tensor) -> torc
         return latents[:, :frames]
     tail = filler[:, latents.shape[1]:frames].to(latents.dtype).expand(latents.shape[0], -1, -1)
     return torch.cat([latents, tail], dim=1)
-
-
-def parse_code_strings(value: str | list[str], batch: int) -> list[list[int]] | None:
-    """`<|audio_code_N|>` tokens (one string for all items, or one per item) -> integers clamped to
-    the codebook; None when there are none."""
-    strings = value if isinstance(value, list) else [value] * batch
-    parsed = [[min(max(int(n), 0), 63999) for n in re.findall(r"<\|audio_code_(\d+)\|>", s)] for s in strings]
-    if not any(parsed):
-        return None
-    if len({len(p) for p in parsed}) != 1:
-        raise PipelineError("every audio_code_string of a batch must hold the same number of codes")
-    return parsed
 
 
 def finish_audio(audio: np.ndarray, index: int) -> np.ndarray:

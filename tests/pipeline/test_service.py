@@ -121,3 +121,50 @@ def test_base_checkpoint_samples_with_guidance(tmp_path, tiny_checkpoints):
     out = base.run(request(inference_steps=5), lambda s, f: calls.append(f))
     assert out.audios[0].shape == (2, 3 * SAMPLE_RATE) and out.info["dit_model"] == "acestep-v15-base"
     assert len(calls) >= 5
+
+
+@pytest.fixture(scope="module")
+def pipe_with_lm(tiny_checkpoints, tmp_path_factory):
+    import shutil
+
+    from pipeline.tiny import TINY_LM
+    from pipeline.tiny_text import build_tiny_lm
+
+    root = tmp_path_factory.mktemp("with-lm")
+    shutil.copytree(tiny_checkpoints, root, dirs_exist_ok=True)
+    build_tiny_lm(root / TINY_LM)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ACESTEP_LM_MAX_DURATION", "12")  # whatever the random LM plans stays short
+    yield load_pipeline(root)
+    mp.undo()
+
+
+@pytest.fixture
+def short_lm_captions(monkeypatch):
+    from pipeline.lm import pt_backend
+
+    monkeypatch.setattr(pt_backend, "MAX_CAPTION_TOKENS", 16)
+
+
+def test_thinking_runs_lm_codes_into_a_cover(pipe_with_lm, short_lm_captions):
+    out, stages = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=2, lm_backend="pt")
+    assert [a.shape for a in out.audios] == [(2, 3 * SAMPLE_RATE)] * 2
+    assert out.info["lm_model"] == "acestep-5Hz-lm-0.6B" and "cover" in out.info["generation_info"]
+    assert 30 <= out.info["bpm"] <= 300 and out.info["keyscale"] and out.info["timesignature"] in ("2", "3", "4", "6")
+    assert "lm" in {s for s, _ in stages}
+    again, _ = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=2, lm_backend="pt")
+    assert all(np.array_equal(a, b) for a, b in zip(out.audios, again.audios, strict=True))  # same seed, same song
+
+
+def test_metadata_fill_keeps_user_values(pipe_with_lm, short_lm_captions):
+    out, _ = run(pipe_with_lm, thinking=False, audio_duration=None, bpm=77, key_scale="", time_signature="3/4")
+    assert out.info["bpm"] == 77 and out.info["timesignature"] == "3/4" and out.info["keyscale"]
+    assert 10 <= out.info["duration"] <= 12 and out.audios[0].shape[1] == round(out.info["duration"] * SAMPLE_RATE)
+    everything, _ = run(pipe_with_lm, thinking=False, audio_duration=3.0, bpm=77, key_scale="C major", time_signature="4")
+    assert "lm_model" not in everything.info  # nothing to fill: no LM call
+
+
+def test_unknown_lm_is_a_clear_error(pipe_with_lm):
+    with pytest.raises(PipelineError, match="'acestep-5Hz-lm-4B' is not loaded on this worker"):
+        run(pipe_with_lm, thinking=True, lm_model_path="acestep-5Hz-lm-4B")
+    assert pipe_with_lm.models == ["acestep-v15-turbo", "acestep-5Hz-lm-0.6B"]
