@@ -166,7 +166,7 @@ class AceStepPipeline:
             raise PipelineError(str(exc)) from None
         return plan, lm.name if lm is not None else None
 
-    def latents(self, request: dict[str, Any], text: GenerationPlan, src: torch.Tensor | None, batch: int) -> Latents:
+    def latents(self, request: dict[str, Any], text: GenerationPlan, src: torch.Tensor | None) -> Latents:
         codes = [item.audio_codes for item in text.items]
         if any(codes) and not all(codes):
             raise PipelineError("audio_code_string must give codes for every item of the batch or for none")
@@ -235,7 +235,7 @@ class AceStepPipeline:
         if self.lms and request.get("thinking"):
             progress("lm", 0.05)
         text, lm_name = self.text_plan(request, batch, seeds, src_samples)
-        plan = self.latents(request, text, src, batch)
+        plan = self.latents(request, text, src)
         progress("conditioning", 0.3)
         captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])
         lyrics, lyric_mask = self.text.embed_lyrics([item.lyric_prompt for item in text.items])
