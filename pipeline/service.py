@@ -112,10 +112,7 @@ class AceStepPipeline:
 
     def encode_file(self, path: str, what: str) -> tuple[torch.Tensor, int]:
         """Audio file -> (latents [1, T, C], samples at 48 kHz)."""
-        try:
-            audio = load_audio(Path(path))
-        except (AudioError, OSError) as exc:
-            raise PipelineError(f"{what}: {exc}") from None
+        audio = read_audio(path, what)
         return self.vae.encode(torch.from_numpy(audio)[None].to(self.device, self.dtype)), audio.shape[1]
 
     def timbre_latents(self, path: str | None, seeds: list[int]) -> torch.Tensor:
@@ -124,10 +121,7 @@ class AceStepPipeline:
         frames = self.dit.config.timbre_fix_frame
         if path is None:
             return self.silence_frames(frames).expand(len(seeds), -1, -1)
-        try:
-            audio = load_audio(Path(path))
-        except (AudioError, OSError) as exc:
-            raise PipelineError(f"reference audio: {exc}") from None
+        audio = read_audio(path, "reference audio")
         total, piece = int(TIMBRE_SECONDS * SAMPLE_RATE), int(TIMBRE_SLICE_SECONDS * SAMPLE_RATE)
         if audio.shape[1] < total:
             audio = np.tile(audio, (1, -(-total // audio.shape[1])))
@@ -294,6 +288,14 @@ class AceStepPipeline:
                      "timesignature": meta.get("timesignature"), "metas": {k: v for k, v in meta.items() if v not in (None, "")},
                      "lm_model": lm_name}
         return {k: v for k, v in info.items() if v is not None}
+
+
+def read_audio(path: str, what: str) -> np.ndarray:
+    """An input file as stereo 48 kHz; a file that cannot be read is the job's error, named."""
+    try:
+        return load_audio(Path(path))
+    except (AudioError, OSError) as exc:
+        raise PipelineError(f"{what}: {exc}") from None
 
 
 def fit_frames(latents: torch.Tensor, frames: int, filler: torch.Tensor) -> torch.Tensor:

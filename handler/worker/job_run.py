@@ -117,15 +117,7 @@ class JobRun:
                 files[role] = ref["path"]
                 continue
             target = out_dir / f"{job.id}-input-{role}{Path(ref['key']).suffix}"
-            for attempt in range(self._upload_tries):
-                try:
-                    with self._storage.open(ref["key"]) as source, target.open("wb") as sink:
-                        shutil.copyfileobj(source, sink)
-                    break
-                except StorageUnavailable:
-                    if attempt == self._upload_tries - 1:
-                        raise
-                    time.sleep(min(0.5 * 2**attempt, 10.0))
+            self._with_storage_retries(self._download, ref["key"], target)
             files[role] = str(target)
         return files
 
@@ -179,17 +171,27 @@ class JobRun:
         keys = []
         for index, path in enumerate(files):
             key = output_key(job, index, fmt)
-            for attempt in range(self._upload_tries):
-                try:
-                    with path.open("rb") as data:
-                        self._storage.put(key, data, AUDIO_CONTENT_TYPES[fmt])
-                    break
-                except StorageUnavailable:
-                    if attempt == self._upload_tries - 1:
-                        raise
-                    time.sleep(min(0.5 * 2**attempt, 10.0))
+            self._with_storage_retries(self._put_file, key, path, AUDIO_CONTENT_TYPES[fmt])
             keys.append(key)
         return keys
+
+    def _with_storage_retries(self, call, *args) -> None:
+        """`call(*args)`, retried with doubling backoff while storage is unavailable (upload_tries times)."""
+        for attempt in range(self._upload_tries):
+            try:
+                return call(*args)
+            except StorageUnavailable:
+                if attempt == self._upload_tries - 1:
+                    raise
+                time.sleep(min(0.5 * 2**attempt, 10.0))
+
+    def _put_file(self, key: str, path: Path, content_type: str) -> None:
+        with path.open("rb") as data:
+            self._storage.put(key, data, content_type)
+
+    def _download(self, key: str, target: Path) -> None:
+        with self._storage.open(key) as source, target.open("wb") as sink:
+            shutil.copyfileobj(source, sink)
 
     def _complete(self, job: ClaimedJob, result: dict[str, Any]) -> str:
         try:

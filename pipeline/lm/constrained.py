@@ -19,6 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 FIELD_ORDER = ("bpm", "caption", "duration", "genres", "keyscale", "language", "timesignature")
 BPM_RANGE = (30, 300)
@@ -38,25 +39,12 @@ MAX_CAPTION_TOKENS = 512
 END_TOKEN = "<|im_end|>"
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of byte-level BPE's printable mapping of the 256 byte values."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 class Vocabulary:
     """A tokenizer's tokens as bytes, indexed by first byte, plus the audio-code and end ids."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        decoder = _byte_decoder()
+        decoder = {char: byte for byte, char in bytes_to_unicode().items()}  # byte-level BPE's printable bytes
         added = {i for i in tokenizer.added_tokens_decoder}
         size = len(tokenizer)
         self.token_bytes: list[bytes] = []
