@@ -1,6 +1,6 @@
-"""The `pt` backend: the 5 Hz LM on transformers with our own token loop (KV cache, classifier-free
-guidance over a paired unconditional sequence, constrained decoding, and the sampling order of the
-reference: CFG, constraint mask, repetition penalty, top-k, top-p, temperature)."""
+"""The `pt` backend: the 5 Hz LM on transformers with our own token loop: a KV cache, classifier-free
+guidance over a paired unconditional sequence (both in one batch), and the decisions of
+`decoding.Decoder` (constraints and sampling, shared with the vllm backend)."""
 
 import logging
 from pathlib import Path
@@ -8,40 +8,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling
-from pipeline.lm.constrained import (
-    FIELD_ORDER, MAX_CAPTION_TOKENS, Choice, Vocabulary, field_values, user_value_text,
-)
+from pipeline.lm.backend import CodesRequest, MetadataRequest
+from pipeline.lm.constrained import Vocabulary
+from pipeline.lm.decoding import Decoder, guided
 
 log = logging.getLogger(__name__)
-
-
-def sample_token(logits: torch.Tensor, allowed: torch.Tensor | None, sampling: Sampling, history: list[int],
-                 generator: torch.Generator | None) -> int:
-    """One token from `logits` [V] (float32), restricted to `allowed` (a bool mask or ids)."""
-    logits = logits.float().clone()
-    if allowed is not None:
-        mask = torch.full_like(logits, float("-inf"))
-        mask[allowed] = 0.0
-        logits = logits + mask
-    if sampling.repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history)), device=logits.device)
-        values = logits[seen]
-        logits[seen] = torch.where(values > 0, values / sampling.repetition_penalty, values * sampling.repetition_penalty)
-    if sampling.top_k:
-        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None and 0 < sampling.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative > sampling.top_p
-        drop[1:] = drop[:-1].clone()
-        drop[0] = False  # the most likely token always stays
-        logits[order[drop]] = float("-inf")
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    probs = (logits / sampling.temperature).softmax(-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
 
 
 class Session:
@@ -77,14 +48,6 @@ class Session:
         return self.last
 
 
-def guided(logits: torch.Tensor, items: int, cfg_scale: float) -> torch.Tensor:
-    """[2 x items, V] -> [items, V]: uncond + scale (cond - uncond); [items, V] as is without CFG."""
-    if logits.shape[0] == items:
-        return logits
-    cond, uncond = logits[:items], logits[items:]
-    return uncond + cfg_scale * (cond - uncond)
-
-
 class PtBackend:
     """LMBackend on transformers (`lm_backend: "pt"`)."""
 
@@ -108,87 +71,31 @@ class PtBackend:
 
     @torch.inference_mode()
     def generate_metadata(self, request: MetadataRequest) -> str:
-        vocab = self.vocabulary
         session = self._session([request.prompt], [request.unconditional_prompt], request.cfg_scale)
         rows = session.last.shape[0]
-        generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
-        written: list[int] = []
-
-        def force(text: str) -> None:
-            ids = vocab.encode(text)
-            written.extend(ids)
-            session.feed(torch.tensor([ids] * rows))
-
-        def pick(allowed) -> int:
-            token = sample_token(guided(session.last, 1, request.cfg_scale)[0], allowed, request.sampling, written, generator)
-            written.append(token)
+        decoder = Decoder.for_request(self.vocabulary, request)
+        while not decoder.done:
+            run = decoder.forced_run()  # field names and user values: one forward for the whole run
+            if run:
+                session.feed(torch.tensor([run] * rows))
+                continue
+            token = decoder.decide(guided(session.last, 1, request.cfg_scale)[0])
             session.feed(torch.tensor([[token]] * rows))
-            return token
-
-        force("<think>\n")
-        user = request.user_metadata or {}
-        skipped = {"caption": request.skip_caption, "language": request.skip_language, "genres": request.skip_genres}
-        for name in FIELD_ORDER:
-            if skipped.get(name):
-                continue
-            if user.get(name) is not None:
-                force(user_value_text(name, user[name]))
-                continue
-            force(f"{name}:")
-            values = field_values(name, request.max_duration)
-            if values is not None:
-                choice = Choice(vocab, values)
-                while not choice.take(pick(choice.allowed())):
-                    pass
-            else:
-                self._free_text(session, pick, generator, request, written, max_lines=None if name == "caption" else 1)
-        written.append(vocab.end_id)  # where the reference would begin `</think>`, the end is forced
-        return self.tokenizer.decode(written, skip_special_tokens=False)
-
-    def _free_text(self, session: Session, pick, generator, request: MetadataRequest, written: list[int], max_lines) -> None:
-        """Free text after `field:` up to a newline that the model does not continue with a space."""
-        vocab = self.vocabulary
-        lines, count = 0, 0
-        while True:
-            if count >= MAX_CAPTION_TOKENS:
-                pick(torch.tensor(vocab.newline_ids))
-                return
-            token = pick(vocab.free_text)
-            count += 1
-            if vocab.token_bytes[token] != b"\n":
-                continue
-            lines += 1
-            best = int(guided(session.last, 1, request.cfg_scale)[0].argmax())
-            if (max_lines is not None and lines >= max_lines) or best not in vocab.continues_line:
-                return
+        return self.tokenizer.decode(decoder.tokens, skip_special_tokens=False)
 
     @torch.inference_mode()
     def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
         """Every item's codes in one batch (plus the unconditional rows when CFG is on)."""
         if not requests:
             return []
-        vocab = self.vocabulary
         cfg = requests[0].cfg_scale
         if any(r.cfg_scale != cfg for r in requests):
             raise ValueError("one batch of code requests shares one cfg_scale")
         session = self._session([r.prompt for r in requests], [r.unconditional_prompt for r in requests], cfg)
         items = len(requests)
-        generators = [torch.Generator().manual_seed(r.seed) if r.seed is not None else None for r in requests]
-        outputs: list[list[int]] = [[] for _ in requests]
-        codes = vocab.code_ids.to(session.device)
-        end = torch.tensor([vocab.end_id], device=session.device)
-        done = [False] * items
-        while not all(done):
+        decoders = [Decoder.for_request(self.vocabulary, r) for r in requests]
+        while not all(d.done for d in decoders):
             logits = guided(session.last, items, cfg)
-            step = []
-            for i, request in enumerate(requests):
-                if done[i]:
-                    step.append(self.pad_id)
-                    continue
-                allowed = codes if len(outputs[i]) < request.n_codes else end
-                token = sample_token(logits[i], allowed, request.sampling, outputs[i], generators[i])
-                outputs[i].append(token)
-                done[i] = token == vocab.end_id or len(outputs[i]) >= request.max_new_tokens
-                step.append(token)
+            step = [self.pad_id if d.done else d.decide(logits[i]) for i, d in enumerate(decoders)]
             session.feed(torch.tensor(step * (session.last.shape[0] // items))[:, None])
-        return [self.tokenizer.decode(out, skip_special_tokens=False) for out in outputs]
+        return [self.tokenizer.decode(d.tokens, skip_special_tokens=False) for d in decoders]

@@ -6,10 +6,11 @@ import re
 import pytest
 import torch
 
-from pipeline.lm import pt_backend
+from pipeline.lm import decoding
 from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling
 from pipeline.lm.constrained import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
-from pipeline.lm.pt_backend import PtBackend, sample_token
+from pipeline.lm.decoding import sample_token
+from pipeline.lm.pt_backend import PtBackend
 from pipeline.tiny_text import build_tiny_lm
 
 PROMPT = "<|im_start|>user\n# Caption\nslow jazz\n<|im_end|>\n<|im_start|>assistant\n"
@@ -23,7 +24,7 @@ def lm(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def short_captions(monkeypatch):
-    monkeypatch.setattr(pt_backend, "MAX_CAPTION_TOKENS", 24)  # random weights rarely end a line on their own
+    monkeypatch.setattr(decoding, "MAX_CAPTION_TOKENS", 24)  # random weights rarely end a line on their own
 
 
 def fields(text: str) -> dict[str, str]:

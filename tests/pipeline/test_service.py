@@ -141,9 +141,9 @@ def pipe_with_lm(tiny_checkpoints, tmp_path_factory):
 
 @pytest.fixture
 def short_lm_captions(monkeypatch):
-    from pipeline.lm import pt_backend
+    from pipeline.lm import decoding
 
-    monkeypatch.setattr(pt_backend, "MAX_CAPTION_TOKENS", 16)
+    monkeypatch.setattr(decoding, "MAX_CAPTION_TOKENS", 16)
 
 
 def test_thinking_runs_lm_codes_into_a_cover(pipe_with_lm, short_lm_captions):
