@@ -35,7 +35,7 @@ from pipeline.checkpoints import Checkpoints, discover
 from pipeline.dit.load import load_dit, load_silence_latent
 from pipeline.dit.model import AceStepDiT
 from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError
-from pipeline.lm.loading import load_lms, select_lm
+from pipeline.lm.loading import VLLM_ENGINES, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.sampler import Guidance, generate_audio
 from pipeline.text_encoder import TextEncoder
@@ -91,6 +91,9 @@ class AceStepPipeline:
             raise PipelineError(f"the VAE's latent width {self.vae.latent_dim} does not match the DiT's "
                                 f"audio_acoustic_hidden_dim {self.dit.config.audio_acoustic_hidden_dim}")
         self.lms = load_lms(checkpoints, device=self.device, dtype=self.dtype)
+        if self.device.type == "cuda" and vllm_available():
+            for lm in self.lms.values():  # engines start with the worker, not inside its first job
+                VLLM_ENGINES.backend(lm)
         self.models = [self.dit_name, *sorted(self.lms)]  # reported to the workers table
         # The longest song the LM may plan (the reference caps it by GPU memory tier).
         self.lm_limits = LMLimits(max_duration=int(os.environ.get("ACESTEP_LM_MAX_DURATION", MAX_DURATION_SECONDS)))
@@ -150,7 +153,7 @@ class AceStepPipeline:
         """The LM stage (when the request asks for it) and every string the DiT's text side reads;
         with the name of the LM that was available to it."""
         params = params_from_request(request)
-        lm = select_lm(self.lms, request.get("lm_model_path"), request.get("lm_backend") or "pt") if self.lms else None
+        lm = select_lm(self.lms, request.get("lm_model_path"), request.get("lm_backend") or "vllm") if self.lms else None
         try:
             plan = plan_generation(params, lm, batch_size=batch, seeds=seeds, limits=self.lm_limits,
                                    src_audio_duration=src_samples / SAMPLE_RATE if src_samples else None)

@@ -165,6 +165,12 @@ class Decoder:
             self._queue.extend(self._step.ids)
             self._advance(None)
 
+    @property
+    def wants_logits(self) -> bool:
+        """False when the next token is forced (decide() then ignores its argument)."""
+        self._unfold_forced()
+        return not self._queue
+
     def forced_run(self) -> list[int]:
         """The forced tokens at the next positions (none when the next one needs the model)."""
         self._unfold_forced()
@@ -173,7 +179,7 @@ class Decoder:
         self.tokens.extend(run)
         return run
 
-    def decide(self, logits: torch.Tensor) -> int:
+    def decide(self, logits: torch.Tensor | None) -> int:
         """The token at the next position, given the guided logits [V] there."""
         if self.done:
             raise RuntimeError("the decoder has already finished")

@@ -1,24 +1,33 @@
-"""Which 5 Hz LMs a worker loads and which one a request gets.
+"""Which 5 Hz LMs a worker loads and which backend a request gets.
 
-Every `acestep-5Hz-lm-*` folder of the checkpoints is loaded (ACESTEP_LM_MODELS, comma-separated,
-restricts the set); a request's `lm_model_path` picks one by folder name, else the default
-(ACESTEP_LM_MODEL, else the 1.7B when present, else the first by name). `lm_backend: "vllm"` runs
-on the pt backend: a vllm backend is not part of this build, and one warning per process says so."""
+Every `acestep-5Hz-lm-*` folder of the checkpoints is loaded on the pt backend (ACESTEP_LM_MODELS,
+comma-separated, restricts the set); a request's `lm_model_path` picks one by folder name, else the
+default (ACESTEP_LM_MODEL, else the 1.7B when present, else the first by name).
+
+`lm_backend: "vllm"` (the API's default) starts a vllm engine for that LM on first use
+(ACESTEP_VLLM_GPU_MEMORY_UTILIZATION, default 0.3 of the GPU; ACESTEP_VLLM=0 turns vllm off).
+When vllm is not installed, there is no CUDA, or the engine fails to start, the request runs on
+the pt backend and one warning per LM says why; a vllm engine that fails mid-request is retired
+the same way and that request is redone on pt."""
 
 import importlib.util
 import logging
 import os
+import threading
+from collections.abc import Callable
 
 import torch
 
 from pipeline.checkpoints import Checkpoints
 from pipeline.interface import PipelineError
+from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest
+from pipeline.lm.prompts import MAX_MODEL_LEN
 from pipeline.lm.pt_backend import PtBackend
+from pipeline.lm.vllm_backend import VllmBackend
 
 log = logging.getLogger(__name__)
 
 PREFERRED_DEFAULT = "acestep-5Hz-lm-1.7B"
-_vllm_warned = False
 
 
 def load_lms(checkpoints: Checkpoints, *, device: torch.device, dtype: torch.dtype) -> dict[str, PtBackend]:
@@ -36,15 +45,94 @@ def default_lm(lms: dict[str, PtBackend]) -> str | None:
     return PREFERRED_DEFAULT if PREFERRED_DEFAULT in lms else sorted(lms)[0]
 
 
-def select_lm(lms: dict[str, PtBackend], name: str | None, backend: str = "pt") -> PtBackend:
-    """The LM a request asked for; PipelineError naming the loaded ones when it is not here."""
-    global _vllm_warned
+def _vllm_off() -> bool:
+    return os.environ.get("ACESTEP_VLLM", "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def vllm_available() -> bool:
+    """vllm installed, CUDA present and not turned off: worth starting engines with the worker."""
+    return not _vllm_off() and importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def start_vllm(pt: PtBackend) -> VllmBackend:
+    """A vllm engine for the LM `pt` was loaded from; raises with the reason when it cannot start."""
+    if _vllm_off():
+        raise RuntimeError("ACESTEP_VLLM turns vllm off")
+    if pt.path is None:
+        raise RuntimeError("the LM was not loaded from a checkpoint folder")
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError("vllm is not installed (the gpu extra)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("vllm needs CUDA and this worker has none")
+    utilization = float(os.environ.get("ACESTEP_VLLM_GPU_MEMORY_UTILIZATION", "0.3"))
+    return VllmBackend.start(pt.path, gpu_memory_utilization=utilization, max_model_len=MAX_MODEL_LEN)
+
+
+class _VllmWithFallback:
+    """A vllm backend that redoes a failed call on pt and retires itself (one warning)."""
+
+    def __init__(self, vllm: VllmBackend, pt: PtBackend, retire: Callable[[Exception], None]):
+        self.name = pt.name
+        self.vllm, self.pt, self.retire = vllm, pt, retire
+
+    def generate_metadata(self, request: MetadataRequest) -> str:
+        try:
+            return self.vllm.generate_metadata(request)
+        except Exception as exc:  # noqa: BLE001 - any engine fault: the pt backend still answers
+            self.retire(exc)
+            return self.pt.generate_metadata(request)
+
+    def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
+        try:
+            return self.vllm.generate_codes(requests)
+        except Exception as exc:  # noqa: BLE001
+            self.retire(exc)
+            return self.pt.generate_codes(requests)
+
+
+class VllmEngines:
+    """vllm engines started on first use, one per LM; an LM whose engine could not start (or
+    failed) stays on pt, with one warning."""
+
+    def __init__(self, starter: Callable[[PtBackend], VllmBackend] = start_vllm):
+        self.starter = starter
+        self._engines: dict[str, VllmBackend | None] = {}
+        self._lock = threading.Lock()
+
+    def backend(self, pt: PtBackend) -> LMBackend:
+        with self._lock:
+            if pt.name not in self._engines:
+                try:
+                    self._engines[pt.name] = self.starter(pt)
+                    log.info("5 Hz LM %s: vllm engine started", pt.name)
+                except Exception as exc:  # noqa: BLE001 - any reason vllm cannot start means pt
+                    self._engines[pt.name] = None
+                    log.warning("lm_backend=vllm for %s: vllm cannot start (%s); using the pt backend", pt.name, exc)
+            engine = self._engines[pt.name]
+        if engine is None:
+            return pt
+
+        def retire(exc: Exception) -> None:
+            with self._lock:
+                if self._engines.get(pt.name) is engine:
+                    self._engines[pt.name] = None
+                    log.warning("lm_backend=vllm for %s: the vllm engine failed (%s); using the pt backend from now on",
+                                pt.name, exc)
+
+        return _VllmWithFallback(engine, pt, retire)
+
+
+VLLM_ENGINES = VllmEngines()
+
+
+def select_lm(lms: dict[str, PtBackend], name: str | None, backend: str = "pt",
+              engines: VllmEngines | None = None) -> LMBackend:
+    """The LM a request asked for on the backend it asked for; PipelineError naming the loaded
+    ones when it is not here."""
     chosen = name or default_lm(lms)
     if chosen not in lms:
         loaded = ", ".join(sorted(lms)) or "none"
         raise PipelineError(f"5 Hz LM {chosen!r} is not loaded on this worker (loaded: {loaded})")
-    if backend == "vllm" and not _vllm_warned:
-        _vllm_warned = True
-        reason = "vllm is not installed" if importlib.util.find_spec("vllm") is None else "no vllm backend in this build"
-        log.warning("lm_backend=vllm requested but %s; using the pt backend", reason)
+    if backend == "vllm":
+        return (engines or VLLM_ENGINES).backend(lms[chosen])
     return lms[chosen]

@@ -51,8 +51,9 @@ class Session:
 class PtBackend:
     """LMBackend on transformers (`lm_backend: "pt"`)."""
 
-    def __init__(self, name: str, model, tokenizer):
+    def __init__(self, name: str, model, tokenizer, path: Path | None = None):
         self.name = name
+        self.path = path  # the checkpoint folder (a vllm engine for the same LM loads it from there)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.vocabulary = Vocabulary(tokenizer)
@@ -63,7 +64,7 @@ class PtBackend:
         """The LM checkpoint folder (Qwen3 causal LM + tokenizer with the audio-code tokens), local only."""
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
-        return cls(Path(path).name, model, tokenizer)
+        return cls(Path(path).name, model, tokenizer, Path(path))
 
     def _session(self, prompts: list[str], unconditional: list[str], cfg_scale: float) -> Session:
         texts = prompts + (unconditional if cfg_scale != 1.0 else [])

@@ -156,6 +156,18 @@ def test_thinking_runs_lm_codes_into_a_cover(pipe_with_lm, short_lm_captions):
     assert all(np.array_equal(a, b) for a, b in zip(out.audios, again.audios, strict=True))  # same seed, same song
 
 
+def test_vllm_request_without_vllm_runs_on_pt_with_one_warning(pipe_with_lm, short_lm_captions, monkeypatch, caplog):
+    from pipeline.lm import loading
+
+    monkeypatch.setattr(loading, "VLLM_ENGINES", loading.VllmEngines())
+    with caplog.at_level("WARNING", logger="pipeline.lm.loading"):
+        on_vllm, _ = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="vllm")
+        run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="vllm")
+    on_pt, _ = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="pt")
+    assert np.array_equal(on_vllm.audios[0], on_pt.audios[0])
+    assert caplog.text.count("lm_backend=vllm for acestep-5Hz-lm-0.6B: vllm cannot start") == 1
+
+
 def test_metadata_fill_keeps_user_values(pipe_with_lm, short_lm_captions):
     out, _ = run(pipe_with_lm, thinking=False, audio_duration=None, bpm=77, key_scale="", time_signature="3/4")
     assert out.info["bpm"] == 77 and out.info["timesignature"] == "3/4" and out.info["keyscale"]
