@@ -24,6 +24,7 @@ engine starts. `loading` falls back to the pt backend with one warning when it c
 import dataclasses
 import enum
 import logging
+import os
 import threading
 import uuid
 from collections import defaultdict
@@ -216,7 +217,12 @@ class VllmBackend:
 
     @classmethod
     def start(cls, path: Path, *, gpu_memory_utilization: float, max_model_len: int) -> "VllmBackend":
-        """An engine for the LM checkpoint folder, local files only, bf16, our logits processor."""
+        """An engine for the LM checkpoint folder, local files only, bf16, our logits processor.
+
+        The engine runs in this process (no engine-core or executor subprocesses): the worker runs the
+        pipeline in a daemon child process, which may not start processes of its own."""
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -224,7 +230,7 @@ class VllmBackend:
             model=str(path), tokenizer=str(path), dtype="bfloat16", seed=0,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, STEP_TOKENS),
-            logits_processors=[PairedCfgLogitsProcessor],
+            logits_processors=[PairedCfgLogitsProcessor], distributed_executor_backend="uni",
         )
         return cls(Path(path).name, llm, AutoTokenizer.from_pretrained(path, local_files_only=True))
 
