@@ -52,13 +52,29 @@ def guided(logits: torch.Tensor, items: int, cfg_scale: float) -> torch.Tensor:
     return uncond + cfg_scale * (cond - uncond)
 
 
+_device_copies: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _on_device(allowed, device: torch.device) -> torch.Tensor:
+    """`allowed` on the logits' device; the vocabulary's long-lived id tensors (the 64 000 audio codes,
+    the free-text ids) are copied there once, not at every step."""
+    if not isinstance(allowed, torch.Tensor):
+        return torch.as_tensor(allowed, device=device)
+    if allowed.device == device:
+        return allowed
+    key = (id(allowed), device)
+    if key not in _device_copies:
+        _device_copies[key] = (allowed, allowed.to(device))  # holding the original keeps its id unique
+    return _device_copies[key][1]
+
+
 def sample_token(logits: torch.Tensor, allowed, sampling: Sampling, history: list[int],
                  generator: torch.Generator | None) -> int:
     """One token from `logits` [V] (float32), restricted to `allowed` (a bool mask or ids)."""
     logits = logits.float().clone()
     if allowed is not None:
         mask = torch.full_like(logits, float("-inf"))
-        mask[torch.as_tensor(allowed, device=logits.device)] = 0.0
+        mask[_on_device(allowed, logits.device)] = 0.0
         logits = logits + mask
     if sampling.repetition_penalty != 1.0 and history:
         seen = torch.tensor(sorted(set(history)), device=logits.device)
