@@ -30,6 +30,10 @@ class OutOfMemory(PipelineError):
     """The device ran out of memory (the worker may retry with a smaller batch)."""
 
 
+# The optional `info` keys a job result carries (what the LM decided, which models made the audio).
+RESULT_INFO_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model")
+
+
 @dataclass
 class GeneratedAudio:
     """What a pipeline returns: float32 arrays shaped (channels, samples) at `sample_rate`, and metadata

@@ -118,6 +118,7 @@ class RecordingBackend:
     """The LM replaced by the case's hand-written outputs; every request is recorded."""
 
     name = "prompt-fixture-stub"
+    backend = "stub"
 
     def __init__(self, metadata_output: str, codes_output: str) -> None:
         self.metadata_output, self.codes_output = metadata_output, codes_output

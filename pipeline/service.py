@@ -149,9 +149,9 @@ class AceStepPipeline:
             raise PipelineError(f"source audio is {samples / SAMPLE_RATE:.2f} s long; at least {MIN_SOURCE_SECONDS:g} s is needed")
         return src, samples
 
-    def text_plan(self, request: dict[str, Any], batch: int, seeds: list[int], src_samples: int) -> tuple[GenerationPlan, str | None]:
+    def text_plan(self, request: dict[str, Any], batch: int, seeds: list[int], src_samples: int) -> tuple[GenerationPlan, Any]:
         """The LM stage (when the request asks for it) and every string the DiT's text side reads;
-        with the name of the LM that was available to it."""
+        with the LM backend that was available to it (None without an LM)."""
         params = params_from_request(request)
         lm = select_lm(self.lms, request.get("lm_model_path"), request.get("lm_backend") or "vllm") if self.lms else None
         try:
@@ -161,7 +161,7 @@ class AceStepPipeline:
             raise PipelineError("thinking=true needs a 5 Hz LM, and this worker has none loaded") from None
         except ValueError as exc:
             raise PipelineError(str(exc)) from None
-        return plan, lm.name if lm is not None else None
+        return plan, lm
 
     def latents(self, request: dict[str, Any], text: GenerationPlan, src: torch.Tensor | None) -> Latents:
         codes = [item.audio_codes for item in text.items]
@@ -231,7 +231,7 @@ class AceStepPipeline:
         src, src_samples = self.source(request, task)
         if self.lms and request.get("thinking"):
             progress("lm", 0.05)
-        text, lm_name = self.text_plan(request, batch, seeds, src_samples)
+        text, lm = self.text_plan(request, batch, seeds, src_samples)
         plan = self.latents(request, text, src)
         progress("conditioning", 0.3)
         captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])
@@ -274,9 +274,9 @@ class AceStepPipeline:
         audio = self.vae.decode(latents)[:, :, : plan.samples].float().numpy()
         audios = [finish_audio(item, index) for index, item in enumerate(audio)]
         progress("vae", 0.95)
-        return GeneratedAudio(audios, SAMPLE_RATE, self.result_info(text, plan, seeds, lm_name))
+        return GeneratedAudio(audios, SAMPLE_RATE, self.result_info(text, plan, seeds, lm))
 
-    def result_info(self, text: GenerationPlan, plan: Latents, seeds: list[int], lm_name: str | None) -> dict[str, Any]:
+    def result_info(self, text: GenerationPlan, plan: Latents, seeds: list[int], lm) -> dict[str, Any]:
         """seed_value, generation_info and, when the LM ran, what it decided (bpm, duration, ...)."""
         seconds = plan.samples / SAMPLE_RATE
         info: dict[str, Any] = {
@@ -289,7 +289,7 @@ class AceStepPipeline:
             meta = text.metadata
             info |= {"bpm": meta.get("bpm"), "genres": meta.get("genres"), "keyscale": meta.get("keyscale"),
                      "timesignature": meta.get("timesignature"), "metas": {k: v for k, v in meta.items() if v not in (None, "")},
-                     "lm_model": lm_name}
+                     "lm_model": lm.name, "lm_backend": lm.backend}
         return {k: v for k, v in info.items() if v is not None}
 
 

@@ -3,13 +3,14 @@ into fresh download URLs, errors as the stored client-facing message.
 
 The worker's result contract (written by the worker, rendered here):
     {"audio_keys": [...], "generation_info": str, "status_message": str, "seed_value": "s1,s2",
-     optional "bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "dit_model"}
+     and the optional keys of pipeline.interface.RESULT_INFO_FIELDS: "bpm", "duration", "genres",
+     "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model"}
 """
 
 from datetime import datetime
 from typing import Any
 
-LM_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "dit_model")
+from pipeline.interface import RESULT_INFO_FIELDS
 
 
 def epoch(value: datetime | None) -> float | None:
@@ -26,7 +27,7 @@ def render_result(result: dict[str, Any], url_for) -> dict[str, Any]:
         "status_message": result.get("status_message", ""),
         "seed_value": result.get("seed_value", ""),
     }
-    rendered.update({name: result[name] for name in LM_FIELDS if result.get(name) is not None})
+    rendered.update({name: result[name] for name in RESULT_INFO_FIELDS if result.get(name) is not None})
     return rendered
 
 

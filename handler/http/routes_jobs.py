@@ -53,6 +53,7 @@ class JobResult(BaseModel):
     timesignature: str | None = None
     metas: dict[str, Any] | None = None
     lm_model: str | None = None
+    lm_backend: str | None = None  # what ran the LM: "pt" where vllm was asked for but could not run
     dit_model: str | None = None
 
 

@@ -12,6 +12,7 @@ from db import DatabaseUnavailable, JobLost, JobStore
 from db.store import ClaimedJob
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
 from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
+from pipeline.interface import RESULT_INFO_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def result_document(request: dict[str, Any], keys: list[str], info: dict[str, An
         "status_message": "Generation completed successfully!",
         "seed_value": str(info.get("seed_value", "")),
     }
-    for name in ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "dit_model"):
+    for name in RESULT_INFO_FIELDS:
         if info.get(name) is not None:
             result[name] = info[name]
     return result

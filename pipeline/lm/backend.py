@@ -48,6 +48,7 @@ class CodesRequest:
 
 class LMBackend(Protocol):
     name: str  # the LM checkpoint folder, e.g. "acestep-5Hz-lm-1.7B"
+    backend: str  # what runs it: "pt" or "vllm" (reported in the job result as lm_backend)
 
     def generate_metadata(self, request: MetadataRequest) -> str: ...
 

@@ -73,21 +73,29 @@ class _VllmWithFallback:
 
     def __init__(self, vllm: VllmBackend, pt: PtBackend, retire: Callable[[Exception], None]):
         self.name = pt.name
+        self.backend = vllm.backend  # "pt" once a call had to be redone there
         self.vllm, self.pt, self.retire = vllm, pt, retire
 
+    def _fallback(self, exc: Exception) -> PtBackend:
+        self.retire(exc)
+        self.backend = self.pt.backend
+        return self.pt
+
     def generate_metadata(self, request: MetadataRequest) -> str:
-        try:
-            return self.vllm.generate_metadata(request)
-        except Exception as exc:  # noqa: BLE001 - any engine fault: the pt backend still answers
-            self.retire(exc)
-            return self.pt.generate_metadata(request)
+        if self.backend == self.vllm.backend:
+            try:
+                return self.vllm.generate_metadata(request)
+            except Exception as exc:  # noqa: BLE001 - any engine fault: the pt backend still answers
+                self._fallback(exc)
+        return self.pt.generate_metadata(request)
 
     def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
-        try:
-            return self.vllm.generate_codes(requests)
-        except Exception as exc:  # noqa: BLE001
-            self.retire(exc)
-            return self.pt.generate_codes(requests)
+        if self.backend == self.vllm.backend:
+            try:
+                return self.vllm.generate_codes(requests)
+            except Exception as exc:  # noqa: BLE001
+                self._fallback(exc)
+        return self.pt.generate_codes(requests)
 
 
 class VllmEngines:

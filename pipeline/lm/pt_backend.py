@@ -51,6 +51,8 @@ class Session:
 class PtBackend:
     """LMBackend on transformers (`lm_backend: "pt"`)."""
 
+    backend = "pt"
+
     def __init__(self, name: str, model, tokenizer, path: Path | None = None):
         self.name = name
         self.path = path  # the checkpoint folder (a vllm engine for the same LM loads it from there)

@@ -204,6 +204,8 @@ class PairedCfgLogitsProcessor(_ProcessorBase):
 class VllmBackend:
     """LMBackend on a vllm `LLM` engine (`lm_backend: "vllm"`)."""
 
+    backend = "vllm"
+
     def __init__(self, name: str, llm, tokenizer, sampling_params=None, step_tokens: int = STEP_TOKENS):
         self.name = name
         self.step_tokens = step_tokens  # the engine's max_num_batched_tokens

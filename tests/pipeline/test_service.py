@@ -150,6 +150,7 @@ def test_thinking_runs_lm_codes_into_a_cover(pipe_with_lm, short_lm_captions):
     out, stages = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=2, lm_backend="pt")
     assert [a.shape for a in out.audios] == [(2, 3 * SAMPLE_RATE)] * 2
     assert out.info["lm_model"] == "acestep-5Hz-lm-0.6B" and "cover" in out.info["generation_info"]
+    assert out.info["lm_backend"] == "pt"
     assert 30 <= out.info["bpm"] <= 300 and out.info["keyscale"] and out.info["timesignature"] in ("2", "3", "4", "6")
     assert "lm" in {s for s, _ in stages}
     again, _ = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=2, lm_backend="pt")
@@ -164,7 +165,7 @@ def test_vllm_request_without_vllm_runs_on_pt_with_one_warning(pipe_with_lm, sho
         on_vllm, _ = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="vllm")
         run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="vllm")
     on_pt, _ = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="pt")
-    assert np.array_equal(on_vllm.audios[0], on_pt.audios[0])
+    assert np.array_equal(on_vllm.audios[0], on_pt.audios[0]) and on_vllm.info["lm_backend"] == "pt"
     assert caplog.text.count("lm_backend=vllm for acestep-5Hz-lm-0.6B: vllm cannot start") == 1
 
 

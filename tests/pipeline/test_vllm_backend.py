@@ -126,6 +126,8 @@ def test_parameters_are_checked():
 
 
 class _Engine:
+    backend = "vllm"
+
     def __init__(self, fail: bool = False):
         self.fail, self.calls = fail, 0
 
@@ -160,11 +162,13 @@ def test_vllm_engine_used_and_retired_on_failure(pt, caplog):
     engines = loading.VllmEngines(lambda backend: engine)
     lms = {pt.name: pt}
     requests = codes_requests()[:1]
-    assert loading.select_lm(lms, None, "vllm", engines).generate_codes(requests) == ["from vllm"]
+    chosen = loading.select_lm(lms, None, "vllm", engines)
+    assert chosen.generate_codes(requests) == ["from vllm"] and chosen.backend == "vllm"
     engine.fail = True
     with caplog.at_level(logging.WARNING, logger="pipeline.lm.loading"):
         chosen = loading.select_lm(lms, None, "vllm", engines)
         assert chosen.generate_codes(requests) == pt.generate_codes(requests)  # redone on pt
+        assert chosen.backend == "pt"
         assert loading.select_lm(lms, None, "vllm", engines) is pt  # retired
     assert engine.calls == 2 and caplog.text.count("the vllm engine failed (engine died)") == 1
 
