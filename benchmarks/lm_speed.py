@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from pipeline.lm.backend import CodesRequest, Sampling
+from pipeline.lm.constrained import Vocabulary
 from pipeline.lm.pt_backend import PtBackend
 from pipeline.lm.vllm_backend import VllmBackend
 from pipeline.tiny_text import build_tokenizer
@@ -35,7 +36,7 @@ def build(size: str, device, dtype) -> PtBackend:
                          max_position_embeddings=40960, rope_theta=1000000, **SIZES[size])
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return PtBackend(f"random-{size}", model, tokenizer)
+    return PtBackend(f"random-{size}", model, Vocabulary(tokenizer))
 
 
 def as_vllm(backend: PtBackend, folder: Path) -> VllmBackend:

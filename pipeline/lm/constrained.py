@@ -14,6 +14,7 @@ end-of-text token.
 
 `Vocabulary` indexes a tokenizer once: each token's bytes, the audio-code ids, the end token."""
 
+import functools
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass
@@ -73,6 +74,15 @@ class Vocabulary:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+@functools.cache
+def load_vocabulary(path: str) -> Vocabulary:
+    """An LM checkpoint folder's tokenizer, indexed once per process: the pt backend, a vllm engine and
+    its logits processor all use the one for their folder."""
+    from transformers import AutoTokenizer
+
+    return Vocabulary(AutoTokenizer.from_pretrained(path, local_files_only=True))
 
 
 @dataclass

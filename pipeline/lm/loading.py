@@ -76,10 +76,9 @@ class _VllmWithFallback:
         self.backend = vllm.backend  # "pt" once a call had to be redone there
         self.vllm, self.pt, self.retire = vllm, pt, retire
 
-    def _fallback(self, exc: Exception) -> PtBackend:
+    def _fallback(self, exc: Exception) -> None:
         self.retire(exc)
         self.backend = self.pt.backend
-        return self.pt
 
     def generate_metadata(self, request: MetadataRequest) -> str:
         if self.backend == self.vllm.backend:

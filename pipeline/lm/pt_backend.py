@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from pipeline.lm.backend import CodesRequest, MetadataRequest
-from pipeline.lm.constrained import Vocabulary
+from pipeline.lm.constrained import Vocabulary, load_vocabulary
 from pipeline.lm.decoding import Decoder, guided
 
 log = logging.getLogger(__name__)
@@ -53,20 +53,19 @@ class PtBackend:
 
     backend = "pt"
 
-    def __init__(self, name: str, model, tokenizer, path: Path | None = None):
+    def __init__(self, name: str, model, vocabulary: Vocabulary, path: Path | None = None):
         self.name = name
         self.path = path  # the checkpoint folder (a vllm engine for the same LM loads it from there)
         self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.vocabulary = Vocabulary(tokenizer)
+        self.vocabulary = vocabulary
+        self.tokenizer = vocabulary.tokenizer
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.vocabulary.end_id
 
     @classmethod
     def load(cls, path: Path, *, device: torch.device, dtype: torch.dtype) -> "PtBackend":
         """The LM checkpoint folder (Qwen3 causal LM + tokenizer with the audio-code tokens), local only."""
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
-        return cls(Path(path).name, model, tokenizer, Path(path))
+        return cls(Path(path).name, model, load_vocabulary(str(path)), Path(path))
 
     def _session(self, prompts: list[str], unconditional: list[str], cfg_scale: float) -> Session:
         texts = prompts + (unconditional if cfg_scale != 1.0 else [])

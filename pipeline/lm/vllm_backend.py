@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling
-from pipeline.lm.constrained import Vocabulary
+from pipeline.lm.constrained import Vocabulary, load_vocabulary
 from pipeline.lm.decoding import Decoder
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,7 @@ class PairedCfgLogitsProcessor(_ProcessorBase):
     """vllm V1 logits processor: CFG over request pairs and our constrained decisions (see module doc)."""
 
     def __init__(self, vllm_config=None, device=None, is_pin_memory: bool = False, *, vocabulary: Vocabulary | None = None):
-        if vocabulary is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(vllm_config.model_config.tokenizer, local_files_only=True)
-            vocabulary = Vocabulary(tokenizer)
-        self.vocabulary = vocabulary
+        self.vocabulary = vocabulary or load_vocabulary(vllm_config.model_config.tokenizer)
         self.batch = _Batch()
 
     @classmethod
@@ -206,12 +201,12 @@ class VllmBackend:
 
     backend = "vllm"
 
-    def __init__(self, name: str, llm, tokenizer, sampling_params=None, step_tokens: int = STEP_TOKENS):
+    def __init__(self, name: str, llm, vocabulary: Vocabulary, sampling_params=None, step_tokens: int = STEP_TOKENS):
         self.name = name
         self.step_tokens = step_tokens  # the engine's max_num_batched_tokens
         self.llm = llm
-        self.tokenizer = tokenizer
-        self.vocabulary = Vocabulary(tokenizer)
+        self.vocabulary = vocabulary
+        self.tokenizer = vocabulary.tokenizer
         if sampling_params is None:
             from vllm import SamplingParams as sampling_params
         self._params = sampling_params
@@ -225,7 +220,6 @@ class VllmBackend:
         pipeline in a daemon child process, which may not start processes of its own."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from transformers import AutoTokenizer
         from vllm import LLM
 
         llm = LLM(
@@ -234,7 +228,7 @@ class VllmBackend:
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, STEP_TOKENS),
             logits_processors=[PairedCfgLogitsProcessor], distributed_executor_backend="uni",
         )
-        return cls(Path(path).name, llm, AutoTokenizer.from_pretrained(path, local_files_only=True))
+        return cls(Path(path).name, llm, load_vocabulary(str(path)))
 
     def generate_metadata(self, request: MetadataRequest) -> str:
         return self._run([request])[0]

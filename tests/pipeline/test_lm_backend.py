@@ -10,16 +10,13 @@ from pipeline.lm import decoding
 from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling
 from pipeline.lm.constrained import VALID_KEYSCALES, VALID_LANGUAGES, VALID_TIME_SIGNATURES
 from pipeline.lm.decoding import sample_token
-from pipeline.lm.pt_backend import PtBackend
-from pipeline.tiny_text import build_tiny_lm
 
 PROMPT = "<|im_start|>user\n# Caption\nslow jazz\n<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    path = build_tiny_lm(tmp_path_factory.mktemp("lm") / "acestep-5Hz-lm-0.6B")
-    return PtBackend.load(path, device=torch.device("cpu"), dtype=torch.float32)
+@pytest.fixture
+def lm(tiny_pt_lm):
+    return tiny_pt_lm
 
 
 @pytest.fixture(autouse=True)

@@ -7,24 +7,21 @@ import logging
 import re
 
 import pytest
-import torch
 
 from pipeline.lm import decoding, loading
 from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling
 from pipeline.lm.constrained import VALID_KEYSCALES
 from pipeline.lm.pt_backend import PtBackend
 from pipeline.lm.vllm_backend import EXTRA_KEY, PairedCfgLogitsProcessor, VllmBackend, request_to_args
-from pipeline.tiny_text import build_tiny_lm
 from tests.pipeline.fake_vllm import FakeLLM, SamplingParams
 
 PROMPT = "<|im_start|>user\n# Caption\nslow jazz\n<|im_end|>\n<|im_start|>assistant\n"
 UNCOND = "<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def pt(tmp_path_factory):
-    path = build_tiny_lm(tmp_path_factory.mktemp("lm") / "acestep-5Hz-lm-0.6B")
-    return PtBackend.load(path, device=torch.device("cpu"), dtype=torch.float32)
+@pytest.fixture
+def pt(tiny_pt_lm):
+    return tiny_pt_lm
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +32,7 @@ def short_captions(monkeypatch):
 def vllm_on_fake(pt: PtBackend, **engine) -> tuple[VllmBackend, FakeLLM]:
     processor = PairedCfgLogitsProcessor(vocabulary=pt.vocabulary)
     llm = FakeLLM(pt.model, processor, pt.pad_id, **engine)
-    return VllmBackend(pt.name, llm, pt.tokenizer, sampling_params=SamplingParams), llm
+    return VllmBackend(pt.name, llm, pt.vocabulary, sampling_params=SamplingParams), llm
 
 
 def codes_requests(cfg: float = 2.5) -> list[CodesRequest]:
