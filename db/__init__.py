@@ -9,6 +9,7 @@ from db.exceptions import (
     QuotaExceeded,
     StoreError,
 )
+from db.states import JobStatus, WorkerState
 from db.store import ClaimedJob, JobStore, NewJob
 from db.wakeups import JobWakeups
 
@@ -18,10 +19,12 @@ __all__ = [
     "IdempotencyConflict",
     "JobLost",
     "JobNotFound",
+    "JobStatus",
     "JobStore",
     "JobWakeups",
     "NewJob",
     "QuotaExceeded",
     "StoreError",
+    "WorkerState",
     "make_engine",
 ]

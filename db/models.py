@@ -20,8 +20,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-FINISHED_STATUSES = ("succeeded", "failed", "canceled")
+from db.states import JobStatus, WorkerState
+
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+WORKER_STATES = tuple(s.value for s in WorkerState)
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -41,7 +43,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[UUID] = mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
-    status: Mapped[str] = mapped_column(Text, server_default="queued")
+    status: Mapped[str] = mapped_column(Text, server_default=JobStatus.QUEUED.value)
     priority: Mapped[int] = mapped_column(Integer, server_default="0")
     owner: Mapped[str] = mapped_column(Text, server_default="")
     idempotency_key: Mapped[str | None] = mapped_column(Text)
@@ -108,13 +110,13 @@ class Worker(Base):
     host: Mapped[str] = mapped_column(Text)
     capacity: Mapped[int] = mapped_column(Integer, server_default="1")
     models: Mapped[list] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
-    state: Mapped[str] = mapped_column(Text, server_default="STARTING")
+    state: Mapped[str] = mapped_column(Text, server_default=WorkerState.STARTING.value)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
 
     __table_args__ = (
         CheckConstraint("capacity >= 0", name="capacity"),
-        CheckConstraint("state IN ('STARTING', 'READY', 'BUSY', 'SETUP_FAILED', 'STOPPING')", name="state"),
+        CheckConstraint(f"state IN {WORKER_STATES!r}", name="state"),
         Index("ix_workers_heartbeat_at", "heartbeat_at"),
     )
 

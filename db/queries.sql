@@ -2,6 +2,31 @@
 -- `db/sql.py` loads them. Each statement takes `:now` (NULL means the database clock) so tests can
 -- move time instead of sleeping. Every write to a running job is fenced by id, status, attempt and
 -- worker: zero rows changed means the caller lost the job.
+--
+-- Side effects of a job's status (the strings are db/states.py's JobStatus; the check constraints
+-- are in db/models.py). Changing a status anywhere means minding all of these:
+--   * trigger jobs_notify_inserted (migrations/versions/0001, function acestep_notify_jobs):
+--     AFTER INSERT ON jobs, once per statement: NOTIFY acestep_jobs, which wakes LISTENing idle
+--     workers (db/wakeups.py). Fires for submit_job and submit_jobs (new 'queued' jobs).
+--   * explicit pg_notify('acestep_jobs') in fail_job and release_job: a job back in the queue wakes
+--     idle workers too. rescue_expired and cancel_job do not notify (workers poll as a fallback).
+--   * trigger jobs_queue_webhook (migrations/versions/0003, function acestep_queue_webhook):
+--     AFTER UPDATE OF status ON jobs, per row, when the status changes to 'succeeded', 'failed' or
+--     'canceled' and request->>'webhook_url' is set: inserts a webhook_outbox row (event
+--     'job.<status>') in the same transaction. Fires for complete_jobs, fail_job, release_job,
+--     finish_canceled, cancel_job and rescue_expired; delivered by handler/webhooks.py, run by
+--     handler/maintenance.py.
+--   * webhook_outbox.job_id REFERENCES jobs ON DELETE CASCADE: prune_finished deletes a job's
+--     deliveries with it; handler/maintenance.py then deletes its files (jobs/<id>/ in storage).
+--   * check ck_jobs_lease_only_while_running: status = 'running' exactly when lease_expires_at is
+--     set, so every statement that enters or leaves 'running' sets or clears the lease.
+--   * check ck_jobs_status: the five statuses; partial indexes ix_jobs_queue and
+--     ix_jobs_owner_queued cover status = 'queued' rows only.
+-- Who changes a status: submit_job/submit_jobs (new, 'queued'), claim_jobs ('queued' -> 'running'),
+-- complete_jobs ('running' -> 'succeeded'), fail_job ('running' -> 'queued' | 'failed'),
+-- release_job ('running' -> 'queued' | 'canceled'), finish_canceled ('running' -> 'canceled'),
+-- cancel_job ('queued' -> 'canceled'), rescue_expired ('running' -> 'queued' | 'failed' |
+-- 'canceled', run by handler/maintenance.py), prune_finished (deletes finished jobs, same module).
 
 -- name: submit_job
 -- Insert one job; with an idempotency key, return the existing job instead (locked, so a
@@ -39,48 +64,41 @@ inserted AS (
 SELECT count(*) AS inserted FROM inserted;
 
 -- name: claim_jobs
--- Take up to :limit claimable jobs in claim order; never more than the caller's free slots.
+-- Take up to :limit claimable jobs in claim order; never more than the caller's free slots. Without
+-- :batch_key (NULL) they are the first claimable jobs, skipping those another claimer has locked.
+-- With it, only jobs of that batch key (request->>'batch_key') among the next :lookahead in claim
+-- order, to share one GPU batch with a job the worker already holds. Exactly one of the two pickers
+-- runs (the other's condition on :batch_key is a one-time filter); both share the claim below.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
-picked AS (
+next_jobs AS (
     SELECT j.id
     FROM jobs AS j
-    WHERE j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+    WHERE CAST(:batch_key AS text) IS NULL
+      AND j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
     ORDER BY j.priority, j.created_at, j.id
     LIMIT :limit
     FOR UPDATE OF j SKIP LOCKED
-)
-UPDATE jobs AS j
-SET status = 'running',
-    attempt = j.attempt + 1,
-    worker_id = :worker_id,
-    started_at = clock.now,
-    heartbeat_at = clock.now,
-    lease_expires_at = clock.now + make_interval(secs => CAST(:lease_seconds AS float8)),
-    stage = 'claimed',
-    progress = 0
-FROM picked, clock
-WHERE j.id = picked.id
-RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.owner, j.model, j.task_type, j.request,
-          j.created_at, j.lease_expires_at;
-
--- name: claim_batch
--- Claim queued jobs with the given batch key (request->>'batch_key') among the next :lookahead in
--- claim order, to share one GPU batch with a job this worker already holds.
-WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
+),
 ahead AS (
     SELECT j.id
     FROM jobs AS j
-    WHERE j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+    WHERE CAST(:batch_key AS text) IS NOT NULL
+      AND j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
     ORDER BY j.priority, j.created_at, j.id
     LIMIT :lookahead
 ),
-picked AS (
+batch_mates AS (
     SELECT j.id
     FROM jobs AS j JOIN ahead USING (id)
     WHERE j.status = 'queued' AND j.request->>'batch_key' = :batch_key
     ORDER BY j.priority, j.created_at, j.id
     LIMIT :limit
     FOR UPDATE OF j SKIP LOCKED
+),
+picked AS (
+    SELECT id FROM next_jobs
+    UNION ALL
+    SELECT id FROM batch_mates
 )
 UPDATE jobs AS j
 SET status = 'running',

@@ -26,6 +26,7 @@ from db.exceptions import (
 )
 from db.ids import new_job_id
 from db.sql import statements
+from db.states import JobStatus, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ _NEW_JOB_DEFAULTS = {"priority": 0, "model": "", "task_type": "text2music", "dit
 @dataclass(frozen=True)
 class Submitted:
     id: UUID
-    status: str
+    status: JobStatus
     created: bool
 
 
@@ -101,8 +102,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class CancelOutcome:
-    before: str
-    after: str | None  # None: the job had already finished, nothing changed
+    before: JobStatus
+    after: JobStatus | None  # None: the job had already finished, nothing changed
 
 
 @dataclass
@@ -203,7 +204,7 @@ class JobStore:
         row = rows[0]
         if not row.created and row.request_hash != digest:
             raise IdempotencyConflict()
-        return Submitted(id=row.id, status=row.status, created=row.created)
+        return Submitted(id=row.id, status=JobStatus(row.status), created=row.created)
 
     def submit_many(
         self, jobs: Sequence[NewJob], *, owner: str = "", max_attempts: int = 3, now: datetime | None = None
@@ -237,7 +238,7 @@ class JobStore:
         inputs = EtaInputs()
         for row in self._run("eta_inputs", None, id=job_id):
             entry = {k: v for k, v in row._asdict().items() if k != "kind"}
-            (inputs.queued if row.kind == "queued" else inputs.running).append(entry)
+            (inputs.queued if row.kind == JobStatus.QUEUED else inputs.running).append(entry)
         return inputs
 
     def queue_checkpoints(
@@ -282,27 +283,28 @@ class JobStore:
         row = self._run("cancel_job", now, id=job_id)[0]
         if row.status_before is None:
             raise JobNotFound(f"job {job_id} not found")
-        return CancelOutcome(before=row.status_before, after=row.status_after)
+        after = JobStatus(row.status_after) if row.status_after is not None else None
+        return CancelOutcome(before=JobStatus(row.status_before), after=after)
 
     # --- worker side: every write is fenced -------------------------------------------------
 
     def claim(self, worker_id: str, limit: int, *, now: datetime | None = None) -> list[ClaimedJob]:
         """Claim up to `limit` jobs (the caller's free slots), in priority order."""
-        if limit <= 0:
-            return []
-        rows = self._run("claim_jobs", now, worker_id=worker_id, limit=limit, lease_seconds=self.lease_seconds)
-        jobs = [ClaimedJob(**row._asdict()) for row in rows]
-        jobs.sort(key=lambda j: (j.priority, j.created_at, j.id))
-        return jobs
+        return self._claim(worker_id, limit, batch_key=None, lookahead=None, now=now)
 
     def claim_batch(
         self, worker_id: str, batch_key: str, limit: int, *, lookahead: int = 200, now: datetime | None = None
     ) -> list[ClaimedJob]:
         """Claim up to `limit` more jobs with `batch_key` from the next `lookahead` in line."""
+        return self._claim(worker_id, limit, batch_key=batch_key, lookahead=lookahead, now=now)
+
+    def _claim(
+        self, worker_id: str, limit: int, *, batch_key: str | None, lookahead: int | None, now: datetime | None
+    ) -> list[ClaimedJob]:
         if limit <= 0:
             return []
         rows = self._run(
-            "claim_batch", now, worker_id=worker_id, batch_key=batch_key, limit=limit, lookahead=lookahead,
+            "claim_jobs", now, worker_id=worker_id, limit=limit, batch_key=batch_key, lookahead=lookahead,
             lease_seconds=self.lease_seconds,
         )
         return sorted((ClaimedJob(**row._asdict()) for row in rows), key=lambda j: (j.priority, j.created_at, j.id))
@@ -349,8 +351,8 @@ class JobStore:
         *,
         retryable: bool,
         now: datetime | None = None,
-    ) -> str:
-        """Record a failed attempt; returns the new status ('queued' for a retry, else 'failed')."""
+    ) -> JobStatus:
+        """Record a failed attempt; returns the new status (QUEUED for a retry, else FAILED)."""
         row = self._fenced(
             "fail_job",
             job,
@@ -361,11 +363,12 @@ class JobStore:
             retry_base_seconds=self.retry.base_seconds,
             retry_max_seconds=self.retry.max_seconds,
         )
-        return row.status
+        return JobStatus(row.status)
 
-    def release(self, job: ClaimedJob, worker_id: str, *, refund: bool, now: datetime | None = None) -> str:
-        """Put a running job back in the queue; `refund` returns the attempt (soft shutdown)."""
-        return self._fenced("release_job", job, worker_id, now, refund=refund).status
+    def release(self, job: ClaimedJob, worker_id: str, *, refund: bool, now: datetime | None = None) -> JobStatus:
+        """Put a running job back in the queue (CANCELED instead if a cancel was requested); `refund`
+        returns the attempt (soft shutdown)."""
+        return JobStatus(self._fenced("release_job", job, worker_id, now, refund=refund).status)
 
     def finish_canceled(self, job: ClaimedJob, worker_id: str, *, now: datetime | None = None) -> None:
         """The worker stopped a job whose cancel was requested."""
@@ -380,7 +383,7 @@ class JobStore:
 
     # --- maintenance -----------------------------------------------------------------------
 
-    def rescue_expired(self, *, limit: int = 500, now: datetime | None = None) -> list[tuple[UUID, str]]:
+    def rescue_expired(self, *, limit: int = 500, now: datetime | None = None) -> list[tuple[UUID, JobStatus]]:
         """Requeue or fail jobs whose lease expired; returns (id, new status) for each."""
         rows = self._run(
             "rescue_expired",
@@ -395,7 +398,7 @@ class JobStore:
                 "rescued job with expired lease",
                 extra={"action": "rescue_expired", "job_id": str(row.id), "status": row.status, "attempt": row.attempt},
             )
-        return [(row.id, row.status) for row in rows]
+        return [(row.id, JobStatus(row.status)) for row in rows]
 
     def prune_finished(
         self, ttl_seconds: float, *, batch: int = 1000, now: datetime | None = None
@@ -417,14 +420,14 @@ class JobStore:
         host: str,
         capacity: int,
         models: Sequence[str],
-        state: str = "STARTING",
+        state: WorkerState = WorkerState.STARTING,
         now: datetime | None = None,
     ) -> None:
         self._run(
             "upsert_worker", now, id=worker_id, host=host, capacity=capacity, models=Jsonb(list(models)), state=state
         )
 
-    def touch_worker(self, worker_id: str, *, state: str | None = None, now: datetime | None = None) -> bool:
+    def touch_worker(self, worker_id: str, *, state: WorkerState | None = None, now: datetime | None = None) -> bool:
         """Heartbeat a worker row; False if it was removed (re-register)."""
         return bool(self._run("touch_worker", now, id=worker_id, state=state))
 

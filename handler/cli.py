@@ -21,10 +21,16 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"ACESTEP_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise SystemExit(f"bad configuration: {problems}") from None
+
+
+def _variable(loc: tuple) -> str:
+    """The ACESTEP_* variable a settings error is about (an alias is already the variable's name)."""
+    name = "_".join(str(p) for p in loc).upper()
+    if not name:
+        return "ACESTEP_SETTINGS"
+    return name if name.startswith("ACESTEP_") else f"ACESTEP_{name}"
 
 
 def _database_url(settings: Settings) -> str:

@@ -1,10 +1,13 @@
 """The one configuration object: read from ACESTEP_* variables in the entry point, passed down."""
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.contract import DEFAULT_DIT_MODEL, DIT_PREFIX, DURATION_MAX, DURATION_MIN, LM_PREFIX, PipelineOptions
 
 
 DEFAULT_PIPELINE = "pipeline.service:load_pipeline"
@@ -13,7 +16,7 @@ DEFAULT_PIPELINE = "pipeline.service:load_pipeline"
 class Settings(BaseSettings):
     """Configuration of every entry point. Names are a contract: see DESIGN's Configuration table."""
 
-    model_config = SettingsConfigDict(env_prefix="ACESTEP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ACESTEP_", extra="ignore", populate_by_name=True)
 
     database_url: str | None = Field(None, description="Postgres URL; `dev` starts an embedded server when unset")
     data_dir: Path = Field(Path(".acestep"), description="where `dev` keeps its embedded database and files")
@@ -38,9 +41,19 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(50, gt=0, le=2048, description="largest accepted audio upload")
     max_queued_per_key: int = Field(100, ge=1, description="queued jobs one API key may have at once")
     default_batch_size: int = Field(2, ge=1, le=8, description="batch_size when a request has none")
-    default_model: str = Field("acestep-v15-turbo", description="DiT model jobs run on")
     checkpoint_dir: Path | None = Field(None, description="the checkpoints in the Hugging Face layout")
     pipeline: str = Field(DEFAULT_PIPELINE, description="module:callable that loads the pipeline")
+    # What the pipeline loads and runs on (handed to it as PipelineOptions; the pipeline reads no environment).
+    dit_model: str = Field(
+        DEFAULT_DIT_MODEL, validation_alias=AliasChoices("ACESTEP_DIT_MODEL", "ACESTEP_DEFAULT_MODEL", "dit_model"),
+        description="the one DiT a worker serves (its folder name); jobs are labelled with it",
+    )
+    device: str | None = Field(None, description="cpu, cuda or cuda:N; unset: CUDA when present")
+    lm_models: str = Field("", description="comma-separated 5 Hz LM folders to load; empty: every one found")
+    lm_model: str | None = Field(None, description="the LM used without lm_model_path; unset: the 1.7B, else the first")
+    lm_max_duration: int = Field(DURATION_MAX, ge=DURATION_MIN, le=DURATION_MAX, description="longest song the LM may plan (s)")
+    vllm: bool = Field(True, description="start vllm engines for the LMs where vllm and CUDA are there")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share each LM's vllm engine takes")
     worker_batch_jobs: int = Field(1, ge=1, le=64, description="jobs one GPU batch may hold (compatible jobs only)")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
     upload_tries: int = Field(6, ge=1, le=20, description="tries per attempt to store a result (doubling backoff)")
@@ -50,6 +63,48 @@ class Settings(BaseSettings):
     webhook_retry_base_seconds: float = Field(5.0, ge=0, description="backoff after a failed webhook POST; doubles")
     webhook_retry_max_seconds: float = Field(3600.0, ge=0, description="longest backoff between webhook POSTs")
 
+    @field_validator("dit_model")
+    @classmethod
+    def _dit_name(cls, value: str) -> str:
+        if not re.fullmatch(rf"{re.escape(DIT_PREFIX)}[A-Za-z0-9._-]+", value):
+            raise ValueError(f"must name a DiT checkpoint folder ({DIT_PREFIX}...), e.g. {DEFAULT_DIT_MODEL}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str | None) -> str | None:
+        if value and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value.strip()):
+            raise ValueError("must be cpu, cuda, cuda:N or mps")
+        return value.strip() if value else None
+
+    @field_validator("lm_models")
+    @classmethod
+    def _lm_names(cls, value: str) -> str:
+        bad = [name for name in _names(value) if not name.startswith(LM_PREFIX)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: every entry must be a 5 Hz LM folder ({LM_PREFIX}...)")
+        return ",".join(_names(value))
+
+    @field_validator("lm_model")
+    @classmethod
+    def _lm_name(cls, value: str | None) -> str | None:
+        if value and not value.startswith(LM_PREFIX):
+            raise ValueError(f"must be a 5 Hz LM folder ({LM_PREFIX}...), e.g. {LM_PREFIX}1.7B")
+        return value or None
+
+    @model_validator(mode="after")
+    def _default_lm_loaded(self) -> "Settings":
+        if self.lm_model and self.lm_models and self.lm_model not in _names(self.lm_models):
+            raise ValueError(f"ACESTEP_LM_MODEL ({self.lm_model}) must be one of ACESTEP_LM_MODELS ({self.lm_models})")
+        return self
+
+    def pipeline_options(self) -> PipelineOptions:
+        """What the worker hands its pipeline."""
+        return PipelineOptions(
+            device=self.device, dit_model=self.dit_model, lm_models=tuple(_names(self.lm_models)), lm_model=self.lm_model,
+            lm_max_duration=self.lm_max_duration, vllm=self.vllm, vllm_gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+        )
+
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> "Settings":
         if self.heartbeat_seconds * 2 > self.lease_seconds:
@@ -58,3 +113,7 @@ class Settings(BaseSettings):
                 f"ACESTEP_LEASE_SECONDS ({self.lease_seconds}), or a busy worker loses its jobs"
             )
         return self
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]

@@ -10,10 +10,6 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode, urlparse
 
-import boto3
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
 
 LOCAL_FILES_ROUTE = "/v1/files"
 AUDIO_CONTENT_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "mp3": "audio/mpeg", "ogg": "audio/ogg"}
@@ -97,6 +93,10 @@ class S3Storage:
     """Objects in `bucket` under `prefix`; large uploads go multipart; URLs are SigV4 presigned GETs."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, region: str | None = None):
+        import boto3  # here, not at the top: the HTTP function's cold start does not pay for boto3 unless it uses S3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self._client = boto3.client(
@@ -154,6 +154,8 @@ class _translated:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None:
             return False
+        from botocore.exceptions import BotoCoreError, ClientError
+
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 
 from db import JobStore
 from db.store import RetryPolicy, WebhookDelivery
@@ -52,7 +51,15 @@ class WebhookDispatcher:
         self._retry = retry
         self._timeout = timeout_seconds
         self._poll = poll_seconds
-        self._client = httpx.Client(timeout=timeout_seconds, follow_redirects=False)
+        self._client = None  # made at the first delivery: the HTTP function starts without httpx
+
+    @property
+    def client(self):
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.Client(timeout=self._timeout, follow_redirects=False)
+        return self._client
 
     def run_once(self) -> int:
         """Send every due delivery once; returns how many were attempted."""
@@ -70,8 +77,10 @@ class WebhookDispatcher:
             "X-AceStep-Delivery": str(delivery.id),
             "X-AceStep-Signature": signature_header(owner_webhook_secret(self._secret, job["owner"]), body, int(time.time())),
         }
+        import httpx
+
         try:
-            response = self._client.post(delivery.url, content=body, headers=headers)
+            response = self.client.post(delivery.url, content=body, headers=headers)
             error = None if response.is_success else f"receiver answered HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"could not reach the receiver: {type(exc).__name__}"
@@ -97,4 +106,5 @@ class WebhookDispatcher:
                 stop.wait(self._poll)
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()

@@ -9,7 +9,8 @@ import numpy as np
 import soundfile
 from scipy.signal import resample_poly
 
-SAMPLE_RATE = 48000
+from pipeline.contract import SAMPLE_RATE
+
 FORMATS = {"wav": ("WAV", "FLOAT"), "flac": ("FLAC", "PCM_24"), "mp3": ("MP3", None)}
 SILENCE = 1e-5
 

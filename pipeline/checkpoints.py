@@ -12,9 +12,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline import contract
+
 VAE_DIR = "vae"
 TEXT_ENCODER_DIR = "Qwen3-Embedding-0.6B"
-LM_PREFIX = "acestep-5Hz-lm-"
+LM_PREFIX = contract.LM_PREFIX
 DIT_MODEL_TYPE = "acestep"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

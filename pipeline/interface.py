@@ -1,17 +1,20 @@
 """What the worker and a pipeline exchange, kept on the pipeline's side so the pipeline needs
-nothing from the service (no HTTP, no SQL).
+nothing from the service (no HTTP, no SQL). The request itself is `pipeline.contract.GenerationRequest`.
 
-A pipeline object has `run(request: dict, progress) -> GeneratedAudio` and optionally
-`run_batch(requests: list[dict], progress) -> list[GeneratedAudio]`. `progress(stage, fraction)`
-reports where it stands and raises `Canceled` when the job should stop, so cancellation takes
-effect between stages. Failures are `PipelineError`s; `retryable=False` for faults of the input."""
+A pipeline object has `run(request: GenerationRequest, progress) -> GeneratedAudio` and optionally
+`run_batch(requests: list[GenerationRequest], progress) -> list[GeneratedAudio]`. `progress(stage,
+fraction)` reports where it stands and raises `Canceled` when the job should stop, so cancellation takes
+effect between stages. Failures are `PipelineError`s; `retryable=False` for faults of the input.
+A pipeline returns raw audio; the worker's child encodes it (`pipeline.audio_io.encode_audio`: the one
+place that refuses non-finite or silent output and scales down what would clip)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from pipeline.contract import SAMPLE_RATE
 
-from pipeline.audio_io import SAMPLE_RATE
+Progress = Callable[[str, float], None]
 
 
 class Canceled(Exception):
@@ -30,15 +33,11 @@ class OutOfMemory(PipelineError):
     """The device ran out of memory (the worker may retry with a smaller batch)."""
 
 
-# The optional `info` keys a job result carries (what the LM decided, which models made the audio).
-RESULT_INFO_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model")
-
-
 @dataclass
 class GeneratedAudio:
     """What a pipeline returns: float32 arrays shaped (channels, samples) at `sample_rate`, and metadata
     for the result (seed_value, generation_info, and bpm/duration/... when the LM filled them)."""
 
-    audios: list[np.ndarray]
+    audios: list[Any]  # numpy arrays (channels, samples)
     sample_rate: int = SAMPLE_RATE
     info: dict[str, Any] = field(default_factory=dict)

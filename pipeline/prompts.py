@@ -13,6 +13,8 @@ purpose, because the DiT was trained on them:
 import re
 from collections.abc import Mapping, Sequence
 
+from pipeline import contract
+
 CAPTION_MAX_TOKENS = 256
 LYRIC_MAX_TOKENS = 2048
 
@@ -24,7 +26,7 @@ NOT_AVAILABLE = "N/A"
 DEFAULT_DURATION = "30 seconds"
 
 TASK_INSTRUCTIONS: Mapping[str, str] = {
-    "text2music": "Fill the audio semantic mask based on the given conditions:",
+    "text2music": contract.DEFAULT_INSTRUCTION,
     "repaint": "Repaint the mask area based on the given conditions:",
     "cover": "Generate audio semantic tokens based on the given conditions:",
     "extract": "Extract the {TRACK_NAME} track from the audio:",

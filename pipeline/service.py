@@ -1,6 +1,9 @@
-"""The ACE-Step 1.5 pipeline the worker runs: request dict in, stereo 48 kHz audio out.
+"""The ACE-Step 1.5 pipeline the worker runs: a `GenerationRequest` in, stereo 48 kHz audio out.
 
-`load_pipeline(checkpoint_dir)` is the worker's default factory (ACESTEP_PIPELINE). One request:
+`AceStepPipeline(components)` runs on parts already loaded (tests inject their own);
+`AceStepPipeline.from_checkpoints(checkpoints, options)` loads them, and `load_pipeline(checkpoint_dir,
+options)` is the worker's default factory (ACESTEP_PIPELINE). It reads no environment: the device,
+the DiT, the LMs and their limits come in `PipelineOptions`. One request:
 
 1. seeds (one per batch item; `seed_value` reports the ones used), the source audio when the task
    reads it;
@@ -20,22 +23,21 @@ audio) gets 30 s, which is what its caption metas already say; a fixed seed s gi
 without an LM loaded, `thinking=true` fails the job saying so and missing metadata stays N/A."""
 
 import logging
-import os
 import secrets
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.audio_io import SAMPLE_RATE, AudioError, load_audio
+from pipeline.audio_io import AudioError, load_audio
 from pipeline.checkpoints import Checkpoints, discover
+from pipeline.contract import DURATION_MAX, MAX_SEED, SAMPLE_RATE, SOURCE_TASK_TYPES, GenerationRequest, PipelineOptions
 from pipeline.dit.load import load_dit, load_silence_latent
 from pipeline.dit.model import AceStepDiT
-from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError
-from pipeline.lm.loading import VLLM_ENGINES, load_lms, select_lm, vllm_available
+from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError, Progress
+from pipeline.lm.loading import VllmEngines, load_lms, select_lm
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.sampler import Guidance, generate_audio
 from pipeline.text_encoder import TextEncoder
@@ -43,21 +45,33 @@ from pipeline.vae import Vae
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DIT = "acestep-v15-turbo"
-MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 600.0
+MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, float(DURATION_MAX)  # codes may make songs under DURATION_MIN
 MIN_SOURCE_SECONDS = 1.0
 TIMBRE_SECONDS, TIMBRE_SLICE_SECONDS = 30.0, 10.0
-MAX_SEED = 2**32 - 1
-SILENCE = 1e-5
-
-Progress = Callable[[str, float], None]
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    """ACESTEP_DEVICE (cpu, cuda, cuda:1) or CUDA when present; bf16 on CUDA, float32 on CPU."""
-    name = os.environ.get("ACESTEP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+def pick_device(name: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """`name` (cpu, cuda, cuda:1) or CUDA when present; bf16 on CUDA, float32 on CPU."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class Components:
+    """The loaded parts a pipeline runs on. `lms` maps LM folder names to pt backends; `engines`
+    starts vllm engines for them on request (None: every LM request runs on pt)."""
+
+    dit_name: str
+    dit: AceStepDiT
+    silence: torch.Tensor  # [1, T, C] the DiT's silence latent (repeated when a job needs more frames)
+    vae: Vae
+    text: TextEncoder
+    device: torch.device
+    dtype: torch.dtype
+    lms: dict = field(default_factory=dict)
+    default_lm: str | None = None
+    engines: VllmEngines | None = None
+    lm_limits: LMLimits = field(default_factory=LMLimits)
 
 
 @dataclass
@@ -75,36 +89,53 @@ class Latents:
 
 
 class AceStepPipeline:
-    def __init__(self, checkpoints: Checkpoints, *, dit_name: str | None = None, device=None, dtype=None):
-        default_device, default_dtype = pick_device()
-        self.device = torch.device(device) if device is not None else default_device
-        self.dtype = dtype or default_dtype
-        self.checkpoints = checkpoints
-        self.dit_name = dit_name or (DEFAULT_DIT if DEFAULT_DIT in checkpoints.dits else sorted(checkpoints.dits)[0])
-        folder = checkpoints.dit(self.dit_name).path
-        self.dit: AceStepDiT = load_dit(folder, device=self.device, dtype=self.dtype)
-        self.silence = load_silence_latent(folder, device=self.device, dtype=self.dtype)
-        self.vae = Vae.load(checkpoints.vae.path, device=self.device, dtype=self.dtype)
-        self.text = TextEncoder.load(checkpoints.text_encoder.path, device=self.device, dtype=self.dtype)
+    def __init__(self, components: Components):
+        self.components = parts = components
+        self.dit_name, self.dit, self.silence = parts.dit_name, parts.dit, parts.silence
+        self.vae, self.text, self.device, self.dtype = parts.vae, parts.text, parts.device, parts.dtype
+        self.lms, self.default_lm, self.engines, self.lm_limits = parts.lms, parts.default_lm, parts.engines, parts.lm_limits
         self.frame_rate = self.vae.sample_rate / self.vae.hop_length
         if self.vae.latent_dim != self.dit.config.audio_acoustic_hidden_dim:
             raise PipelineError(f"the VAE's latent width {self.vae.latent_dim} does not match the DiT's "
                                 f"audio_acoustic_hidden_dim {self.dit.config.audio_acoustic_hidden_dim}")
-        self.lms = load_lms(checkpoints, device=self.device, dtype=self.dtype)
-        if self.device.type == "cuda" and vllm_available():
-            for lm in self.lms.values():  # engines start with the worker, not inside its first job
-                VLLM_ENGINES.backend(lm)
         self.models = [self.dit_name, *sorted(self.lms)]  # reported to the workers table
-        # The longest song the LM may plan (the reference caps it by GPU memory tier).
-        self.lm_limits = LMLimits(max_duration=int(os.environ.get("ACESTEP_LM_MAX_DURATION", MAX_DURATION_SECONDS)))
+
+    @classmethod
+    def from_checkpoints(cls, checkpoints: Checkpoints, options: PipelineOptions = PipelineOptions()) -> "AceStepPipeline":
+        """Load what `options` name from `checkpoints`; a name the checkpoints lack is an error that
+        names its ACESTEP_* variable and what is there."""
+        device, dtype = pick_device(options.device)
+        if options.dit_model not in checkpoints.dits:
+            raise PipelineError(f"{options.variables['dit_model']}={options.dit_model}: no such DiT in "
+                                f"{checkpoints.root} (there: {', '.join(sorted(checkpoints.dits)) or 'none'})")
+        for name in (*options.lm_models, *([options.lm_model] if options.lm_model else [])):
+            if name not in checkpoints.lms:
+                variable = options.variables["lm_model" if name == options.lm_model else "lm_models"]
+                raise PipelineError(f"{variable}: no 5 Hz LM {name} in {checkpoints.root} "
+                                    f"(there: {', '.join(sorted(checkpoints.lms)) or 'none'})")
+        folder = checkpoints.dit(options.dit_model).path
+        lms = load_lms(checkpoints, options.lm_models, device=device, dtype=dtype)
+        engines = VllmEngines(options.vllm_gpu_memory_utilization) if options.vllm else None
+        if engines is not None and device.type == "cuda" and engines.available():
+            for lm in lms.values():  # engines start with the worker, not inside its first job
+                engines.backend(lm)
+        return cls(Components(
+            dit_name=options.dit_model,
+            dit=load_dit(folder, device=device, dtype=dtype),
+            silence=load_silence_latent(folder, device=device, dtype=dtype),
+            vae=Vae.load(checkpoints.vae.path, device=device, dtype=dtype),
+            text=TextEncoder.load(checkpoints.text_encoder.path, device=device, dtype=dtype),
+            device=device, dtype=dtype, lms=lms, default_lm=options.lm_model, engines=engines,
+            # The longest song the LM may plan (the reference caps it by GPU memory tier).
+            lm_limits=LMLimits(max_duration=options.lm_max_duration),
+        ))
 
     # ---- planning -------------------------------------------------------------------------------
 
-    def seeds(self, request: dict[str, Any], batch: int) -> list[int]:
-        seed = int(request.get("seed", -1))
-        if request.get("use_random_seed", True) or seed < 0:
+    def seeds(self, request: GenerationRequest, batch: int) -> list[int]:
+        if request.use_random_seed or request.seed < 0:
             return [secrets.randbelow(MAX_SEED + 1) for _ in range(batch)]
-        return [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
+        return [(request.seed + i) % (MAX_SEED + 1) for i in range(batch)]
 
     def silence_frames(self, frames: int) -> torch.Tensor:
         """The first `frames` frames of the silence latent, repeated when it is shorter."""
@@ -137,23 +168,26 @@ class AceStepPipeline:
         latents = self.vae.encode(torch.from_numpy(np.stack(items)).to(self.device, self.dtype))
         return fit_frames(latents, frames, self.silence_frames(frames))
 
-    def source(self, request: dict[str, Any], task: str) -> tuple[torch.Tensor | None, int]:
-        """The source audio's latents and length in samples, for the tasks that read it."""
-        if task not in ("cover", "repaint"):
+    def source(self, request: GenerationRequest) -> tuple[torch.Tensor | None, int]:
+        """The source audio's latents and length in samples, for the tasks that read it (the
+        worker has made `src_audio_path` a local file)."""
+        task = request.task_type
+        if task not in SOURCE_TASK_TYPES:
             return None, 0
-        files = request.get("input_files") or {}
-        if "src" not in files:
+        if not request.src_audio_path:
             raise PipelineError(f"{task} needs source audio (src_audio_path or an uploaded src_audio)")
-        src, samples = self.encode_file(files["src"], "source audio")
+        src, samples = self.encode_file(request.src_audio_path, "source audio")
         if samples < MIN_SOURCE_SECONDS * SAMPLE_RATE:
             raise PipelineError(f"source audio is {samples / SAMPLE_RATE:.2f} s long; at least {MIN_SOURCE_SECONDS:g} s is needed")
         return src, samples
 
-    def text_plan(self, request: dict[str, Any], batch: int, seeds: list[int], src_samples: int) -> tuple[GenerationPlan, Any]:
+    def text_plan(self, request: GenerationRequest, batch: int, seeds: list[int], src_samples: int) -> tuple[GenerationPlan, Any]:
         """The LM stage (when the request asks for it) and every string the DiT's text side reads;
         with the LM backend that was available to it (None without an LM)."""
         params = params_from_request(request)
-        lm = select_lm(self.lms, request.get("lm_model_path"), request.get("lm_backend") or "vllm") if self.lms else None
+        lm = None
+        if self.lms:
+            lm = select_lm(self.lms, request.lm_model_path or self.default_lm, request.lm_backend, self.engines)
         try:
             plan = plan_generation(params, lm, batch_size=batch, seeds=seeds, limits=self.lm_limits,
                                    src_audio_duration=src_samples / SAMPLE_RATE if src_samples else None)
@@ -163,7 +197,7 @@ class AceStepPipeline:
             raise PipelineError(str(exc)) from None
         return plan, lm
 
-    def latents(self, request: dict[str, Any], text: GenerationPlan, src: torch.Tensor | None) -> Latents:
+    def latents(self, request: GenerationRequest, text: GenerationPlan, src: torch.Tensor | None) -> Latents:
         codes = [item.audio_codes for item in text.items]
         if any(codes) and not all(codes):
             raise PipelineError("audio_code_string must give codes for every item of the batch or for none")
@@ -190,12 +224,12 @@ class AceStepPipeline:
             code_tensor = torch.tensor(codes, device=self.device, dtype=torch.long)[..., None]
         return Latents(frames, samples, src_latents, chunk_mask, text.task_type == "cover", codes=code_tensor)
 
-    def repaint_latents(self, request: dict[str, Any], src: torch.Tensor) -> Latents:
+    def repaint_latents(self, request: GenerationRequest, src: torch.Tensor) -> Latents:
         """The source with the window [start, end) replaced by silence and marked for regeneration;
         a window past either end of the source out-paints (the source is padded with zeros)."""
         src_seconds = src.shape[1] / self.frame_rate
-        start = float(request.get("repainting_start") or 0.0)
-        end = request.get("repainting_end")
+        start = float(request.repainting_start)
+        end = request.repainting_end
         end = src_seconds if end is None or end < 0 else float(end)
         if end <= start or start > src_seconds or end < 0:
             raise PipelineError(f"repaint window [{start:g}, {end:g}] s must overlap the {src_seconds:.2f} s of "
@@ -216,29 +250,28 @@ class AceStepPipeline:
 
     # ---- running --------------------------------------------------------------------------------
 
-    def run(self, request: dict[str, Any], progress: Progress) -> GeneratedAudio:
-        batch = int(request.get("batch_size") or 1)
+    def run(self, request: GenerationRequest, progress: Progress) -> GeneratedAudio:
+        batch = request.items
         try:
             with torch.inference_mode():
                 return self._run(request, batch, progress)
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
 
-    def _run(self, request: dict[str, Any], batch: int, progress: Progress) -> GeneratedAudio:
+    def _run(self, request: GenerationRequest, batch: int, progress: Progress) -> GeneratedAudio:
         progress("preparing", 0.02)
-        task = request.get("task_type", "text2music")
         seeds = self.seeds(request, batch)
-        src, src_samples = self.source(request, task)
-        if self.lms and request.get("thinking"):
+        src, src_samples = self.source(request)
+        if self.lms and request.thinking:
             progress("lm", 0.05)
         text, lm = self.text_plan(request, batch, seeds, src_samples)
         plan = self.latents(request, text, src)
         progress("conditioning", 0.3)
         captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])
         lyrics, lyric_mask = self.text.embed_lyrics([item.lyric_prompt for item in text.items])
-        timbre = self.timbre_latents((request.get("input_files") or {}).get("ref"), seeds)
+        timbre = self.timbre_latents(request.reference_audio_path, seeds)
         non_cover_text = non_cover_mask = None
-        strength = float(request.get("audio_cover_strength", 1.0)) if plan.is_cover else 1.0
+        strength = request.audio_cover_strength if plan.is_cover else 1.0
         if strength < 1.0:
             non_cover_text, non_cover_mask = self.text.encode_text([item.non_cover_caption_prompt for item in text.items])
         progress("dit", 0.35)
@@ -249,7 +282,7 @@ class AceStepPipeline:
         ])
         expand = lambda t: t.expand(batch, *t.shape[1:]) if t is not None else None  # noqa: E731
         config = self.dit.config
-        guidance = None if config.turbo else Guidance(scale=float(request.get("guidance_scale", 7.0)))
+        guidance = None if config.turbo else Guidance(scale=request.guidance_scale)
         latents = generate_audio(
             self.dit,
             text_hidden_states=captions, text_attention_mask=captions_mask,
@@ -265,16 +298,14 @@ class AceStepPipeline:
             audio_cover_strength=strength,
             non_cover_text_hidden_states=non_cover_text, non_cover_text_attention_mask=non_cover_mask,
             repaint_mask=expand(plan.repaint_mask), clean_src_latents=expand(plan.clean_src),
-            shift=float(request.get("shift", 3.0)),
-            guidance=guidance, steps=int(request.get("inference_steps", 8)),
-            infer_method=request.get("infer_method", "ode"), generator=torch.Generator(self.device).manual_seed(seeds[0]),
+            guidance=guidance, steps=request.inference_steps,
+            generator=torch.Generator(self.device).manual_seed(seeds[0]),
             progress=lambda step, steps: progress("dit", 0.35 + 0.45 * step / steps),
         )
         progress("vae", 0.82)
         audio = self.vae.decode(latents)[:, :, : plan.samples].float().numpy()
-        audios = [finish_audio(item, index) for index, item in enumerate(audio)]
         progress("vae", 0.95)
-        return GeneratedAudio(audios, SAMPLE_RATE, self.result_info(text, plan, seeds, lm))
+        return GeneratedAudio(list(audio), SAMPLE_RATE, self.result_info(text, plan, seeds, lm))
 
     def result_info(self, text: GenerationPlan, plan: Latents, seeds: list[int], lm) -> dict[str, Any]:
         """seed_value, generation_info and, when the LM ran, what it decided (bpm, duration, ...)."""
@@ -309,19 +340,8 @@ def fit_frames(latents: torch.Tensor, frames: int, filler: torch.Tensor) -> torc
     return torch.cat([latents, tail], dim=1)
 
 
-def finish_audio(audio: np.ndarray, index: int) -> np.ndarray:
-    """Refuse non-finite or silent output; scale down only if it would clip."""
-    if not np.isfinite(audio).all():
-        raise PipelineError(f"item {index}: the generated audio holds NaN or infinite values", retryable=True)
-    peak = float(np.abs(audio).max())
-    if peak <= SILENCE:
-        raise PipelineError(f"item {index}: the generated audio is silent", retryable=True)
-    return audio / peak if peak > 1.0 else audio
-
-
-def load_pipeline(checkpoint_dir: Path | None) -> AceStepPipeline:
-    """The worker's factory: the checkpoints in `checkpoint_dir` (ACESTEP_CHECKPOINT_DIR)."""
+def load_pipeline(checkpoint_dir: Path | None, options: PipelineOptions = PipelineOptions()) -> AceStepPipeline:
+    """The worker's factory: the checkpoints in `checkpoint_dir` (ACESTEP_CHECKPOINT_DIR), configured by `options`."""
     if checkpoint_dir is None:
         raise PipelineError("no checkpoint directory: set ACESTEP_CHECKPOINT_DIR (or run make-tiny-checkpoints for a test set)")
-    checkpoints = discover(Path(checkpoint_dir))
-    return AceStepPipeline(checkpoints, dit_name=os.environ.get("ACESTEP_DIT_MODEL") or None)
+    return AceStepPipeline.from_checkpoints(discover(Path(checkpoint_dir)), options)

@@ -1,7 +1,6 @@
 """The HTTP function: a stateless FastAPI app over the job store and object storage."""
 
 import logging
-import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -9,9 +8,9 @@ from fastapi.responses import JSONResponse
 
 from db import DatabaseUnavailable, StoreError
 from handler.http import routes_jobs, routes_release, routes_system
-from handler.http.generate_request import GenerateRequest
+from pipeline.contract import GenerationRequest
 from handler.http.services import Services, build_services
-from handler.retention import prune_until
+from handler.maintenance import Maintenance
 from handler.settings import Settings
 from handler.storage import StorageError, StorageUnavailable
 
@@ -20,23 +19,17 @@ log = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def _background_work(app: FastAPI):
-    """While the app runs: deliver webhooks from the outbox and prune expired jobs. Whatever is left
-    when it stops waits in the tables for the next process."""
+    """While the app runs, its share of the queue's maintenance (handler/maintenance.py): rescue jobs
+    whose lease expired, prune expired jobs, deliver webhooks from the outbox. Whatever is left when
+    it stops waits in the tables for the next process."""
     services: Services = app.state.services
-    stop = threading.Event()
-    threads = [
-        threading.Thread(target=services.webhooks.run_until, args=(stop,), daemon=True),
-        threading.Thread(
-            target=prune_until, args=(services.store, services.storage, services.settings.retention_seconds, stop),
-            daemon=True,
-        ),
-    ]
-    for thread in threads:
-        thread.start()
+    maintenance = Maintenance(
+        services.store, services.storage, retention_seconds=services.settings.retention_seconds,
+        webhooks=services.webhooks,
+    )
+    maintenance.start()
     yield
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=15)
+    maintenance.stop()
 
 
 def create_app(services: Services) -> FastAPI:
@@ -63,7 +56,7 @@ def create_app(services: Services) -> FastAPI:
         return JSONResponse({"detail": "internal error in the job service"}, 500)
 
     schema = app.openapi()
-    schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = GenerateRequest.model_json_schema(
+    schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = GenerationRequest.model_json_schema(
         ref_template="#/components/schemas/{model}"
     )
     app.openapi_schema = schema

@@ -6,9 +6,8 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-import numpy as np
 
-from db import JobStore, StoreError
+from db import JobStatus, JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,7 @@ class CostModel:
 
 def fit_cost_model(samples: list[dict]) -> CostModel:
     """Least squares per model with at least MIN_SAMPLES jobs; the mean job time otherwise."""
+    import numpy as np  # here: the HTTP function's cold start does not pay for numpy before the first poll
     if not samples:
         return CostModel({}, DEFAULT_JOB_SECONDS)
     average = float(np.mean([s["seconds"] for s in samples]))
@@ -84,10 +84,10 @@ class QueueEstimator:
 
     def estimate(self, job: dict) -> tuple[int, float | None]:
         """(queue_position, eta_seconds) of a row from JobStore.get; (0, None) once it finished."""
-        if job["status"] not in ("queued", "running"):
+        if job["status"] not in (JobStatus.QUEUED, JobStatus.RUNNING):
             return 0, None
         model = self._cost_model()
-        if job["status"] == "running":
+        if job["status"] == JobStatus.RUNNING:
             own = model.seconds(job["model"], job["dit_units"], job["lm_units"])
             return 0, round(own * (1.0 - (job["progress"] or 0.0)), 1)
         position, ahead = self._queued_ahead(job, model)

@@ -8,7 +8,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 from uuid import UUID
 
-import soundfile
 from fastapi import UploadFile
 
 from db import JobNotFound, JobStore
@@ -48,6 +47,8 @@ async def read_upload(name: str, upload: UploadFile, max_bytes: int) -> Upload:
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise InputError(413, name, f"file is larger than the {max_bytes // (1024 * 1024)} MB limit")
+    import soundfile  # here: the HTTP function's cold start does not pay for numpy until an upload comes
+
     try:
         info = soundfile.info(io.BytesIO(data))
     except (soundfile.LibsndfileError, RuntimeError, TypeError):

@@ -3,14 +3,15 @@ into fresh download URLs, errors as the stored client-facing message.
 
 The worker's result contract (written by the worker, rendered here):
     {"audio_keys": [...], "generation_info": str, "status_message": str, "seed_value": "s1,s2",
-     and the optional keys of pipeline.interface.RESULT_INFO_FIELDS: "bpm", "duration", "genres",
+     and the optional keys of pipeline.contract.RESULT_INFO_FIELDS: "bpm", "duration", "genres",
      "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model"}
 """
 
 from datetime import datetime
 from typing import Any
 
-from pipeline.interface import RESULT_INFO_FIELDS
+from db import JobStatus
+from pipeline.contract import RESULT_INFO_FIELDS
 
 
 def epoch(value: datetime | None) -> float | None:
@@ -34,9 +35,9 @@ def render_result(result: dict[str, Any], url_for) -> dict[str, Any]:
 def job_response(job: dict[str, Any], *, position: int, eta: float | None, url_for) -> dict[str, Any]:
     status = job["status"]
     error = None
-    if status == "failed":
+    if status == JobStatus.FAILED:
         error = job["error"] or "the job failed"
-    elif status == "canceled":
+    elif status == JobStatus.CANCELED:
         error = "canceled at the client's request"
     return {
         "job_id": str(job["id"]),
@@ -48,6 +49,6 @@ def job_response(job: dict[str, Any], *, position: int, eta: float | None, url_f
         "eta_seconds": eta,
         "progress": job["progress"],
         "stage": job["stage"],
-        "result": render_result(job["result"], url_for) if status == "succeeded" and job["result"] else None,
+        "result": render_result(job["result"], url_for) if status == JobStatus.SUCCEEDED and job["result"] else None,
         "error": error,
     }

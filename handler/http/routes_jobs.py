@@ -14,11 +14,11 @@ from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
 from db.ids import new_job_id
 from handler.http.auth import Caller
 from handler.http.body import read_body
-from handler.http.generate_request import GenerateRequest
 from handler.http.inputs import ROLES, AudioInputs, InputError, read_upload, resolve_reference
 from handler.http.job_view import epoch, job_response
 from handler.http.services import Services
 from handler.storage import AUDIO_CONTENT_TYPES
+from pipeline.contract import LM_PREFIX, GenerationRequest, request_document
 
 UNKNOWN_DURATION_SECONDS = 60.0  # cost-model guess when the LM will pick the duration
 
@@ -91,23 +91,20 @@ def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
-def batch_key(params: GenerateRequest, model: str) -> str:
+def batch_key(params: GenerationRequest, model: str) -> str:
     """Jobs with equal keys can share one GPU batch: same model, task, steps and 30 s duration bucket."""
     bucket = "lm" if params.audio_duration is None else str(math.ceil(params.audio_duration / 30) * 30)
     return f"{model}|{params.task_type}|{params.inference_steps}|{bucket}|{'thinking' if params.thinking else 'dit'}"
 
 
-def new_job(params: GenerateRequest, inputs: AudioInputs, settings) -> NewJob:
+def new_job(params: GenerationRequest, inputs: AudioInputs, settings) -> NewJob:
     batch = params.effective_batch_size(settings.default_batch_size)
     duration = params.audio_duration or UNKNOWN_DURATION_SECONDS
-    request = params.model_dump() | {
-        "batch_size": batch,
-        "inputs": dict(inputs.references),
-        "batch_key": batch_key(params, settings.default_model),
-    }
+    params = params.model_copy(update={"batch_size": batch})
+    request = request_document(params, inputs=dict(inputs.references), batch_key=batch_key(params, settings.dit_model))
     return NewJob(
         request=request,
-        model=settings.default_model,
+        model=settings.dit_model,
         task_type=params.task_type,
         dit_units=duration * batch * params.inference_steps,
         lm_units=duration * batch if params.thinking else 0.0,
@@ -119,7 +116,7 @@ def new_job(params: GenerateRequest, inputs: AudioInputs, settings) -> NewJob:
     response_model=Submitted,
     summary="Submit a generation job",
     description="Body as application/json, application/x-www-form-urlencoded or multipart/form-data "
-    "(files `src_audio`, `reference_audio`). Fields: see GenerateRequest.",
+    "(files `src_audio`, `reference_audio`). Fields: see GenerationRequest.",
     openapi_extra={
         "requestBody": {
             "content": {
@@ -160,15 +157,12 @@ async def submit_generation(
             inputs.uploads.append(await read_upload(name, upload, max_upload))
         for upload in inputs.uploads:  # an uploaded file overrides the matching _path field
             fields[ROLES[upload.role][1]] = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
-        params = GenerateRequest.model_validate(fields)
+        params = GenerationRequest.model_validate(fields)
     except ValidationError as exc:
         raise HTTPException(422, validation_detail(exc)) from None
     except InputError as exc:
         raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
     return await run_in_threadpool(_persist, svc, who, params, inputs, job_id, idempotency_key)
-
-
-LM_PREFIX = "acestep-5Hz-lm-"
 
 
 def check_lm_model(svc: Services, name: str | None) -> None:
@@ -184,7 +178,7 @@ def check_lm_model(svc: Services, name: str | None) -> None:
 
 
 def _persist(
-    svc: Services, who: Caller, params: GenerateRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None
+    svc: Services, who: Caller, params: GenerationRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None
 ) -> dict:
     settings = svc.settings
     uploaded = {u.role for u in inputs.uploads}

@@ -9,14 +9,14 @@ from uuid import UUID
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
-from db import JobNotFound
+from db import JobNotFound, JobStatus
 from handler.http.job_view import epoch
 from handler.http.routes_jobs import body_limit, services, submit_generation
 from handler.http.body import read_body
 
 router = APIRouter()
 
-STATUS_CODES = {"queued": 0, "running": 0, "succeeded": 1, "failed": 2, "canceled": 2}
+STATUS_CODES = {JobStatus.QUEUED: 0, JobStatus.RUNNING: 0, JobStatus.SUCCEEDED: 1, JobStatus.FAILED: 2, JobStatus.CANCELED: 2}
 UPLOAD_ALIASES = {"ctx_audio": "src_audio", "ref_audio": "reference_audio"}
 # Reference fields this server does not implement: accepted only at their no-op defaults.
 NO_OP_DEFAULTS: dict[str, Any] = {
@@ -72,15 +72,15 @@ async def release_task(
     token = fields.pop("ai_token", None)
     who = await run_in_threadpool(svc.auth.caller, authorization or (f"Bearer {token}" if token else None))
     files = {UPLOAD_ALIASES.get(name, name): upload for name, upload in files.items()}
-    submitted = await submit_generation(svc, who, seed_fields(fields, svc.settings.default_model), files, idempotency_key)
-    return envelope({"task_id": submitted["job_id"], "status": "queued", "queue_position": submitted["queue_position"]})
+    submitted = await submit_generation(svc, who, seed_fields(fields, svc.settings.dit_model), files, idempotency_key)
+    return envelope({"task_id": submitted["job_id"], "status": JobStatus.QUEUED, "queue_position": submitted["queue_position"]})
 
 
 def task_result(job: dict[str, Any], url_for) -> list[dict[str, Any]]:
     """The reference's per-audio list (it is sent JSON-encoded inside `result`)."""
     status = job["status"]
     code = STATUS_CODES[status]
-    if status != "succeeded":
+    if status != JobStatus.SUCCEEDED:
         item = {"file": "", "wave": "", "status": code, "progress": job["progress"], "stage": job["stage"] or status}
         if code == 2:
             item["error"] = job["error"] or "canceled at the client's request"

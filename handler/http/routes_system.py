@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 
 from db import StoreError
+from db.states import SERVING_STATES
 from handler.http.auth import Caller
 from handler.http.routes_jobs import caller, services
 from handler.storage import LOCAL_FILES_ROUTE, LocalStorage, ObjectNotFound, StorageError
@@ -23,7 +24,7 @@ def health(request: Request) -> dict:
     except StoreError as exc:
         raise HTTPException(503, {"status": "unavailable", "database": str(exc)}) from None
     slots, live = store.live_capacity(stale_seconds=WORKER_STALE_SECONDS)
-    models = sorted({m for w in workers if w["alive"] and w["state"] in ("READY", "BUSY") for m in w["models"]})
+    models = sorted({m for w in workers if w["alive"] and w["state"] in SERVING_STATES for m in w["models"]})
     return {
         "status": "ok",
         "database": "ok",
@@ -37,9 +38,9 @@ def health(request: Request) -> dict:
 @router.get("/v1/models", summary="Models the live workers have loaded", responses={401: {}})
 def models(request: Request, who: Annotated[Caller, Depends(caller)]) -> dict:
     svc = services(request)
-    workers = [w for w in svc.store.workers(stale_seconds=WORKER_STALE_SECONDS) if w["alive"] and w["state"] in ("READY", "BUSY")]
+    workers = [w for w in svc.store.workers(stale_seconds=WORKER_STALE_SECONDS) if w["alive"] and w["state"] in SERVING_STATES]
     loaded = sorted({m for w in workers for m in w["models"]})
-    return {"default": svc.settings.default_model, "models": [{"name": m} for m in loaded]}
+    return {"default": svc.settings.dit_model, "models": [{"name": m} for m in loaded]}
 
 
 @router.get("/v1/stats", summary="Jobs per status, queue depth, live workers, average job time", responses={401: {}})

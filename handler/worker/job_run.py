@@ -8,15 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from db import DatabaseUnavailable, JobLost, JobStore
+from db import DatabaseUnavailable, JobLost, JobStatus, JobStore
 from db.store import ClaimedJob
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
 from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
-from pipeline.interface import RESULT_INFO_FIELDS
+from pipeline.contract import RESULT_INFO_FIELDS, GenerationRequest, StoredRequestError, request_from_row
 
 log = logging.getLogger(__name__)
 
 DB_RETRIES = 5
+LOST = "lost"  # an outcome beside the JobStatus a run ends a job in: the job was no longer ours
 
 
 def output_key(job: ClaimedJob, index: int, fmt: str) -> str:
@@ -24,12 +25,16 @@ def output_key(job: ClaimedJob, index: int, fmt: str) -> str:
     return f"jobs/{job.id}/attempt-{job.attempt}/output-{index}.{fmt}"
 
 
-def result_document(request: dict[str, Any], keys: list[str], info: dict[str, Any]) -> dict[str, Any]:
+# Where a job's input audio goes in its request once it is a local file.
+INPUT_PATH_FIELDS = {"src": "src_audio_path", "ref": "reference_audio_path"}
+
+
+def result_document(request: GenerationRequest, keys: list[str], info: dict[str, Any]) -> dict[str, Any]:
     """The result contract rendered by handler/http/job_view.py."""
     result = {
         "audio_keys": keys,
         "generation_info": info.get(
-            "generation_info", f"Steps: {request['inference_steps']}, Scale: {request['guidance_scale']}"
+            "generation_info", f"Steps: {request.inference_steps}, Scale: {request.guidance_scale}"
         ),
         "status_message": "Generation completed successfully!",
         "seed_value": str(info.get("seed_value", "")),
@@ -98,7 +103,8 @@ class JobRun:
                 self._process.cancel()  # nobody waits for this batch any more
 
     def run(self) -> dict[str, str]:
-        """Run to an outcome per job id ('succeeded', 'failed', 'queued', 'canceled' or 'lost')."""
+        """Run to an outcome per job id: the JobStatus it left the job in (succeeded, failed, queued,
+        canceled), or LOST."""
         beat = threading.Thread(target=self._heartbeat, daemon=True)
         beat.start()
         out_dir = Path(tempfile.mkdtemp(prefix="acestep-job-"))
@@ -109,24 +115,27 @@ class JobRun:
             beat.join(timeout=5)
             shutil.rmtree(out_dir, ignore_errors=True)
 
-    def _fetch_inputs(self, job: ClaimedJob, out_dir: Path) -> dict[str, str]:
-        """The job's audio inputs as local files for the pipeline: stored objects are downloaded
-        (retried like uploads), server paths are used as they are."""
+    def _request(self, job: ClaimedJob, out_dir: Path) -> GenerationRequest:
+        """The job's request as the pipeline runs it: rebuilt from the row once, its audio inputs
+        made local files (stored objects downloaded, retried like uploads; server paths as they are)."""
+        request = request_from_row(job.request)
         files = {}
         for role, ref in (job.request.get("inputs") or {}).items():
             if "path" in ref:
-                files[role] = ref["path"]
+                files[INPUT_PATH_FIELDS[role]] = ref["path"]
                 continue
             target = out_dir / f"{job.id}-input-{role}{Path(ref['key']).suffix}"
             self._with_storage_retries(self._download, ref["key"], target)
-            files[role] = str(target)
-        return files
+            files[INPUT_PATH_FIELDS[role]] = str(target)
+        return request.model_copy(update=files)
 
     def _run(self, jobs: list[ClaimedJob], out_dir: Path) -> dict[str, str]:
         requests = []
         for job in jobs:
             try:
-                requests.append(dict(job.request) | {"input_files": self._fetch_inputs(job, out_dir)})
+                requests.append(self._request(job, out_dir))
+            except StoredRequestError as exc:
+                return {str(j.id): self._fail(j, str(exc), retryable=False) for j in jobs}
             except ObjectNotFound as exc:
                 return {str(j.id): self._fail(j, f"an input audio file is gone from storage: {exc}", retryable=False) for j in jobs}
             except StorageError as exc:
@@ -144,11 +153,11 @@ class JobRun:
                     for job in jobs:
                         outcomes |= self._run([job], out_dir)
                     return outcomes
-                if requests[0].get("batch_size", 1) <= 1:
+                if requests[0].items <= 1:
                     return {str(jobs[0].id): self._fail(jobs[0], f"out of memory even with one song per batch: {exc}", retryable=True)}
-                requests[0]["batch_size"] = max(1, requests[0]["batch_size"] // 2)
+                requests[0] = requests[0].model_copy(update={"batch_size": max(1, requests[0].items // 2)})
                 log.warning("out of memory; retrying with a smaller batch",
-                            extra={"action": "oom_retry", "job_id": str(jobs[0].id), "batch_size": requests[0]["batch_size"]})
+                            extra={"action": "oom_retry", "job_id": str(jobs[0].id), "batch_size": requests[0].items})
             except PipelineError as exc:
                 return {str(job.id): self._fail(job, str(exc), retryable=exc.retryable) for job in jobs}
         self._on_progress("uploading", 0.98)
@@ -157,13 +166,13 @@ class JobRun:
             for job, request, result in zip(jobs, requests, finished, strict=True)
         }
 
-    def _finish(self, job: ClaimedJob, request: dict[str, Any], finished) -> str:
+    def _finish(self, job: ClaimedJob, request: GenerationRequest, finished) -> str:
         if job.id in self._lost:
-            return "lost"
+            return LOST
         if job.id in self._cancel_requested:
             return self._end_canceled(job)
         try:
-            keys = self._upload(job, finished.files, request["audio_format"])
+            keys = self._upload(job, finished.files, request.audio_format)
         except StorageError as exc:
             return self._fail(job, f"could not store the audio: {exc}", retryable=True)
         return self._complete(job, result_document(request, keys, finished.info))
@@ -197,25 +206,25 @@ class JobRun:
     def _complete(self, job: ClaimedJob, result: dict[str, Any]) -> str:
         try:
             with_db_retries(self._store.complete, job, self._worker_id, result)
-            return "succeeded"
+            return JobStatus.SUCCEEDED
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.
             row = with_db_retries(self._store.get, job.id)
-            if row["status"] == "succeeded" and row["result"] == result:
-                return "succeeded"
+            if row["status"] == JobStatus.SUCCEEDED and row["result"] == result:
+                return JobStatus.SUCCEEDED
             self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
             log.warning("job %s lost before completion; result dropped", job.id, extra={"action": "job_lost"})
-            return "lost"
+            return LOST
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> str:
         try:
             return with_db_retries(self._store.fail, job, self._worker_id, error, retryable=retryable)
         except JobLost:
-            return "lost"
+            return LOST
 
     def _end_canceled(self, job: ClaimedJob) -> str:
         try:
             with_db_retries(self._store.finish_canceled, job, self._worker_id)
-            return "canceled"
+            return JobStatus.CANCELED
         except JobLost:
-            return "lost"
+            return LOST

@@ -4,9 +4,10 @@ cross the pipe). If the child dies (segfault, CUDA abort, OOM kill) or hangs pas
 parent turns that into a job error naming what happened and starts a fresh child for the next job.
 
 The pipeline is loaded from a factory `module:callable` (ACESTEP_PIPELINE), called with the
-checkpoint directory (ACESTEP_CHECKPOINT_DIR, or None), returning an object with
-`run(request: dict, progress: Callable[[str, float], None]) -> GeneratedAudio` and optionally
-`run_batch(requests: list[dict], progress) -> list[GeneratedAudio]` for jobs that share one GPU
+checkpoint directory (ACESTEP_CHECKPOINT_DIR, or None) and the PipelineOptions (from Settings),
+returning an object with
+`run(request: GenerationRequest, progress: Callable[[str, float], None]) -> GeneratedAudio` and optionally
+`run_batch(requests: list[GenerationRequest], progress) -> list[GeneratedAudio]` for jobs that share one GPU
 batch; `progress` raises `Canceled` once the run should stop, so cancellation is between stages.
 """
 
@@ -14,7 +15,6 @@ import importlib
 import multiprocessing as mp
 import signal
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.audio_io import SAMPLE_RATE, AudioError, encode_audio
+from handler.worker import protocol as msg
+from handler.worker.protocol import ProcessState
+from pipeline.audio_io import AudioError, encode_audio
+from pipeline.contract import GenerationRequest, PipelineOptions
 from pipeline.interface import Canceled, GeneratedAudio, OutOfMemory, PipelineError
 
-__all__ = ["SAMPLE_RATE", "Canceled", "GeneratedAudio", "OutOfMemory", "PipelineError", "PipelineProcess"]
-
-
+__all__ = ["Canceled", "Finished", "OutOfMemory", "PipelineError", "PipelineProcess", "ProcessState"]
 
 
 class PipelineCrashed(PipelineError):
@@ -44,58 +45,68 @@ class Finished:
     info: dict[str, Any]
 
 
-def load_factory(spec: str) -> Callable[[], Any]:
+def load_factory(spec: str) -> Callable[..., Any]:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ValueError(f"ACESTEP_PIPELINE must be module:callable, got {spec!r}")
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def _child_main(spec: str, checkpoint_dir: str | None, conn, cancel_flag) -> None:
+def _child_main(spec: str, checkpoint_dir: str | None, options: PipelineOptions, conn, cancel_flag) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
     try:
-        pipeline = load_factory(spec)(Path(checkpoint_dir) if checkpoint_dir else None)
+        pipeline = load_factory(spec)(Path(checkpoint_dir) if checkpoint_dir else None, options)
     except Exception as exc:  # any failure to load is reported as SETUP_FAILED, not a crash
-        conn.send(("setup_failed", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        conn.send(msg.SetupFailed(f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", [str(m) for m in getattr(pipeline, "models", ())]))
+    conn.send(msg.Ready([str(m) for m in getattr(pipeline, "models", ())]))
     while True:
         message = conn.recv()
-        if message[0] == "stop":
+        if isinstance(message, msg.Stop):
             return
-        _, requests, out_dir = message
 
         def progress(stage: str, fraction: float) -> None:
             if cancel_flag.is_set():
                 raise Canceled()
-            conn.send(("progress", stage, float(fraction)))
+            conn.send(msg.Progress(stage, float(fraction)))
 
+        conn.send(run_jobs(pipeline, message, progress))
+
+
+def run_jobs(pipeline, message: msg.RunJobs, progress) -> msg.Done | msg.RunCanceled | msg.RunFailed:
+    """Run one RunJobs message on a loaded pipeline and encode its audio: the child's answer."""
+    try:
+        generated = _generate(pipeline, message.requests, progress)
+        progress("encoding", 0.97)
+        return msg.Done([
+            msg.JobFiles(_encode(audio, request, Path(message.out_dir) / str(index)), audio.info)
+            for index, (request, audio) in enumerate(zip(message.requests, generated, strict=True))
+        ])
+    except Canceled:
+        return msg.RunCanceled()
+    except PipelineError as exc:
+        return msg.RunFailed(str(exc), exc.retryable, isinstance(exc, OutOfMemory))
+    except MemoryError:
+        return msg.RunFailed("out of memory", True, True)
+    except Exception as exc:  # the pipeline's own bug: report it as this job's failure
+        return msg.RunFailed(f"the pipeline failed: {type(exc).__name__}: {exc}", False, _is_oom(exc))
+
+
+def _encode(audio: GeneratedAudio, request: GenerationRequest, prefix: Path) -> list[str]:
+    """Each item as a file in the request's format; output that must not be written (non-finite,
+    silent) fails the job, retryably (another seed may do)."""
+    files = []
+    for i, samples in enumerate(audio.audios):
+        path = Path(f"{prefix}-output-{i}.{request.audio_format}")
         try:
-            generated = _generate(pipeline, requests, progress)
-            progress("encoding", 0.97)
-            finished = []
-            for index, (request, audio) in enumerate(zip(requests, generated, strict=True)):
-                files = []
-                for i, samples in enumerate(audio.audios):
-                    path = Path(out_dir) / f"{index}-output-{i}.{request['audio_format']}"
-                    try:
-                        encode_audio(np.asarray(samples), audio.sample_rate, request["audio_format"], path)
-                    except AudioError as exc:
-                        raise PipelineError(str(exc), retryable=True) from None
-                    files.append(path)
-                finished.append((files, audio.info))
-            conn.send(("done", finished))
-        except Canceled:
-            conn.send(("canceled",))
-        except PipelineError as exc:
-            conn.send(("failed", str(exc), exc.retryable, isinstance(exc, OutOfMemory)))
-        except MemoryError:
-            conn.send(("failed", "out of memory", True, True))
-        except Exception as exc:  # the pipeline's own bug: report it as this job's failure
-            conn.send(("failed", f"the pipeline failed: {type(exc).__name__}: {exc}", False, _is_oom(exc)))
+            encode_audio(np.asarray(samples), audio.sample_rate, request.audio_format, path)
+        except AudioError as exc:
+            raise PipelineError(f"item {i}: {exc}", retryable=True) from None
+        files.append(str(path))
+    return files
 
 
-def _generate(pipeline, requests: list[dict], progress) -> list[GeneratedAudio]:
+def _generate(pipeline, requests: list[GenerationRequest], progress) -> list[GeneratedAudio]:
     """One GPU batch for jobs that can share it (`run_batch`), else one job after another."""
     if len(requests) > 1 and hasattr(pipeline, "run_batch"):
         return pipeline.run_batch(requests, progress)
@@ -109,13 +120,16 @@ def _is_oom(exc: Exception) -> bool:
 class PipelineProcess:
     """One child process holding the loaded models; `run` one job at a time."""
 
-    def __init__(self, spec: str, *, checkpoint_dir: Path | None = None, setup_timeout: float = 1800.0):
+    def __init__(self, spec: str, *, checkpoint_dir: Path | None = None, options: PipelineOptions = PipelineOptions(),
+                 setup_timeout: float = 1800.0):
         self._spec = spec
         self._checkpoint_dir = str(checkpoint_dir) if checkpoint_dir else None
+        self._options = options
         self._setup_timeout = setup_timeout
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._conn = None
+        self.state = ProcessState.NEW
         self.models: tuple[str, ...] = ()
         self._cancel = self._ctx.Event()
 
@@ -127,17 +141,22 @@ class PipelineProcess:
         """Start the child and wait until its models are loaded; raises PipelineError (SETUP_FAILED)."""
         parent, child = self._ctx.Pipe()
         self._cancel = self._ctx.Event()
-        self._proc = self._ctx.Process(target=_child_main, args=(self._spec, self._checkpoint_dir, child, self._cancel), daemon=True)
+        self._proc = self._ctx.Process(
+            target=_child_main, args=(self._spec, self._checkpoint_dir, self._options, child, self._cancel), daemon=True
+        )
+        self.state = ProcessState.STARTING
         self._proc.start()
         child.close()
         self._conn = parent
         message = self._receive(time.monotonic() + self._setup_timeout)
-        if message[0] != "ready":
+        if not isinstance(message, msg.Ready):
             self.stop()
-            raise PipelineError(f"pipeline setup failed: {message[1]}")
-        self.models = tuple(message[1])  # what the pipeline says it loaded (DiT and LM names), if it says
+            self.state = ProcessState.DEFUNCT
+            raise PipelineError(f"pipeline setup failed: {getattr(message, 'error', message)}")
+        self.state = ProcessState.READY
+        self.models = tuple(message.models)
 
-    def _receive(self, deadline: float) -> tuple:
+    def _receive(self, deadline: float):
         while True:
             if self._conn.poll(0.1):
                 try:
@@ -146,16 +165,18 @@ class PipelineProcess:
                     pass
             if not self._proc.is_alive():
                 self._proc.join()
+                self.state = ProcessState.DEFUNCT
                 raise PipelineCrashed(
                     f"the pipeline process died (exit code {self._proc.exitcode})", retryable=True
                 )
             if time.monotonic() > deadline:
                 self._kill()
+                self.state = ProcessState.DEFUNCT
                 raise PipelineTimeout("the pipeline ran past its deadline and was stopped")
 
     def run(
         self,
-        requests: list[dict],
+        requests: list[GenerationRequest],
         *,
         deadline: float,
         on_progress: Callable[[str, float], None],
@@ -165,20 +186,22 @@ class PipelineProcess:
         Raises Canceled, PipelineError (incl. crash and timeout); restarts the child after a death."""
         self.ensure_started()
         self._cancel.clear()
-        self._conn.send(("run", requests, str(out_dir)))
+        self._conn.send(msg.RunJobs(list(requests), str(out_dir)))
+        self.state = ProcessState.BUSY
         try:
             while True:
                 message = self._receive(deadline)
-                kind = message[0]
-                if kind == "progress":
-                    on_progress(message[1], message[2])
-                elif kind == "done":
-                    return [Finished(files=[Path(p) for p in files], info=info) for files, info in message[1]]
-                elif kind == "canceled":
+                if isinstance(message, msg.Progress):
+                    on_progress(message.stage, message.fraction)
+                    continue
+                self.state = ProcessState.READY
+                if isinstance(message, msg.Done):
+                    return [Finished(files=[Path(p) for p in r.files], info=r.info) for r in message.results]
+                if isinstance(message, msg.RunCanceled):
                     raise Canceled()
-                elif kind == "failed":
-                    error = OutOfMemory if message[3] else PipelineError
-                    raise error(message[1], retryable=message[2])
+                if isinstance(message, msg.RunFailed):
+                    raise (OutOfMemory if message.out_of_memory else PipelineError)(message.error, retryable=message.retryable)
+                raise PipelineError(f"unexpected message from the pipeline process: {message!r}", retryable=True)
         except (PipelineCrashed, PipelineTimeout):
             self._proc = None
             raise
@@ -195,9 +218,10 @@ class PipelineProcess:
     def stop(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             try:
-                self._conn.send(("stop",))
+                self._conn.send(msg.Stop())
             except (BrokenPipeError, OSError):
                 pass
             self._proc.join(timeout=10)
         self._kill()
         self._proc = None
+        self.state = ProcessState.NEW

@@ -8,16 +8,19 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError
+from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError, WorkerState
 from db.store import ClaimedJob
 from handler.backends import build_storage, build_store
+from handler.maintenance import Maintenance
 from handler.settings import Settings
 from handler.storage import ObjectStorage
 from handler.worker.job_run import JobRun, with_db_retries
 from handler.worker.pipeline_process import PipelineError, PipelineProcess
+from pipeline.contract import PipelineOptions
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ RESCUE_EVERY_SECONDS = 5.0
 class WorkerOptions:
     pipeline: str
     checkpoint_dir: Path | None = None
+    pipeline_options: PipelineOptions = PipelineOptions()  # what the pipeline loads and runs on
     concurrency: int = 1
     batch_jobs: int = 1  # jobs one GPU batch may hold (same model, task, steps, duration bucket)
     once: bool = False
@@ -36,6 +40,7 @@ class WorkerOptions:
     heartbeat_seconds: float = 10.0
     job_timeout_seconds: float = 1800.0
     shutdown_grace_seconds: float = 30.0
+    retention_seconds: float = 7 * 86400  # the worker prunes finished jobs too (handler.maintenance)
     upload_tries: int = 6  # per attempt, with doubling backoff, before the attempt fails (retryable)
     poll_seconds: float = 5.0
     model_names: tuple[str, ...] = ()
@@ -47,12 +52,14 @@ def worker_from_settings(settings: Settings, **options) -> "Worker":
     defaults = {
         "pipeline": settings.pipeline,
         "checkpoint_dir": settings.checkpoint_dir,
+        "pipeline_options": settings.pipeline_options(),
         "batch_jobs": settings.worker_batch_jobs,
         "heartbeat_seconds": settings.heartbeat_seconds,
         "job_timeout_seconds": settings.job_timeout_seconds,
         "shutdown_grace_seconds": settings.shutdown_grace_seconds,
         "upload_tries": settings.upload_tries,
-        "model_names": (settings.default_model,),
+        "retention_seconds": settings.retention_seconds,
+        "model_names": (settings.dit_model,),
     }
     return Worker(
         build_store(settings, settings.database_url), build_storage(settings), settings.database_url,
@@ -66,24 +73,27 @@ class Slot:
     def __init__(self, process: PipelineProcess):
         self.process = process
         self.run: JobRun | None = None
-        self.thread: threading.Thread | None = None
 
 
 class Worker:
-    def __init__(self, store: JobStore, storage: ObjectStorage, wakeups_url: str, options: WorkerOptions):
+    def __init__(self, store: JobStore, storage: ObjectStorage, wakeups_url: str, options: WorkerOptions,
+                 *, make_process: Callable[[], PipelineProcess] | None = None):
+        """`make_process` builds each slot's pipeline process (default: a PipelineProcess child as
+        `options` say; tests give an in-process stand-in with the same methods)."""
         self._store = store
         self._storage = storage
         self._wakeups_url = wakeups_url
         self._options = options
         self.worker_id = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        self._slots = [
-            Slot(PipelineProcess(options.pipeline, checkpoint_dir=options.checkpoint_dir)) for _ in range(options.concurrency)
-        ]
+        make_process = make_process or (lambda: PipelineProcess(
+            options.pipeline, checkpoint_dir=options.checkpoint_dir, options=options.pipeline_options))
+        self._slots = [Slot(make_process()) for _ in range(options.concurrency)]
         self._stopping = threading.Event()
         self._hard_stop = threading.Event()
         self._slot_freed = threading.Event()
         self._claimed = 0
-        self._rescued_at = -float("inf")
+        self._maintenance = Maintenance(store, storage, retention_seconds=options.retention_seconds,
+                                        rescue_every=RESCUE_EVERY_SECONDS)
         self._time_budget: float | None = None
         self._started_at = time.monotonic()
         self.outcomes: Counter[str] = Counter()
@@ -122,7 +132,7 @@ class Worker:
         self._time_budget = time_budget_seconds
         opts = self._options
         with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
-                        capacity=opts.concurrency, models=list(opts.model_names), state="STARTING")
+                        capacity=opts.concurrency, models=list(opts.model_names), state=WorkerState.STARTING)
         self._stopping.clear()
         self._hard_stop.clear()
         self._claimed, self._started_at, self.outcomes, self.stop_reason = 0, time.monotonic(), Counter(), ""
@@ -132,12 +142,12 @@ class Worker:
         except PipelineError as exc:
             log.error("%s; this worker takes no jobs (check ACESTEP_PIPELINE and ACESTEP_CHECKPOINT_DIR)", exc,
                       extra={"action": "setup_failed", "error": str(exc)})
-            with_db_retries(self._store.touch_worker, self.worker_id, state="SETUP_FAILED")
+            with_db_retries(self._store.touch_worker, self.worker_id, state=WorkerState.SETUP_FAILED)
             self._stop_processes()
             return 1
         loaded = sorted({m for slot in self._slots for m in slot.process.models}) or list(opts.model_names)
         with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
-                        capacity=opts.concurrency, models=loaded, state="READY")
+                        capacity=opts.concurrency, models=loaded, state=WorkerState.READY)
         log.info("worker %s ready", self.worker_id, extra={"action": "worker_ready", "worker_id": self.worker_id})
         beat = threading.Thread(target=self._worker_heartbeat, daemon=True)
         beat.start()
@@ -189,10 +199,8 @@ class Worker:
             free = min(free, self._options.max_jobs - self._claimed)
         if free <= 0 or self._out_of_time():
             return []
+        self._maintenance.tick()  # rescue expired leases (and prune) when due; its failures are its own
         try:
-            if time.monotonic() - self._rescued_at > RESCUE_EVERY_SECONDS:
-                self._store.rescue_expired()
-                self._rescued_at = time.monotonic()
             jobs = self._store.claim(self.worker_id, free)
         except StoreError as exc:
             log.warning("claim failed, retrying: %s", exc, extra={"action": "claim_failed", "error": str(exc)})
@@ -207,8 +215,7 @@ class Worker:
                           worker_id=self.worker_id, heartbeat_seconds=self._options.heartbeat_seconds,
                           timeout_seconds=self._options.job_timeout_seconds,
                           upload_tries=self._options.upload_tries)
-        slot.thread = threading.Thread(target=self._run_slot, args=(slot,), daemon=True)
-        slot.thread.start()
+        threading.Thread(target=self._run_slot, args=(slot,), daemon=True).start()
 
     def _claim_batch_mates(self, head: ClaimedJob) -> list[ClaimedJob]:
         """Queued jobs that can share the head job's GPU batch (same batch key), up to the batch size."""
@@ -241,7 +248,7 @@ class Worker:
         while not self._hard_stop.wait(self._options.heartbeat_seconds):
             busy = any(s.run is not None for s in self._slots)
             try:
-                self._store.touch_worker(self.worker_id, state="BUSY" if busy else "READY")
+                self._store.touch_worker(self.worker_id, state=WorkerState.BUSY if busy else WorkerState.READY)
             except DatabaseUnavailable:
                 continue
 

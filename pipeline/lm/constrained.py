@@ -15,26 +15,21 @@ end-of-text token.
 `Vocabulary` indexes a tokenizer once: each token's bytes, the audio-code ids, the end token."""
 
 import functools
-import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from pipeline.contract import BPM_MAX, BPM_MIN, DURATION_MIN, KEY_SCALES, LANGUAGES, TIME_SIGNATURE_BEATS
+
 FIELD_ORDER = ("bpm", "caption", "duration", "genres", "keyscale", "language", "timesignature")
-BPM_RANGE = (30, 300)
-MIN_DURATION = 10
-KEYSCALE_NOTES = "ABCDEFG"
-KEYSCALE_ACCIDENTALS = ("", "#", "b", "\u266f", "\u266d")
-KEYSCALE_MODES = ("major", "minor")
-VALID_KEYSCALES = tuple(f"{n}{a} {m}" for n, a, m in itertools.product(KEYSCALE_NOTES, KEYSCALE_ACCIDENTALS, KEYSCALE_MODES))
-VALID_LANGUAGES = (
-    "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fr", "he", "hi", "hr", "ht", "hu",
-    "id", "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no", "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr",
-    "sv", "sw", "ta", "te", "th", "tl", "tr", "uk", "ur", "vi", "yue", "zh", "unknown",
-)
-VALID_TIME_SIGNATURES = ("2", "3", "4", "6")
+# The values the LM may write are the contract's domain rules.
+BPM_RANGE = (BPM_MIN, BPM_MAX)
+MIN_DURATION = DURATION_MIN
+VALID_KEYSCALES = KEY_SCALES
+VALID_LANGUAGES = LANGUAGES
+VALID_TIME_SIGNATURES = TIME_SIGNATURE_BEATS
 AUDIO_CODES = 64000
 END_TOKEN = "<|im_end|>"
 

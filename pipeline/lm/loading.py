@@ -1,20 +1,19 @@
 """Which 5 Hz LMs a worker loads and which backend a request gets.
 
-Every `acestep-5Hz-lm-*` folder of the checkpoints is loaded on the pt backend (ACESTEP_LM_MODELS,
-comma-separated, restricts the set); a request's `lm_model_path` picks one by folder name, else the
-default (ACESTEP_LM_MODEL, else the 1.7B when present, else the first by name).
+Every `acestep-5Hz-lm-*` folder of the checkpoints is loaded on the pt backend (PipelineOptions.lm_models,
+from ACESTEP_LM_MODELS, restricts the set); a request's `lm_model_path` picks one by folder name, else the
+default (PipelineOptions.lm_model, else the 1.7B when present, else the first by name).
 
-`lm_backend: "vllm"` (the API's default) starts a vllm engine for that LM on first use
-(ACESTEP_VLLM_GPU_MEMORY_UTILIZATION, default 0.3 of the GPU; ACESTEP_VLLM=0 turns vllm off).
+`lm_backend: "vllm"` (the API's default) uses the `VllmEngines` of the pipeline: a vllm engine per LM
+(taking PipelineOptions.vllm_gpu_memory_utilization of the GPU), none when vllm is turned off.
 When vllm is not installed, there is no CUDA, or the engine fails to start, the request runs on
 the pt backend and one warning per LM says why; a vllm engine that fails mid-request is retired
 the same way and that request is redone on pt."""
 
 import importlib.util
 import logging
-import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,42 +29,32 @@ log = logging.getLogger(__name__)
 PREFERRED_DEFAULT = "acestep-5Hz-lm-1.7B"
 
 
-def load_lms(checkpoints: Checkpoints, *, device: torch.device, dtype: torch.dtype) -> dict[str, PtBackend]:
-    wanted = [n.strip() for n in os.environ.get("ACESTEP_LM_MODELS", "").split(",") if n.strip()]
-    names = wanted or sorted(checkpoints.lms)
-    return {name: PtBackend.load(checkpoints.lm(name).path, device=device, dtype=dtype) for name in names}
+def load_lms(checkpoints: Checkpoints, names: Sequence[str] = (), *, device: torch.device, dtype: torch.dtype) -> dict[str, PtBackend]:
+    """The LMs `names` (every one in the checkpoints when empty) on the pt backend."""
+    return {name: PtBackend.load(checkpoints.lm(name).path, device=device, dtype=dtype) for name in names or sorted(checkpoints.lms)}
 
 
 def default_lm(lms: dict[str, PtBackend]) -> str | None:
+    """Without a configured default: the 1.7B when loaded, else the first by name."""
     if not lms:
         return None
-    configured = os.environ.get("ACESTEP_LM_MODEL")
-    if configured:
-        return configured
     return PREFERRED_DEFAULT if PREFERRED_DEFAULT in lms else sorted(lms)[0]
 
 
-def _vllm_off() -> bool:
-    return os.environ.get("ACESTEP_VLLM", "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def vllm_available() -> bool:
-    """vllm installed, CUDA present and not turned off: worth starting engines with the worker."""
-    return not _vllm_off() and importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    """vllm installed and CUDA present: worth starting engines with the worker."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-def start_vllm(pt: PtBackend) -> VllmBackend:
+def start_vllm(pt: PtBackend, gpu_memory_utilization: float = 0.3) -> VllmBackend:
     """A vllm engine for the LM `pt` was loaded from; raises with the reason when it cannot start."""
-    if _vllm_off():
-        raise RuntimeError("ACESTEP_VLLM turns vllm off")
     if pt.path is None:
         raise RuntimeError("the LM was not loaded from a checkpoint folder")
     if importlib.util.find_spec("vllm") is None:
         raise RuntimeError("vllm is not installed (the gpu extra)")
     if not torch.cuda.is_available():
         raise RuntimeError("vllm needs CUDA and this worker has none")
-    utilization = float(os.environ.get("ACESTEP_VLLM_GPU_MEMORY_UTILIZATION", "0.3"))
-    return VllmBackend.start(pt.path, gpu_memory_utilization=utilization, max_model_len=MAX_MODEL_LEN)
+    return VllmBackend.start(pt.path, gpu_memory_utilization=gpu_memory_utilization, max_model_len=MAX_MODEL_LEN)
 
 
 class _VllmWithFallback:
@@ -101,8 +90,8 @@ class VllmEngines:
     """vllm engines started on first use, one per LM; an LM whose engine could not start (or
     failed) stays on pt, with one warning."""
 
-    def __init__(self, starter: Callable[[PtBackend], VllmBackend] = start_vllm):
-        self.starter = starter
+    def __init__(self, gpu_memory_utilization: float = 0.3, *, starter: Callable[[PtBackend], VllmBackend] | None = None):
+        self.starter = starter or (lambda pt: start_vllm(pt, gpu_memory_utilization))
         self._engines: dict[str, VllmBackend | None] = {}
         self._lock = threading.Lock()
 
@@ -128,18 +117,19 @@ class VllmEngines:
 
         return _VllmWithFallback(engine, pt, retire)
 
-
-VLLM_ENGINES = VllmEngines()
+    @staticmethod
+    def available() -> bool:
+        return vllm_available()
 
 
 def select_lm(lms: dict[str, PtBackend], name: str | None, backend: str = "pt",
               engines: VllmEngines | None = None) -> LMBackend:
-    """The LM a request asked for on the backend it asked for; PipelineError naming the loaded
-    ones when it is not here."""
+    """The LM a request asked for on the backend it asked for (pt when `engines` is None: vllm is
+    turned off); PipelineError naming the loaded ones when it is not here."""
     chosen = name or default_lm(lms)
     if chosen not in lms:
         loaded = ", ".join(sorted(lms)) or "none"
         raise PipelineError(f"5 Hz LM {chosen!r} is not loaded on this worker (loaded: {loaded})")
-    if backend == "vllm":
-        return (engines or VLLM_ENGINES).backend(lms[chosen])
+    if backend == "vllm" and engines is not None:
+        return engines.backend(lms[chosen])
     return lms[chosen]

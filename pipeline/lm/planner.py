@@ -43,6 +43,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pipeline import prompts as dit_prompts
+from pipeline.contract import GenerationRequest
 from pipeline.lm import prompts as lm_prompts
 from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest, Sampling
 
@@ -119,17 +120,6 @@ PHASE1_CFG_SCALE = 1.0  # since 2026-04 the reference runs phase 1 without CFG
 # The documented defaults when no LM is available to fill missing metadata.
 FALLBACK_METAS_VALUE = dit_prompts.NOT_AVAILABLE  # bpm, keyscale, timesignature in the metas
 FALLBACK_DURATION_S = 30.0
-
-# Our API's defaults for the LM fields (API.md; the reference's API defaults lm_cfg_scale to 2.5).
-API_LM_DEFAULTS: Mapping[str, Any] = MappingProxyType({
-    "lm_temperature": 0.85,
-    "lm_cfg_scale": 2.0,
-    "lm_negative_prompt": lm_prompts.DEFAULT_NEGATIVE_PROMPT,
-    "lm_top_k": None,
-    "lm_top_p": 0.9,
-    "lm_repetition_penalty": 1.0,
-})
-
 
 class LMUnavailableError(RuntimeError):
     """The request needs the 5 Hz LM (thinking=true) and no backend is loaded."""
@@ -235,49 +225,46 @@ def api_instruction(
     return instruction
 
 
-def params_from_request(request: Mapping[str, Any]) -> dict[str, Any]:
-    """Our API's generate request (GenerateRequest fields; uploads under `input_files`) -> params.
+def params_from_request(request: GenerationRequest) -> dict[str, Any]:
+    """Our API's request -> params (src/reference audio paths are the worker's local files).
 
     thinking=true: the LM writes the metadata block (caption and language included, as in the
     reference) and the codes, unless the request gives codes. thinking=false: the LM only fills
     missing bpm, key_scale, time_signature and audio_duration (the request's codes are still used)
-    (caption and language are skipped in its metadata block).
+    (caption and language are skipped in its metadata block). Our API's own defaults (thinking off,
+    lm_top_k null) are the request's: this maps names, it adds no defaults of its own.
     """
-    def given(key: str, default: Any) -> Any:
-        return default if request.get(key) is None else request[key]
-
-    thinking = bool(given("thinking", False))
-    task_type = request.get("task_type") or "text2music"
-    files = request.get("input_files") or {}
-    lm = {key: given(key, default) for key, default in API_LM_DEFAULTS.items()}
-    duration = request.get("audio_duration")
-    params = {
-        "task_type": task_type,
-        "instruction": api_instruction(task_type, request.get("instruction")),
-        "caption": request.get("caption") or "",
-        "lyrics": request.get("lyrics") or "",
-        "vocal_language": request.get("vocal_language") or "en",
-        "bpm": request.get("bpm"),
-        "keyscale": request.get("key_scale") or "",
-        "timesignature": request.get("time_signature") or "",
-        "duration": float(duration) if duration is not None else -1.0,
-        "audio_codes": request.get("audio_code_string") or "",
-        "src_audio": files.get("src") or request.get("src_audio_path"),
-        "reference_audio": files.get("ref") or request.get("reference_audio_path"),
-        "repainting_start": float(given("repainting_start", 0.0)),
-        "repainting_end": given("repainting_end", -1),
-        "audio_cover_strength": float(given("audio_cover_strength", 1.0)),
+    thinking = request.thinking
+    return {
+        "task_type": request.task_type,
+        "instruction": api_instruction(request.task_type, request.instruction),
+        "caption": request.caption,
+        "lyrics": request.lyrics,
+        "vocal_language": request.vocal_language,
+        "bpm": request.bpm,
+        "keyscale": request.key_scale,
+        "timesignature": request.time_signature,
+        "duration": float(request.audio_duration) if request.audio_duration is not None else -1.0,
+        "audio_codes": request.audio_code_string or "",
+        "src_audio": request.src_audio_path,
+        "reference_audio": request.reference_audio_path,
+        "repainting_start": request.repainting_start,
+        "repainting_end": request.repainting_end if request.repainting_end is not None else -1,
+        "audio_cover_strength": request.audio_cover_strength,
         "thinking": thinking,
         "use_cot_metas": True,
         "use_cot_caption": thinking,
         "use_cot_language": thinking,
-        **{key: lm[key] for key in ("lm_temperature", "lm_cfg_scale", "lm_negative_prompt", "lm_top_p", "lm_repetition_penalty")},
-        "lm_top_k": lm["lm_top_k"] or 0,
+        "lm_temperature": request.lm_temperature,
+        "lm_cfg_scale": request.lm_cfg_scale,
+        "lm_negative_prompt": request.lm_negative_prompt,
+        "lm_top_p": request.lm_top_p,
+        "lm_repetition_penalty": request.lm_repetition_penalty,
+        "lm_top_k": request.lm_top_k or 0,
+        "inference_steps": request.inference_steps,
+        "guidance_scale": request.guidance_scale,
+        "seed": request.seed,
     }
-    for key in ("inference_steps", "guidance_scale", "seed"):
-        if request.get(key) is not None:
-            params[key] = request[key]
-    return params
 
 
 def sampling_from(params: Mapping[str, Any]) -> Sampling:

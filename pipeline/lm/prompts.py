@@ -24,6 +24,8 @@ import yaml
 from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from pipeline import contract
+
 CHAT_TEMPLATE_PATH = Path(__file__).parents[1] / "data" / "qwen3_chat_template.jinja"
 
 LM_INSTRUCTION = "Generate audio semantic tokens based on the given conditions:"
@@ -31,7 +33,7 @@ UNDERSTAND_INSTRUCTION = "Understand the given musical conditions and describe t
 INSPIRATION_INSTRUCTION = "Expand the user's input into a more detailed and specific musical description:"
 FORMAT_INSTRUCTION = "Format the user's input into a more detailed and specific musical description:"
 
-DEFAULT_NEGATIVE_PROMPT = "NO USER INPUT"
+DEFAULT_NEGATIVE_PROMPT = contract.DEFAULT_LM_NEGATIVE_PROMPT
 EMPTY_COT = "<think>\n</think>"  # the assistant turn of the phase-2 unconditional (CFG) prompt
 
 # The fields of the metadata block, in the order the FSM generates them (genres is never written back).
@@ -42,8 +44,7 @@ _PLAIN_FIELDS = ("genres", "keyscale", "language", "timesignature")
 
 MAX_AUDIO_CODE = 63999
 CODES_PER_SECOND = 5
-DURATION_MIN = 10
-DURATION_MAX = 600
+DURATION_MIN, DURATION_MAX = contract.DURATION_MIN, contract.DURATION_MAX
 MAX_MODEL_LEN = 4096  # 2048 when the vLLM backend runs in low-GPU-memory mode
 _MODEL_LEN_RESERVE = 64
 _CODES_TOKEN_MARGIN = 10  # the FSM forces EOS right after the last code

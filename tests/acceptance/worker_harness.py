@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from db import JobStore
-from handler.http.generate_request import GenerateRequest
+from pipeline.contract import GenerationRequest
 from handler.http.inputs import AudioInputs
 from handler.http.routes_jobs import new_job
 from handler.settings import Settings
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def submit(store: JobStore, **fields) -> str:
     """Queue a job as the HTTP function would (validated request, its batch key, no audio inputs)."""
-    job = new_job(GenerateRequest(**fields), AudioInputs(), Settings(_env_file=None))
+    job = new_job(GenerationRequest(**fields), AudioInputs(), Settings(_env_file=None))
     return str(store.submit(job).id)
 
 

@@ -27,7 +27,7 @@ class Fake:
         self.stage_seconds = float(os.environ.get("FAKE_STAGE_SECONDS", "0.05"))
 
     def run(self, request, progress):
-        caption = request.get("caption", "")
+        caption = request.caption
         self.behaviour = caption.removeprefix("fake:") if caption.startswith("fake:") else self.default
         for i, stage in enumerate(STAGES[:-1]):
             progress(stage, i / len(STAGES))
@@ -39,10 +39,10 @@ class Fake:
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.behaviour == "hang" and stage == "dit":
                 time.sleep(3600)
-            if self.behaviour == "oom" and request["batch_size"] > 1:
+            if self.behaviour == "oom" and request.items > 1:
                 raise OutOfMemory("CUDA out of memory")
             time.sleep(self.stage_seconds)
-        batch = request["batch_size"]
+        batch = request.items
         seconds = 0.01 if self.default == "noop" else 0.5
         return GeneratedAudio([_tone(seconds) for _ in range(batch)], info={"seed_value": ",".join(str(7 + i) for i in range(batch))})
 
@@ -53,46 +53,46 @@ class BatchingFake(Fake):
     def run_batch(self, requests, progress):
         results = [self.run(requests[0], progress)]  # the stages run once, for all of them
         for request in requests[1:]:
-            results.append(GeneratedAudio([_tone() for _ in range(request["batch_size"])], info=dict(results[0].info)))
+            results.append(GeneratedAudio([_tone() for _ in range(request.items)], info=dict(results[0].info)))
         for result in results:
             result.info["generation_info"] = f"one batch of {len(requests)} jobs"
         return results
 
 
-def batching(checkpoint_dir=None):
+def batching(checkpoint_dir=None, options=None):
     return BatchingFake("ok")
 
 
-def noop(checkpoint_dir=None):
+def noop(checkpoint_dir=None, options=None):
     """No stage time, 10 ms of audio: what is left is the system's own overhead."""
     fake = Fake("noop")
     fake.stage_seconds = 0.0
     return fake
 
 
-def ok(checkpoint_dir=None):
+def ok(checkpoint_dir=None, options=None):
     return Fake("ok")
 
 
-def raises(checkpoint_dir=None):
+def raises(checkpoint_dir=None, options=None):
     return Fake("raise")
 
 
-def exits(checkpoint_dir=None):
+def exits(checkpoint_dir=None, options=None):
     return Fake("exit")
 
 
-def sigkill(checkpoint_dir=None):
+def sigkill(checkpoint_dir=None, options=None):
     return Fake("sigkill")
 
 
-def hangs(checkpoint_dir=None):
+def hangs(checkpoint_dir=None, options=None):
     return Fake("hang")
 
 
-def oom_when_batched(checkpoint_dir=None):
+def oom_when_batched(checkpoint_dir=None, options=None):
     return Fake("oom")
 
 
-def broken_setup(checkpoint_dir=None):
+def broken_setup(checkpoint_dir=None, options=None):
     raise RuntimeError("no checkpoints in /nowhere")

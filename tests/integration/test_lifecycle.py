@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
-from db import JobLost, JobNotFound, NewJob
+from db import JobLost, JobNotFound, JobStatus, NewJob
 from db.store import RESCUE_LOCK_KEY
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -48,6 +48,23 @@ def test_stale_writer_changes_nothing_and_learns_it_lost(store):
     store.complete(second, "worker-b", {"audio_paths": ["fresh"]}, now=at(70))
     row = store.get(job_id)
     assert (row["status"], row["result"]) == ("succeeded", {"audio_paths": ["fresh"]})
+
+
+def test_claim_batch_takes_jobs_of_the_batch_key_among_the_next_in_line(store):
+    keys = ["a", "b", "a", None, "a", "a"]
+    ids = [store.submit(NewJob(request={"batch_key": k} if k else {}), now=at(i)).id for i, k in enumerate(keys)]
+    head = store.claim("w", 1, now=at(10))[0]
+    assert head.id == ids[0]
+
+    # Of the next four in line (ids 1-4) only 2 and 4 have key "a"; 5 is beyond the lookahead.
+    mates = store.claim_batch("w", "a", 5, lookahead=4, now=at(11))
+    assert [(j.id, j.attempt) for j in mates] == [(ids[2], 1), (ids[4], 1)]
+    assert store.claim_batch("w", "a", 0, now=at(11)) == []
+    assert store.claim_batch("w", "c", 5, now=at(11)) == []
+    assert {store.get(i)["status"] for i in (ids[2], ids[4])} == {JobStatus.RUNNING}
+
+    # A plain claim takes whatever is next, batch key or not.
+    assert [j.id for j in store.claim("w", 5, now=at(12))] == [ids[1], ids[3], ids[5]]
 
 
 def test_attempt_fences_a_stale_handle_of_the_same_worker(store):

@@ -40,7 +40,10 @@ def big_queue(engine):
 @pytest.mark.parametrize(
     "name,params",
     [
-        ("claim_jobs", {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None}),
+        ("claim_jobs", {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
+                        "lookahead": None}),
+        ("claim_jobs", {"limit": 7, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": "k",
+                        "lookahead": 200}),
         ("queue_position", {"id": "MIDDLE"}),
         ("eta_inputs", {"id": "MIDDLE"}),
     ],

@@ -4,7 +4,7 @@ import io
 from datetime import datetime, timedelta, timezone
 
 from db import NewJob
-from handler.retention import prune_once
+from handler.maintenance import Maintenance
 from handler.storage import LocalStorage
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -20,7 +20,7 @@ def test_prune_deletes_expired_jobs_and_their_objects(store, tmp_path):
     storage.put(f"jobs/{recent}/input-src.wav", io.BytesIO(b"new"), "audio/wav")
 
     store.clock = lambda: T0 + timedelta(days=8)
-    assert prune_once(store, storage, ttl_seconds=7 * 86400) == 1
+    assert Maintenance(store, storage, retention_seconds=7 * 86400).prune() == 1
     assert not (tmp_path / "objects" / "jobs" / str(old)).exists()
     assert (tmp_path / "objects" / "jobs" / str(recent) / "input-src.wav").exists()
     assert store.get(recent)["status"] == "queued"

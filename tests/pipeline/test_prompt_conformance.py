@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.contract import GenerationRequest
 from pipeline import prompt_conformance
 from pipeline.lm import planner
 from pipeline.lm import prompts as lm_prompts
@@ -45,7 +46,7 @@ class StubLM:
 def api_plan(backend, batch_size: int = 1, src_audio_duration: float | None = None, **request):
     request = {"caption": "calm piano", "lyrics": "[Verse]\nla la", **request}
     return planner.plan_generation(
-        planner.params_from_request(request), backend, batch_size=batch_size, src_audio_duration=src_audio_duration
+        planner.params_from_request(GenerationRequest(**request)), backend, batch_size=batch_size, src_audio_duration=src_audio_duration
     )
 
 
@@ -149,7 +150,7 @@ def test_thinking_true_with_all_four_metas_skips_phase_1() -> None:
 def test_batch_runs_phase_1_once_and_phase_2_once_per_item_in_one_call() -> None:
     lm = StubLM()
     plan = planner.plan_generation(
-        planner.params_from_request({"caption": "x", "thinking": True}), lm, batch_size=3, seeds=[7, 8, 9]
+        planner.params_from_request(GenerationRequest(caption="x", thinking=True)), lm, batch_size=3, seeds=[7, 8, 9]
     )
     assert len(lm.metadata_requests) == 1 and lm.metadata_requests[0].seed == 7
     (call,) = lm.codes_calls
@@ -179,7 +180,7 @@ def test_api_defaults_reach_the_requests() -> None:
     api_plan(lm, thinking=True)
     (metadata,) = lm.metadata_requests
     (codes,) = lm.codes_calls[0]
-    assert codes.cfg_scale == planner.API_LM_DEFAULTS["lm_cfg_scale"] == 2.0
+    assert codes.cfg_scale == GenerationRequest.model_fields["lm_cfg_scale"].default == 2.0
     assert metadata.sampling.top_k is None and metadata.sampling.top_p == 0.9 and metadata.sampling.temperature == 0.85
     assert metadata.unconditional_prompt.endswith("<|im_start|>user\n# Lyric\n[Verse]\nla la\n<|im_end|>\n<|im_start|>assistant\n")
     assert metadata.max_new_tokens == 3500 and not metadata.skip_caption and not metadata.skip_language

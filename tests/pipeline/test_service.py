@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import soundfile
+import torch
 
+from pipeline.audio_io import SAMPLE_RATE
+from pipeline.contract import GenerationRequest, PipelineOptions
 from pipeline.interface import PipelineError
 from pipeline.service import load_pipeline
-from pipeline.audio_io import SAMPLE_RATE
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,8 @@ def request(**overrides):
     base = dict(caption="a calm piano piece", lyrics="[inst]", vocal_language="en", batch_size=1, audio_duration=3.0,
                 use_random_seed=False, seed=7, inference_steps=8, guidance_scale=7.0, task_type="text2music",
                 audio_format="wav", audio_cover_strength=1.0, thinking=False)
-    return base | overrides
+    # Built without the API's limits: the pipeline runs 3 s songs (fast tests) that HTTP would refuse.
+    return GenerationRequest.model_construct(**(base | overrides))
 
 
 def tone_file(path, seconds: float, rate: int = 44100):
@@ -61,25 +64,34 @@ def test_random_seeds_are_reported(pipe):
 
 def test_cover_uses_the_source_length_and_strength(pipe, tmp_path):
     src = tone_file(tmp_path / "src.wav", 2.5)
-    out, _ = run(pipe, task_type="cover", audio_duration=None, input_files={"src": src}, audio_cover_strength=0.5)
+    out, _ = run(pipe, task_type="cover", audio_duration=None, src_audio_path=src, audio_cover_strength=0.5)
     assert out.audios[0].shape == (2, 2.5 * SAMPLE_RATE)
-    full, _ = run(pipe, task_type="cover", audio_duration=None, input_files={"src": src})
+    full, _ = run(pipe, task_type="cover", audio_duration=None, src_audio_path=src)
     assert not np.array_equal(out.audios[0], full.audios[0])
 
 
 def test_repaint_keeps_the_length_and_outpaints(pipe, tmp_path):
     src = tone_file(tmp_path / "src.wav", 4.0)
-    inside, _ = run(pipe, task_type="repaint", input_files={"src": src}, repainting_start=1.0, repainting_end=2.0)
+    inside, _ = run(pipe, task_type="repaint", src_audio_path=src, repainting_start=1.0, repainting_end=2.0)
     assert inside.audios[0].shape == (2, 4 * SAMPLE_RATE)
-    outpaint, _ = run(pipe, task_type="repaint", input_files={"src": src}, repainting_start=-1.0, repainting_end=5.0)
+    outpaint, _ = run(pipe, task_type="repaint", src_audio_path=src, repainting_start=-1.0, repainting_end=5.0)
     assert outpaint.audios[0].shape == (2, 6 * SAMPLE_RATE)
 
 
 def test_reference_audio_changes_the_timbre_condition(pipe, tmp_path):
     ref = tone_file(tmp_path / "ref.flac", 2.0, rate=22050)
     plain, _ = run(pipe)
-    styled, _ = run(pipe, input_files={"ref": ref})
+    styled, _ = run(pipe, reference_audio_path=ref)
     assert styled.audios[0].shape == plain.audios[0].shape and not np.array_equal(styled.audios[0], plain.audios[0])
+
+
+def test_a_short_silence_latent_is_repeated_to_every_length_the_dit_needs(pipe):
+    silence = pipe.silence  # the tiny build stores 2 s of it; the timbre window alone takes 30 s
+    frames = pipe.dit.config.timbre_fix_frame
+    assert silence.shape[1] < frames
+    repeated = pipe.silence_frames(frames)
+    assert repeated.shape == (1, frames, silence.shape[2])
+    assert torch.equal(repeated[:, silence.shape[1]:2 * silence.shape[1]], silence)
 
 
 def test_audio_codes_drive_a_cover(pipe):
@@ -93,17 +105,17 @@ def test_audio_codes_drive_a_cover(pipe):
 def test_input_errors_are_clear(pipe, tmp_path):
     short = tone_file(tmp_path / "short.wav", 0.3)
     with pytest.raises(PipelineError, match="source audio is 0.30 s long; at least 1 s"):
-        run(pipe, task_type="cover", input_files={"src": short})
+        run(pipe, task_type="cover", src_audio_path=short)
     src = tone_file(tmp_path / "src.wav", 5.0)
     with pytest.raises(PipelineError, match=r"repaint window \[7, 9\] s must overlap the 5.00 s"):
-        run(pipe, task_type="repaint", input_files={"src": src}, repainting_start=7.0, repainting_end=9.0)
+        run(pipe, task_type="repaint", src_audio_path=src, repainting_start=7.0, repainting_end=9.0)
     with pytest.raises(PipelineError, match="needs source audio"):
         run(pipe, task_type="repaint")
     with pytest.raises(PipelineError, match="thinking=true needs a 5 Hz LM"):
         run(pipe, thinking=True)
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     with pytest.raises(PipelineError, match="source audio: not decodable"):
-        run(pipe, task_type="cover", input_files={"src": str(tmp_path / "bad.wav")})
+        run(pipe, task_type="cover", src_audio_path=str(tmp_path / "bad.wav"))
 
 
 def test_base_checkpoint_samples_with_guidance(tmp_path, tiny_checkpoints):
@@ -115,7 +127,7 @@ def test_base_checkpoint_samples_with_guidance(tmp_path, tiny_checkpoints):
     root = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoints, root, ignore=shutil.ignore_patterns("acestep-v15-turbo"))
     build_tiny_dit(root / "acestep-v15-base", Vae.load(root / "vae"), turbo=False)
-    base = load_pipeline(root)
+    base = load_pipeline(root, PipelineOptions(dit_model="acestep-v15-base"))
     assert not base.dit.config.turbo
     calls = []
     out = base.run(request(inference_steps=5), lambda s, f: calls.append(f))
@@ -133,10 +145,7 @@ def pipe_with_lm(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("with-lm")
     shutil.copytree(tiny_checkpoints, root, dirs_exist_ok=True)
     build_tiny_lm(root / TINY_LM)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ACESTEP_LM_MAX_DURATION", "12")  # whatever the random LM plans stays short
-    yield load_pipeline(root)
-    mp.undo()
+    return load_pipeline(root, PipelineOptions(lm_max_duration=12))  # whatever the random LM plans stays short
 
 
 @pytest.fixture
@@ -160,7 +169,7 @@ def test_thinking_runs_lm_codes_into_a_cover(pipe_with_lm, short_lm_captions):
 def test_vllm_request_without_vllm_runs_on_pt_with_one_warning(pipe_with_lm, short_lm_captions, monkeypatch, caplog):
     from pipeline.lm import loading
 
-    monkeypatch.setattr(loading, "VLLM_ENGINES", loading.VllmEngines())
+    monkeypatch.setattr(pipe_with_lm, "engines", loading.VllmEngines())
     with caplog.at_level("WARNING", logger="pipeline.lm.loading"):
         on_vllm, _ = run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="vllm")
         run(pipe_with_lm, thinking=True, audio_duration=3.0, bpm=None, batch_size=1, lm_backend="vllm")

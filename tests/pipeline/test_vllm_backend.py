@@ -144,7 +144,7 @@ def test_vllm_that_cannot_start_means_pt_with_one_warning(pt, caplog):
         starts.append(backend.name)
         raise RuntimeError("no CUDA here")
 
-    engines = loading.VllmEngines(starter)
+    engines = loading.VllmEngines(starter=starter)
     lms = {pt.name: pt}
     with caplog.at_level(logging.WARNING, logger="pipeline.lm.loading"):
         assert loading.select_lm(lms, None, "vllm", engines) is pt
@@ -156,7 +156,7 @@ def test_vllm_that_cannot_start_means_pt_with_one_warning(pt, caplog):
 
 def test_vllm_engine_used_and_retired_on_failure(pt, caplog):
     engine = _Engine()
-    engines = loading.VllmEngines(lambda backend: engine)
+    engines = loading.VllmEngines(starter=lambda backend: engine)
     lms = {pt.name: pt}
     requests = codes_requests()[:1]
     chosen = loading.select_lm(lms, None, "vllm", engines)
@@ -170,11 +170,11 @@ def test_vllm_engine_used_and_retired_on_failure(pt, caplog):
     assert engine.calls == 2 and caplog.text.count("the vllm engine failed (engine died)") == 1
 
 
+def test_vllm_turned_off_means_pt(pt):
+    assert loading.select_lm({pt.name: pt}, None, "vllm", None) is pt  # ACESTEP_VLLM=0: the pipeline has no engines
+
+
 def test_start_vllm_says_why_not(pt, monkeypatch):
-    monkeypatch.setenv("ACESTEP_VLLM", "0")
-    with pytest.raises(RuntimeError, match="ACESTEP_VLLM turns vllm off"):
-        loading.start_vllm(pt)
-    monkeypatch.delenv("ACESTEP_VLLM")
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match="vllm is not installed"):
         loading.start_vllm(pt)

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from handler.http.generate_request import DEFAULT_INSTRUCTION, GenerateRequest
+from pipeline.contract import DEFAULT_INSTRUCTION, GenerationRequest
 
 SPEC_DEFAULTS = {
     "caption": "", "lyrics": "", "thinking": False, "vocal_language": "en", "audio_format": "mp3",
@@ -18,20 +18,20 @@ SPEC_DEFAULTS = {
 
 
 def test_defaults_are_the_seed_apis():
-    assert GenerateRequest().model_dump() == SPEC_DEFAULTS
+    assert GenerationRequest().model_dump() == SPEC_DEFAULTS
 
 
 def test_the_spec_examples_validate():
-    GenerateRequest(caption="upbeat pop song", lyrics="Hello world", inference_steps=16)
-    GenerateRequest(caption="upbeat pop song", lyrics="Hello world", thinking=True, lm_temperature=0.85,
+    GenerationRequest(caption="upbeat pop song", lyrics="Hello world", inference_steps=16)
+    GenerationRequest(caption="upbeat pop song", lyrics="Hello world", thinking=True, lm_temperature=0.85,
                     lm_cfg_scale=2.0, lm_top_k=None, lm_top_p=0.9, lm_repetition_penalty=1.0)
-    assert GenerateRequest(caption="slow emotional ballad", lyrics="...", thinking=False, bpm=72).bpm == 72
-    repaint = GenerateRequest(caption="remix this song", src_audio_path="jobs/x/input-src.mp3", task_type="repaint")
+    assert GenerationRequest(caption="slow emotional ballad", lyrics="...", thinking=False, bpm=72).bpm == 72
+    repaint = GenerationRequest(caption="remix this song", src_audio_path="jobs/x/input-src.mp3", task_type="repaint")
     assert repaint.task_type == "repaint"
 
 
 def test_form_strings_are_coerced():
-    req = GenerateRequest.model_validate({"inference_steps": "16", "thinking": "true", "bpm": "120"})
+    req = GenerationRequest.model_validate({"inference_steps": "16", "thinking": "true", "bpm": "120"})
     assert (req.inference_steps, req.thinking, req.bpm) == (16, True, 120)
 
 
@@ -62,7 +62,7 @@ def test_form_strings_are_coerced():
 )
 def test_field_rules_name_the_field(body, field):
     with pytest.raises(ValidationError) as caught:
-        GenerateRequest.model_validate(body)
+        GenerationRequest.model_validate(body)
     assert field in {str(part) for err in caught.value.errors() for part in err["loc"]}
 
 
@@ -79,13 +79,13 @@ def test_field_rules_name_the_field(body, field):
 )
 def test_cross_field_rules_name_the_field(body, field, words):
     with pytest.raises(ValidationError, match=words) as caught:
-        GenerateRequest.model_validate(body)
+        GenerationRequest.model_validate(body)
     assert [err["loc"] for err in caught.value.errors()] == [(field,)]
 
 
 def test_repaint_to_the_end_and_code_lists():
-    assert GenerateRequest(repainting_start=5, repainting_end=-1).repainting_end == -1
-    codes = GenerateRequest(audio_code_string=["<|audio_code_1|>", "<|audio_code_2|>"])
+    assert GenerationRequest(repainting_start=5, repainting_end=-1).repainting_end == -1
+    codes = GenerationRequest(audio_code_string=["<|audio_code_1|>", "<|audio_code_2|>"])
     assert codes.effective_batch_size(default=2) == 2
-    assert GenerateRequest(batch_size=3).effective_batch_size(default=2) == 3
-    assert GenerateRequest().effective_batch_size(default=2) == 2
+    assert GenerationRequest(batch_size=3).effective_batch_size(default=2) == 3
+    assert GenerationRequest().effective_batch_size(default=2) == 2

@@ -1,0 +1,236 @@
+"""The generation contract, defined once: the typed request every part speaks (the HTTP function
+validates it, the job row stores it, the worker rebuilds it, the pipeline runs it), the result
+document's fields, the domain rules (languages, keys, time signatures, limits, task types, model
+names) and the options a worker gives its pipeline.
+
+Light on purpose: the HTTP function imports it, so it imports neither torch nor numpy, nor anything
+of the pipeline. A field added to `GenerationRequest` reaches the pipeline with nothing else to change.
+"""
+
+import itertools
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+log = logging.getLogger(__name__)
+
+# ---- domain rules ------------------------------------------------------------------------------
+
+SAMPLE_RATE = 48000
+LANGUAGES = (
+    "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fr", "he", "hi", "hr", "ht", "hu",
+    "id", "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no", "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr",
+    "sv", "sw", "ta", "te", "th", "tl", "tr", "uk", "ur", "vi", "yue", "zh", "unknown",
+)
+KEY_NOTES = "ABCDEFG"
+KEY_ACCIDENTALS = ("", "#", "b", "\u266f", "\u266d")
+KEY_MODES = ("major", "minor")
+KEY_SCALES = tuple(f"{n}{a} {m}" for n, a, m in itertools.product(KEY_NOTES, KEY_ACCIDENTALS, KEY_MODES))
+# The LM writes a time signature as its beats ("4"); a request may add the beat unit ("4/4").
+TIME_SIGNATURE_BEATS = ("2", "3", "4", "6")
+TIME_SIGNATURE_UNITS = ("2", "4", "8", "16")
+BPM_MIN, BPM_MAX = 30, 300
+DURATION_MIN, DURATION_MAX = 10, 600  # seconds a request (or the LM) may ask for
+MAX_BATCH_SIZE = 8
+MAX_SEED = 2**32 - 1
+MAX_INFERENCE_STEPS = 200
+API_TASK_TYPES = ("text2music", "cover", "repaint")
+SOURCE_TASK_TYPES = ("cover", "repaint")  # tasks that read src audio
+AUDIO_FORMATS = ("mp3", "wav", "flac")
+LM_BACKENDS = ("vllm", "pt")
+LM_PREFIX = "acestep-5Hz-lm-"
+DIT_PREFIX = "acestep-v15-"
+DEFAULT_DIT_MODEL = "acestep-v15-turbo"
+DEFAULT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
+DEFAULT_LM_NEGATIVE_PROMPT = "NO USER INPUT"
+
+_KEY_SCALE = re.compile(
+    rf"^[{KEY_NOTES}]({'|'.join(re.escape(a) for a in KEY_ACCIDENTALS if a)})? ({'|'.join(KEY_MODES)})$", re.IGNORECASE
+)
+_TIME_SIGNATURE = re.compile(rf"^({'|'.join(TIME_SIGNATURE_BEATS)})(/({'|'.join(TIME_SIGNATURE_UNITS)}))?$")
+
+# The optional keys a job result carries beside audio_keys, generation_info, status_message and
+# seed_value: what the LM decided and which models made the audio.
+RESULT_INFO_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model")
+
+
+# ---- the request -------------------------------------------------------------------------------
+
+
+class GenerationRequest(BaseModel):
+    """One generation as the seed API defines it: every field with its one default and limits.
+    Unknown fields and out-of-range values are refused (422 naming the field)."""
+
+    model_config = ConfigDict(extra="forbid", str_max_length=20_000, title="GenerateRequest")
+
+    caption: str = Field("", description="Music description prompt")
+    lyrics: str = Field("", description="Lyrics content")
+    thinking: bool = Field(False, description="Use the 5 Hz LM to generate audio codes (LM -> DiT)")
+    vocal_language: str = Field("en", description="Lyrics language (en, zh, ja, ... or unknown)")
+    audio_format: Literal["mp3", "wav", "flac"] = Field("mp3", description="Output format")
+
+    bpm: int | None = Field(None, ge=BPM_MIN, le=BPM_MAX, description="Tempo (30-300); the LM fills it when missing")
+    key_scale: str = Field("", description='Key and scale, e.g. "C Major"; the LM fills it when empty')
+    time_signature: str = Field("", description='Time signature, e.g. "4/4"; the LM fills it when empty')
+    audio_duration: float | None = Field(None, ge=DURATION_MIN, le=DURATION_MAX, description="Seconds (10-600)")
+
+    audio_code_string: str | list[str] = Field("", description="5 Hz audio codes; a list gives one per batch item")
+
+    inference_steps: int = Field(8, ge=1, le=MAX_INFERENCE_STEPS, description="Diffusion steps (1-200)")
+    guidance_scale: float = Field(7.0, ge=0, le=30, description="Prompt guidance (non-turbo models)")
+    use_random_seed: bool = Field(True, description="Draw a fresh seed per item")
+    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="Seed when use_random_seed is false")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="Songs per request (1-8)")
+
+    lm_model_path: str | None = Field(None, description="5 Hz LM checkpoint name, e.g. acestep-5Hz-lm-0.6B")
+    lm_backend: Literal["vllm", "pt"] = Field("vllm", description="LM backend")
+    lm_temperature: float = Field(0.85, gt=0, le=5, description="LM sampling temperature")
+    lm_cfg_scale: float = Field(2.0, ge=0, le=20, description="LM CFG scale (>1 enables CFG)")
+    lm_negative_prompt: str = Field(DEFAULT_LM_NEGATIVE_PROMPT, description="Negative prompt used by LM CFG")
+    lm_top_k: int | None = Field(None, ge=0, description="Top-k (0 or null disables)")
+    lm_top_p: float = Field(0.9, gt=0, description="Top-p (>= 1 disables)")
+    lm_repetition_penalty: float = Field(1.0, gt=0, le=10, description="Repetition penalty")
+
+    reference_audio_path: str | None = Field(None, description="Reference audio (style) in the input area")
+    src_audio_path: str | None = Field(None, description="Source audio for cover and repaint")
+    task_type: Literal["text2music", "cover", "repaint"] = Field("text2music", description="Task type")
+    instruction: str = Field(DEFAULT_INSTRUCTION, description="Edit instruction")
+    repainting_start: float = Field(0.0, ge=-DURATION_MAX, le=DURATION_MAX, description="Repaint window start (s; < 0 pads)")
+    repainting_end: float | None = Field(None, ge=-1, le=2 * DURATION_MAX, description="Repaint window end (s; null or -1: end)")
+    audio_cover_strength: float = Field(1.0, ge=0, le=1, description="Cover strength (0-1)")
+
+    webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed when the job finishes")
+
+    @field_validator("vocal_language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        if value not in LANGUAGES:
+            raise ValueError(f"must be one of {', '.join(sorted(LANGUAGES))}")
+        return value
+
+    @field_validator("key_scale")
+    @classmethod
+    def _known_key_scale(cls, value: str) -> str:
+        if value and not _KEY_SCALE.match(value.strip()):
+            raise ValueError('must be a note A-G, an optional # or b, and major or minor, e.g. "C Major"')
+        return value.strip()
+
+    @field_validator("time_signature")
+    @classmethod
+    def _known_time_signature(cls, value: str) -> str:
+        if value and not _TIME_SIGNATURE.match(value.strip()):
+            raise ValueError(f"must be {', '.join(TIME_SIGNATURE_BEATS)} beats, optionally over "
+                             f"{', '.join(TIME_SIGNATURE_UNITS)}, e.g. \"4/4\"")
+        return value.strip()
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("audio_code_string")
+    @classmethod
+    def _code_list_size(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_BATCH_SIZE:
+            raise ValueError(f"as a list needs 1 to {MAX_BATCH_SIZE} entries, one per batch item")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _matches_code_list(cls, value: int | None, info: ValidationInfo) -> int | None:
+        codes = info.data.get("audio_code_string")
+        if value is not None and isinstance(codes, list) and len(codes) != value:
+            raise ValueError(f"is {value} but audio_code_string lists {len(codes)} entries")
+        return value
+
+    @field_validator("task_type")
+    @classmethod
+    def _source_audio_present(cls, value: str, info: ValidationInfo) -> str:
+        if value in SOURCE_TASK_TYPES and not info.data.get("src_audio_path"):
+            raise ValueError(f"{value} needs source audio: src_audio_path or an uploaded src_audio")
+        return value
+
+    @field_validator("repainting_end")
+    @classmethod
+    def _after_start(cls, value: float | None, info: ValidationInfo) -> float | None:
+        start = info.data.get("repainting_start")
+        if value is not None and value != -1 and start is not None and value <= start:
+            raise ValueError("must be after repainting_start (or -1 / null for the end of the audio)")
+        return value
+
+    def effective_batch_size(self, default: int) -> int:
+        """The batch the job will run: explicit, else one per listed code string, else the server's default."""
+        if self.batch_size is not None:
+            return self.batch_size
+        if isinstance(self.audio_code_string, list):
+            return len(self.audio_code_string)
+        return default
+
+    @property
+    def items(self) -> int:
+        """Songs this request makes (a stored job always has its batch size resolved)."""
+        return self.batch_size or 1
+
+
+# What a job row's `request` document holds beside the request's own fields.
+STORED_KEYS = ("inputs", "batch_key")
+
+
+class StoredRequestError(ValueError):
+    """A stored request this version cannot run (the job fails with this message)."""
+
+
+def request_from_row(document: Mapping[str, Any]) -> GenerationRequest:
+    """The request of a stored job row. Tolerant of rows written by another version: keys this
+    version does not know are dropped with a warning (an option since removed), fields it added
+    take their defaults; values it no longer accepts raise StoredRequestError naming the field."""
+    fields = GenerationRequest.model_fields
+    unknown = sorted(set(document) - set(fields) - set(STORED_KEYS))
+    if unknown:
+        log.warning("stored request has fields this version does not know; ignored: %s", ", ".join(unknown),
+                    extra={"action": "stored_request_unknown_fields", "fields": unknown})
+    try:
+        return GenerationRequest.model_validate({k: v for k, v in document.items() if k in fields})
+    except ValueError as exc:
+        raise StoredRequestError(f"the stored request is not valid for this worker version: {exc}") from None
+
+
+def request_document(request: GenerationRequest, **stored: Any) -> dict[str, Any]:
+    """What the job row stores: the request's fields and the STORED_KEYS given."""
+    unknown = set(stored) - set(STORED_KEYS)
+    if unknown:
+        raise ValueError(f"not a stored key: {', '.join(sorted(unknown))}")
+    return request.model_dump(mode="json") | stored
+
+
+# ---- what a worker gives its pipeline ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Everything a pipeline is configured with beyond its checkpoints (from Settings; the pipeline
+    reads no environment). `variables` names the ACESTEP_* variable of each field, for messages."""
+
+    device: str | None = None  # cpu, cuda, cuda:N; None: CUDA when present
+    dit_model: str = DEFAULT_DIT_MODEL
+    lm_models: tuple[str, ...] = ()  # () = every LM folder in the checkpoints
+    lm_model: str | None = None  # the LM used without lm_model_path; None: the 1.7B if loaded, else the first
+    lm_max_duration: int = DURATION_MAX
+    vllm: bool = True
+    vllm_gpu_memory_utilization: float = 0.3
+
+    variables = {
+        "device": "ACESTEP_DEVICE", "dit_model": "ACESTEP_DIT_MODEL", "lm_models": "ACESTEP_LM_MODELS",
+        "lm_model": "ACESTEP_LM_MODEL", "lm_max_duration": "ACESTEP_LM_MAX_DURATION", "vllm": "ACESTEP_VLLM",
+        "vllm_gpu_memory_utilization": "ACESTEP_VLLM_GPU_MEMORY_UTILIZATION",
+    }
