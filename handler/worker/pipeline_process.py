@@ -106,6 +106,17 @@ def _encode(audio: GeneratedAudio, request: GenerationRequest, prefix: Path) -> 
     return files
 
 
+def finished(answer) -> list["Finished"]:
+    """A run's answer as the parent returns it: the Finished files, or the raise it stands for."""
+    if isinstance(answer, msg.Done):
+        return [Finished(files=[Path(p) for p in r.files], info=r.info) for r in answer.results]
+    if isinstance(answer, msg.RunCanceled):
+        raise Canceled()
+    if isinstance(answer, msg.RunFailed):
+        raise (OutOfMemory if answer.out_of_memory else PipelineError)(answer.error, retryable=answer.retryable)
+    raise PipelineError(f"unexpected message from the pipeline process: {answer!r}", retryable=True)
+
+
 def _generate(pipeline, requests: list[GenerationRequest], progress) -> list[GeneratedAudio]:
     """One GPU batch for jobs that can share it (`run_batch`), else one job after another."""
     if len(requests) > 1 and hasattr(pipeline, "run_batch"):
@@ -195,13 +206,7 @@ class PipelineProcess:
                     on_progress(message.stage, message.fraction)
                     continue
                 self.state = ProcessState.READY
-                if isinstance(message, msg.Done):
-                    return [Finished(files=[Path(p) for p in r.files], info=r.info) for r in message.results]
-                if isinstance(message, msg.RunCanceled):
-                    raise Canceled()
-                if isinstance(message, msg.RunFailed):
-                    raise (OutOfMemory if message.out_of_memory else PipelineError)(message.error, retryable=message.retryable)
-                raise PipelineError(f"unexpected message from the pipeline process: {message!r}", retryable=True)
+                return finished(message)
         except (PipelineCrashed, PipelineTimeout):
             self._proc = None
             raise

@@ -59,6 +59,19 @@ class BatchingFake(Fake):
         return results
 
 
+class EchoFake(Fake):
+    """Says in generation_info every field of the request it ran (the typed request, as received)."""
+
+    def run(self, request, progress):
+        result = super().run(request, progress)
+        result.info["generation_info"] = request.model_dump_json()
+        return result
+
+
+def echo(checkpoint_dir=None, options=None):
+    return EchoFake("ok")
+
+
 def batching(checkpoint_dir=None, options=None):
     return BatchingFake("ok")
 

@@ -190,3 +190,14 @@ def test_unknown_lm_is_a_clear_error(pipe_with_lm):
     with pytest.raises(PipelineError, match="'acestep-5Hz-lm-4B' is not loaded on this worker"):
         run(pipe_with_lm, thinking=True, lm_model_path="acestep-5Hz-lm-4B")
     assert pipe_with_lm.models == ["acestep-v15-turbo", "acestep-5Hz-lm-0.6B"]
+
+
+@pytest.mark.parametrize("options, variable", [
+    (PipelineOptions(dit_model="acestep-v15-xl-turbo"), "ACESTEP_DIT_MODEL=acestep-v15-xl-turbo: no such DiT"),
+    (PipelineOptions(lm_models=("acestep-5Hz-lm-4B",)), "ACESTEP_LM_MODELS: no 5 Hz LM acestep-5Hz-lm-4B"),
+    (PipelineOptions(lm_model="acestep-5Hz-lm-4B"), "ACESTEP_LM_MODEL: no 5 Hz LM acestep-5Hz-lm-4B"),
+])
+def test_a_model_the_checkpoints_lack_fails_setup_naming_the_variable(tiny_checkpoints, options, variable):
+    with pytest.raises(PipelineError, match=variable) as failed:
+        load_pipeline(tiny_checkpoints, options)
+    assert "there: " in str(failed.value)  # and what is there instead
