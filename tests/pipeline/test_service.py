@@ -201,3 +201,40 @@ def test_a_model_the_checkpoints_lack_fails_setup_naming_the_variable(tiny_check
     with pytest.raises(PipelineError, match=variable) as failed:
         load_pipeline(tiny_checkpoints, options)
     assert "there: " in str(failed.value)  # and what is there instead
+
+
+class RecordingText:
+    """A stand-in text encoder: fixed-size random states, and the prompts it was given."""
+
+    def __init__(self, hidden: int):
+        self.hidden, self.prompts = hidden, []
+
+    def _states(self, prompts):
+        import torch
+
+        self.prompts.extend(prompts)
+        generator = torch.Generator().manual_seed(len(self.prompts))
+        return torch.randn(len(prompts), 6, self.hidden, generator=generator), torch.ones(len(prompts), 6, dtype=torch.long)
+
+    encode_text = embed_lyrics = _states
+
+
+def test_parts_are_injected_without_checkpoints_on_disk():
+    import torch
+    from diffusers import AutoencoderOobleck
+
+    from pipeline.dit.config import DiTConfig
+    from pipeline.dit.model import AceStepDiT
+    from pipeline.service import AceStepPipeline, Components
+    from pipeline.tiny import TEXT_HIDDEN, random_dit_state, tiny_dit_config
+    from pipeline.vae import TINY_CONFIG, Vae
+
+    vae = Vae(AutoencoderOobleck(**TINY_CONFIG).eval())
+    dit = AceStepDiT(DiTConfig.from_dict(tiny_dit_config(vae.latent_dim, TEXT_HIDDEN))).eval()
+    dit.load_state_dict(random_dit_state(dit, seed=1))
+    text = RecordingText(TEXT_HIDDEN)
+    pipe = AceStepPipeline(Components(dit_name="in-memory", dit=dit, silence=torch.zeros(1, 10, vae.latent_dim), vae=vae,
+                                      text=text, device=torch.device("cpu"), dtype=torch.float32))
+    out = pipe.run(request(caption="injected", audio_duration=2.0, batch_size=1), lambda stage, fraction: None)
+    assert out.audios[0].shape == (2, 2 * SAMPLE_RATE) and out.info["dit_model"] == "in-memory"
+    assert "injected" in text.prompts[0] and "[inst]" in text.prompts[1]  # caption prompt, then lyric prompt
