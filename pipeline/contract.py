@@ -106,6 +106,14 @@ class GenerationRequest(BaseModel):
 
     webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed when the job finishes")
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any, info: ValidationInfo) -> Any:
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            raise ValueError("must not contain NUL characters (\\u0000)")
+        return value
+
     @field_validator("vocal_language")
     @classmethod
     def _known_language(cls, value: str) -> str:

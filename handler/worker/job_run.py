@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from db import DatabaseUnavailable, JobLost, JobStatus, JobStore
+from db import DatabaseUnavailable, JobLost, JobStatus, JobStore, StoreError
 from db.store import ClaimedJob
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
 from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
@@ -29,8 +29,21 @@ def output_key(job: ClaimedJob, index: int, fmt: str) -> str:
 INPUT_PATH_FIELDS = {"src": "src_audio_path", "ref": "reference_audio_path"}
 
 
+def storable(value: Any) -> Any:
+    """`value` with NUL characters taken out of every string: Postgres text and jsonb cannot hold
+    them, and a random or misbehaving LM can write one into its caption or genres."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
+
+
 def result_document(request: GenerationRequest, keys: list[str], info: dict[str, Any]) -> dict[str, Any]:
-    """The result contract rendered by handler/http/job_view.py."""
+    """The result contract rendered by handler/http/job_view.py (storable: see `storable`)."""
+    info = storable(info)
     result = {
         "audio_keys": keys,
         "generation_info": info.get(
@@ -207,6 +220,11 @@ class JobRun:
         try:
             with_db_retries(self._store.complete, job, self._worker_id, result)
             return JobStatus.SUCCEEDED
+        except DatabaseUnavailable:
+            raise  # the lease brings the job back once the database does
+        except StoreError as exc:  # the database refused this result: fail the attempt now, not at lease expiry
+            self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
+            return self._fail(job, f"could not store the result: {exc}", retryable=True)
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.
             row = with_db_retries(self._store.get, job.id)

@@ -44,7 +44,10 @@ class Fake:
             time.sleep(self.stage_seconds)
         batch = request.items
         seconds = 0.01 if self.default == "noop" else 0.5
-        return GeneratedAudio([_tone(seconds) for _ in range(batch)], info={"seed_value": ",".join(str(7 + i) for i in range(batch))})
+        info = {"seed_value": ",".join(str(7 + i) for i in range(batch))}
+        if self.behaviour == "nul":  # what a random LM may write into its metadata
+            info |= {"genres": "po\x00p", "metas": {"caption": "a\x00b", "bpm": 90}}
+        return GeneratedAudio([_tone(seconds) for _ in range(batch)], info=info)
 
 
 class BatchingFake(Fake):

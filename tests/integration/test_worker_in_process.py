@@ -156,3 +156,25 @@ def test_worker_whose_pipeline_cannot_load_takes_no_job(store, storage, db_url):
     assert w.run() == 1
     assert WorkerState.SETUP_FAILED in registered
     assert store.get(job_id)["status"] == JobStatus.QUEUED
+
+
+def test_nul_characters_the_lm_writes_are_taken_out_of_the_stored_result(store, storage):
+    job_id = submit(store, caption="fake:nul")
+    assert run_claimed(store, storage, InProcessPipeline()) == {str(job_id): JobStatus.SUCCEEDED}
+    result = store.get(job_id)["result"]
+    assert result["genres"] == "pop" and result["metas"] == {"caption": "ab", "bpm": 90}
+
+
+def test_a_result_the_database_refuses_fails_the_attempt_at_once(store, storage, monkeypatch):
+    from db import StoreError
+
+    job_id = submit(store, caption="x")
+
+    def refuse(*args, **kwargs):
+        raise StoreError("database error: unsupported Unicode escape sequence")
+
+    monkeypatch.setattr(store, "complete", refuse)
+    assert run_claimed(store, storage, InProcessPipeline()) == {str(job_id): JobStatus.QUEUED}  # retried, not left to the lease
+    row = store.get(job_id)
+    assert "could not store the result" in row["errors"][-1]["error"] and row["lease_expires_at"] is None
+    assert list(storage.root.rglob("output-*")) == []  # the attempt's files went with it

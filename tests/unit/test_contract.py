@@ -99,3 +99,10 @@ def test_stored_rows_round_trip_and_refuse_unknown_stored_keys():
     assert request_from_row(document) == request
     with pytest.raises(ValueError, match="not a stored key"):
         request_document(request, input_files={})
+
+
+@pytest.mark.parametrize("field, value", [("caption", "a\x00b"), ("lyrics", "\x00"), ("audio_code_string", ["ok", "no\x00"])])
+def test_nul_characters_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValidationError) as refused:
+        GenerationRequest.model_validate({field: value})
+    assert [e["loc"][0] for e in refused.value.errors()] == [field] and "NUL" in str(refused.value)
