@@ -90,9 +90,9 @@ class Maintenance:
 
     # --- rounds ----------------------------------------------------------------------------
 
-    def tick(self, *, now: datetime | None = None) -> MaintenanceRound:
-        """Run the periodic tasks that are due (each at most once per its `*_every` seconds)."""
-        due = [task for task in self.TASKS if time.monotonic() - self._last_run[task] >= self._every[task]]
+    def tick(self, *, now: datetime | None = None, only: tuple[str, ...] = TASKS) -> MaintenanceRound:
+        """Run the periodic tasks (of `only`) that are due (each at most once per its `*_every` seconds)."""
+        due = [task for task in only if time.monotonic() - self._last_run[task] >= self._every[task]]
         return self._run(due, now=now)
 
     def run_once(self, *, now: datetime | None = None) -> MaintenanceRound:
@@ -128,24 +128,24 @@ class Maintenance:
 
     # --- running it ------------------------------------------------------------------------
 
-    def run_until(self, stop: threading.Event) -> None:
+    def run_until(self, stop: threading.Event, only: tuple[str, ...] = TASKS) -> None:
         """Tick until `stop` is set, sleeping until the next task is due. (Webhooks: see `start`.)"""
         while not stop.is_set():
-            self.tick()
-            stop.wait(self._seconds_to_next())
+            self.tick(only=only)
+            stop.wait(self._seconds_to_next(only))
 
-    def _seconds_to_next(self) -> float:
+    def _seconds_to_next(self, only: tuple[str, ...]) -> float:
         clock = time.monotonic()
-        waits = [self._last_run[task] + self._every[task] - clock for task in self.TASKS]
+        waits = [self._last_run[task] + self._every[task] - clock for task in only]
         return min(max(min(waits), 0.05), LONGEST_WAIT_SECONDS)
 
-    def start(self) -> list[threading.Thread]:
-        """Run in the background: `run_until` on one thread and, with webhooks, the dispatcher's own
-        loop on another. Returns the threads; `stop` ends them."""
+    def start(self, only: tuple[str, ...] = TASKS) -> list[threading.Thread]:
+        """Run in the background: `run_until` (the tasks of `only`) on one thread and, with webhooks,
+        the dispatcher's own loop on another. Returns the threads; `stop` ends them."""
         if self._threads:
             raise RuntimeError("maintenance is already running")
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self.run_until, args=(self._stop,), name="maintenance", daemon=True)]
+        self._threads = [threading.Thread(target=self.run_until, args=(self._stop, only), name="maintenance", daemon=True)]
         if self._webhooks is not None:
             self._threads.append(
                 threading.Thread(target=self._webhooks.run_until, args=(self._stop,), name="webhooks", daemon=True)

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
 from db import JobStore
 from db.store import RetryPolicy, WebhookDelivery
 

@@ -42,6 +42,8 @@ MAX_INFERENCE_STEPS = 200
 API_TASK_TYPES = ("text2music", "cover", "repaint")
 SOURCE_TASK_TYPES = ("cover", "repaint")  # tasks that read src audio
 AUDIO_FORMATS = ("mp3", "wav", "flac")
+# A request's audio inputs by role: the field naming the file (the worker makes it a local path).
+INPUT_PATH_FIELDS = {"src": "src_audio_path", "ref": "reference_audio_path"}
 LM_BACKENDS = ("vllm", "pt")
 LM_PREFIX = "acestep-5Hz-lm-"
 DIT_PREFIX = "acestep-v15-"

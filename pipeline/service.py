@@ -37,7 +37,7 @@ from pipeline.contract import DURATION_MAX, MAX_SEED, SAMPLE_RATE, SOURCE_TASK_T
 from pipeline.dit.load import load_dit, load_silence_latent
 from pipeline.dit.model import AceStepDiT
 from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError, Progress
-from pipeline.lm.loading import VllmEngines, load_lms, select_lm
+from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.sampler import Guidance, generate_audio
 from pipeline.text_encoder import TextEncoder
@@ -116,7 +116,7 @@ class AceStepPipeline:
         folder = checkpoints.dit(options.dit_model).path
         lms = load_lms(checkpoints, options.lm_models, device=device, dtype=dtype)
         engines = VllmEngines(options.vllm_gpu_memory_utilization) if options.vllm else None
-        if engines is not None and device.type == "cuda" and engines.available():
+        if engines is not None and device.type == "cuda" and vllm_available():
             for lm in lms.values():  # engines start with the worker, not inside its first job
                 engines.backend(lm)
         return cls(Components(

@@ -12,9 +12,11 @@ from fastapi import UploadFile
 
 from db import JobNotFound, JobStore
 from handler.storage import AUDIO_CONTENT_TYPES, S3Storage
+from pipeline.contract import INPUT_PATH_FIELDS
 
 # role -> (upload field, path field)
-ROLES = {"src": ("src_audio", "src_audio_path"), "ref": ("reference_audio", "reference_audio_path")}
+# role -> (upload field, path field): an upload `src_audio` stands for the path field `src_audio_path`.
+ROLES = {role: (path_field.removesuffix("_path"), path_field) for role, path_field in INPUT_PATH_FIELDS.items()}
 UPLOAD_FIELDS = {upload: role for role, (upload, _) in ROLES.items()}
 _JOB_KEY = re.compile(r"^jobs/([0-9a-fA-F-]{36})/[^/]+$")
 

@@ -12,7 +12,7 @@ from db import DatabaseUnavailable, JobLost, JobStatus, JobStore, StoreError
 from db.store import ClaimedJob
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
 from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
-from pipeline.contract import RESULT_INFO_FIELDS, GenerationRequest, StoredRequestError, request_from_row
+from pipeline.contract import INPUT_PATH_FIELDS, RESULT_INFO_FIELDS, GenerationRequest, StoredRequestError, request_from_row
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,6 @@ LOST = "lost"  # an outcome beside the JobStatus a run ends a job in: the job wa
 def output_key(job: ClaimedJob, index: int, fmt: str) -> str:
     """Per attempt, so a stale attempt can never overwrite the files of the attempt that won."""
     return f"jobs/{job.id}/attempt-{job.attempt}/output-{index}.{fmt}"
-
-
-# Where a job's input audio goes in its request once it is a local file.
-INPUT_PATH_FIELDS = {"src": "src_audio_path", "ref": "reference_audio_path"}
 
 
 def storable(value: Any) -> Any:
@@ -220,11 +216,6 @@ class JobRun:
         try:
             with_db_retries(self._store.complete, job, self._worker_id, result)
             return JobStatus.SUCCEEDED
-        except DatabaseUnavailable:
-            raise  # the lease brings the job back once the database does
-        except StoreError as exc:  # the database refused this result: fail the attempt now, not at lease expiry
-            self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
-            return self._fail(job, f"could not store the result: {exc}", retryable=True)
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.
             row = with_db_retries(self._store.get, job.id)
@@ -233,6 +224,11 @@ class JobRun:
             self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
             log.warning("job %s lost before completion; result dropped", job.id, extra={"action": "job_lost"})
             return LOST
+        except DatabaseUnavailable:
+            raise  # the lease brings the job back once the database does
+        except StoreError as exc:  # the database refused this result: fail the attempt now, not at lease expiry
+            self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
+            return self._fail(job, f"could not store the result: {exc}", retryable=True)
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> str:
         try:

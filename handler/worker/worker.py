@@ -151,6 +151,7 @@ class Worker:
         log.info("worker %s ready", self.worker_id, extra={"action": "worker_ready", "worker_id": self.worker_id})
         beat = threading.Thread(target=self._worker_heartbeat, daemon=True)
         beat.start()
+        self._maintenance.start(only=("prune",))  # retention off the claim path
         try:
             with JobWakeups(self._wakeups_url) as wakeups:
                 self._loop(wakeups)
@@ -199,7 +200,7 @@ class Worker:
             free = min(free, self._options.max_jobs - self._claimed)
         if free <= 0 or self._out_of_time():
             return []
-        self._maintenance.tick()  # rescue expired leases (and prune) when due; its failures are its own
+        self._maintenance.tick(only=("rescue",))  # expired leases back in the queue before we look; failures are its own
         try:
             jobs = self._store.claim(self.worker_id, free)
         except StoreError as exc:
@@ -254,6 +255,7 @@ class Worker:
 
     def _shutdown(self) -> None:
         """Soft stop: running jobs get the grace period, then go back to the queue with their attempt."""
+        self._maintenance.stop()
         deadline = time.monotonic() + self._options.shutdown_grace_seconds
         while any(s.run is not None for s in self._slots) and time.monotonic() < deadline:
             if self._hard_stop.wait(0.1):

@@ -117,10 +117,6 @@ class VllmEngines:
 
         return _VllmWithFallback(engine, pt, retire)
 
-    @staticmethod
-    def available() -> bool:
-        return vllm_available()
-
 
 def select_lm(lms: dict[str, PtBackend], name: str | None, backend: str = "pt",
               engines: VllmEngines | None = None) -> LMBackend:

@@ -10,6 +10,7 @@ from handler.worker import protocol as msg
 from handler.worker.pipeline_process import PipelineError, PipelineTimeout, finished, load_factory, run_jobs
 from handler.worker.protocol import ProcessState
 from pipeline.contract import PipelineOptions
+from pipeline.interface import Canceled
 
 
 class InProcessPipeline:
@@ -42,8 +43,6 @@ class InProcessPipeline:
 
         def progress(stage: str, fraction: float) -> None:
             if self._cancel.is_set():
-                from pipeline.interface import Canceled
-
                 raise Canceled()
             if time.monotonic() > deadline:
                 raise PipelineTimeout("the pipeline ran past its deadline and was stopped")
