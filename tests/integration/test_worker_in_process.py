@@ -178,3 +178,22 @@ def test_a_result_the_database_refuses_fails_the_attempt_at_once(store, storage,
     row = store.get(job_id)
     assert "could not store the result" in row["errors"][-1]["error"] and row["lease_expires_at"] is None
     assert list(storage.root.rglob("output-*")) == []  # the attempt's files went with it
+
+
+def test_a_commit_that_landed_before_the_connection_dropped_is_kept(store, storage, monkeypatch):
+    from db import JobLost
+
+    job_id = submit(store, caption="x")
+    real_complete = store.complete
+
+    def landed_then_dropped(*args, **kwargs):
+        real_complete(*args, **kwargs)
+        raise JobLost("the retried commit finds the job no longer running")
+
+    monkeypatch.setattr(store, "complete", landed_then_dropped)
+    assert run_claimed(store, storage, InProcessPipeline()) == {str(job_id): JobStatus.SUCCEEDED}
+    row = store.get(job_id)
+    assert row["status"] == JobStatus.SUCCEEDED
+    for key in row["result"]["audio_keys"]:  # the files the result names are still there
+        with storage.open(key) as data:
+            assert data.read()
