@@ -39,8 +39,9 @@ DURATION_MIN, DURATION_MAX = 10, 600  # seconds a request (or the LM) may ask fo
 MAX_BATCH_SIZE = 8
 MAX_SEED = 2**32 - 1
 MAX_INFERENCE_STEPS = 200
-API_TASK_TYPES = ("text2music", "cover", "repaint")
-SOURCE_TASK_TYPES = ("cover", "repaint")  # tasks that read src audio
+API_TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
+SOURCE_TASK_TYPES = ("cover", "repaint", "lego", "extract", "complete")  # tasks that read src audio
+BASE_MODEL_TASK_TYPES = ("lego", "extract", "complete")  # only the base DiT was trained for these
 AUDIO_FORMATS = ("mp3", "wav", "flac")
 # A request's audio inputs by role: the field naming the file (the worker makes it a local path).
 INPUT_PATH_FIELDS = {"src": "src_audio_path", "ref": "reference_audio_path"}
@@ -97,11 +98,20 @@ class GenerationRequest(BaseModel):
     lm_top_k: int | None = Field(None, ge=0, description="Top-k (0 or null disables)")
     lm_top_p: float = Field(0.9, gt=0, description="Top-p (>= 1 disables)")
     lm_repetition_penalty: float = Field(1.0, gt=0, le=10, description="Repetition penalty")
+    use_cot_caption: bool = Field(True, description="Let the LM rewrite the caption in its reasoning (thinking)")
+    use_cot_language: bool = Field(True, description="Let the LM detect the vocal language in its reasoning")
+    use_format: bool = Field(False, description="Let the LM format caption and lyrics (and fill metas) first")
+    sample_mode: bool = Field(False, description="Let the LM write caption, lyrics and metas from sample_query")
+    sample_query: str = Field("", description="What to make in sample mode, e.g. 'a calm piano ballad'")
 
     reference_audio_path: str | None = Field(None, description="Reference audio (style) in the input area")
     src_audio_path: str | None = Field(None, description="Source audio for cover and repaint")
-    task_type: Literal["text2music", "cover", "repaint"] = Field("text2music", description="Task type")
+    task_type: Literal["text2music", "cover", "repaint", "lego", "extract", "complete"] = Field(
+        "text2music", description="Task type (lego, extract and complete need the base model)")
     instruction: str = Field(DEFAULT_INSTRUCTION, description="Edit instruction")
+    global_caption: str = Field("", description="Whole-song description for lego (the caption describes the track)")
+    track_name: str | None = Field(None, description="Track for lego and extract, e.g. vocals, drums")
+    track_classes: list[str] | None = Field(None, max_length=16, description="Tracks for complete")
     repainting_start: float = Field(0.0, ge=-DURATION_MAX, le=DURATION_MAX, description="Repaint window start (s; < 0 pads)")
     repainting_end: float | None = Field(None, ge=-1, le=2 * DURATION_MAX, description="Repaint window end (s; null or -1: end)")
     audio_cover_strength: float = Field(1.0, ge=0, le=1, description="Cover strength (0-1)")

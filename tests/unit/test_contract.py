@@ -15,10 +15,15 @@ SPEC_DEFAULTS = {
     "instruction": DEFAULT_INSTRUCTION, "repainting_start": 0.0, "repainting_end": None,
     "audio_cover_strength": 1.0, "webhook_url": None,
 }
+# Fields beyond the seed spec, from the reference API (issue 13), each at the reference's default.
+REFERENCE_DEFAULTS = {
+    "use_cot_caption": True, "use_cot_language": True, "use_format": False, "sample_mode": False,
+    "sample_query": "", "global_caption": "", "track_name": None, "track_classes": None,
+}
 
 
 def test_defaults_are_the_seed_apis():
-    assert GenerationRequest().model_dump() == SPEC_DEFAULTS
+    assert GenerationRequest().model_dump() == SPEC_DEFAULTS | REFERENCE_DEFAULTS
 
 
 def test_the_spec_examples_validate():
