@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from db import DatabaseUnavailable, StoreError
-from handler.http import routes_jobs, routes_release, routes_system
+from handler.http import routes_chat, routes_jobs, routes_lm, routes_release, routes_system
 from pipeline.contract import GenerationRequest
 from handler.http.services import Services, build_services
 from handler.maintenance import Maintenance
@@ -43,6 +43,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_system.router)
     app.include_router(routes_release.router)
+    app.include_router(routes_lm.router)
+    app.include_router(routes_chat.router)
 
     @app.exception_handler(DatabaseUnavailable)
     @app.exception_handler(StorageUnavailable)
