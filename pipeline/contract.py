@@ -55,6 +55,7 @@ DEFAULT_LM_NEGATIVE_PROMPT = "NO USER INPUT"
 _KEY_SCALE = re.compile(
     rf"^[{KEY_NOTES}]({'|'.join(re.escape(a) for a in KEY_ACCIDENTALS if a)})? ({'|'.join(KEY_MODES)})$", re.IGNORECASE
 )
+_SHORT_KEY = re.compile(r"^([A-Ga-g](?:#|b|\u266f|\u266d)?)\s*(m|min|minor|maj|major|M)?$")
 _TIME_SIGNATURE = re.compile(rf"^({'|'.join(TIME_SIGNATURE_BEATS)})(/({'|'.join(TIME_SIGNATURE_UNITS)}))?$")
 
 # The optional keys a job result carries beside audio_keys, generation_info, status_message and
@@ -87,7 +88,7 @@ class GenerationRequest(BaseModel):
     inference_steps: int = Field(8, ge=1, le=MAX_INFERENCE_STEPS, description="Diffusion steps (1-200)")
     guidance_scale: float = Field(7.0, ge=0, le=30, description="Prompt guidance (non-turbo models)")
     use_random_seed: bool = Field(True, description="Draw a fresh seed per item")
-    seed: int = Field(-1, ge=-1, le=MAX_SEED, description="Seed when use_random_seed is false")
+    seed: int | list[int] = Field(-1, description='Seed when use_random_seed is false; "42,43" gives one per item')
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE, description="Songs per request (1-8)")
 
     lm_model_path: str | None = Field(None, description="5 Hz LM checkpoint name, e.g. acestep-5Hz-lm-0.6B")
@@ -132,6 +133,41 @@ class GenerationRequest(BaseModel):
         if value not in LANGUAGES:
             raise ValueError(f"must be one of {', '.join(sorted(LANGUAGES))}")
         return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_list(cls, value: Any) -> Any:
+        """A comma-separated string (the reference's form) is a list of seeds, one per item."""
+        if isinstance(value, str) and "," in value:
+            try:
+                return [int(part) for part in value.split(",") if part.strip()]
+            except ValueError:
+                raise ValueError('must be an integer or comma-separated integers, e.g. "42,43"') from None
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value: int | list[int]) -> int | list[int]:
+        seeds = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_BATCH_SIZE:
+            raise ValueError(f"as a list needs 1 to {MAX_BATCH_SIZE} seeds")
+        if any(not -1 <= s <= MAX_SEED for s in seeds):
+            raise ValueError(f"must be -1 (random) or 0 to {MAX_SEED}")
+        return value
+
+    @field_validator("key_scale", mode="before")
+    @classmethod
+    def _short_key_scale(cls, value: Any) -> Any:
+        """Short spellings the reference accepts ("Am", "C#m", "Bbmaj", "F# min", "G") as the
+        "<note> major|minor" form the models were trained on."""
+        if not isinstance(value, str):
+            return value
+        match = _SHORT_KEY.match(value.strip())
+        if not match:
+            return value
+        note, mode = match.group(1), match.group(2) or ""
+        minor = mode != "M" and mode.lower() in ("m", "min", "minor")
+        return f"{note[0].upper()}{note[1:]} {'minor' if minor else 'major'}"
 
     @field_validator("key_scale")
     @classmethod
@@ -203,7 +239,7 @@ class GenerationRequest(BaseModel):
 
 
 # What a job row's `request` document holds beside the request's own fields.
-STORED_KEYS = ("inputs", "batch_key")
+STORED_KEYS = ("inputs", "batch_key", "lm_task")  # lm_task: {"task", "params"} of an LM-task job
 
 
 class StoredRequestError(ValueError):

@@ -2,6 +2,7 @@
 
 import io
 import math
+import uuid
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -97,7 +98,15 @@ def batch_key(params: GenerationRequest, model: str) -> str:
     return f"{model}|{params.task_type}|{params.inference_steps}|{bucket}|{'thinking' if params.thinking else 'dit'}"
 
 
-def new_job(params: GenerationRequest, inputs: AudioInputs, settings) -> NewJob:
+# What an LM task costs in the queue estimate, in LM units (seconds of planned audio).
+LM_TASK_UNITS = 30.0
+
+
+def new_job(params: GenerationRequest, inputs: AudioInputs, settings, lm_task: dict[str, Any] | None = None) -> NewJob:
+    if lm_task is not None:  # one of the LM's own tasks: never batched, no audio
+        request = request_document(params.model_copy(update={"batch_size": 1}), inputs={}, lm_task=lm_task,
+                                   batch_key=f"lm|{uuid.uuid4()}")
+        return NewJob(request=request, model=settings.dit_model, task_type=f"lm_{lm_task['task']}", lm_units=LM_TASK_UNITS)
     batch = params.effective_batch_size(settings.default_batch_size)
     duration = params.audio_duration or UNKNOWN_DURATION_SECONDS
     params = params.model_copy(update={"batch_size": batch})
@@ -145,7 +154,8 @@ def body_limit(svc: Services) -> int:
 
 
 async def submit_generation(
-    svc: Services, who: Caller, fields: dict[str, Any], files: dict, idempotency_key: str | None
+    svc: Services, who: Caller, fields: dict[str, Any], files: dict, idempotency_key: str | None,
+    lm_task: dict[str, Any] | None = None,
 ) -> dict:
     """Validate, store uploads, insert the row; on any refusal nothing stays behind. The blocking
     part (database, object storage) runs off the event loop."""
@@ -162,7 +172,7 @@ async def submit_generation(
         raise HTTPException(422, validation_detail(exc)) from None
     except InputError as exc:
         raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
-    return await run_in_threadpool(_persist, svc, who, params, inputs, job_id, idempotency_key)
+    return await run_in_threadpool(_persist, svc, who, params, inputs, job_id, idempotency_key, lm_task)
 
 
 def check_lm_model(svc: Services, name: str | None) -> None:
@@ -178,7 +188,8 @@ def check_lm_model(svc: Services, name: str | None) -> None:
 
 
 def _persist(
-    svc: Services, who: Caller, params: GenerationRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None
+    svc: Services, who: Caller, params: GenerationRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None,
+    lm_task: dict[str, Any] | None = None,
 ) -> dict:
     settings = svc.settings
     uploaded = {u.role for u in inputs.uploads}
@@ -199,7 +210,7 @@ def _persist(
             svc.storage.put(key, io.BytesIO(upload.data), AUDIO_CONTENT_TYPES[upload.ext])
             inputs.references[upload.role] = {"key": key}
         submitted = svc.store.submit(
-            new_job(params, inputs, settings),
+            new_job(params, inputs, settings, lm_task),
             job_id=job_id,
             owner=who.owner,
             idempotency_key=idempotency_key,

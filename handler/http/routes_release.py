@@ -8,57 +8,72 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from db import JobNotFound, JobStatus
 from handler.http.job_view import epoch
 from handler.http.routes_jobs import body_limit, services, submit_generation
 from handler.http.body import read_body
+from handler.http.reference_request import generation_fields
 
 router = APIRouter()
 
 STATUS_CODES = {JobStatus.QUEUED: 0, JobStatus.RUNNING: 0, JobStatus.SUCCEEDED: 1, JobStatus.FAILED: 2, JobStatus.CANCELED: 2}
 UPLOAD_ALIASES = {"ctx_audio": "src_audio", "ref_audio": "reference_audio"}
-# Reference fields this server does not implement: accepted only at their no-op defaults.
-NO_OP_DEFAULTS: dict[str, Any] = {
-    "sample_mode": False, "sample_query": "", "use_format": False, "analysis_only": False,
-    "full_analysis_only": False, "use_adg": False, "cfg_interval_start": 0.0, "cfg_interval_end": 1.0,
-    "infer_method": "ode", "shift": 3.0, "timesteps": None, "use_tiled_decode": True,
-    "constrained_decoding": True, "constrained_decoding_debug": False, "use_cot_caption": True,
-    "use_cot_language": True, "is_format_caption": False, "allow_lm_batch": True,
-}
 
 
-def envelope(data: Any) -> dict:
-    return {"data": data, "code": 200, "error": None, "timestamp": int(time.time() * 1000), "extra": None}
+def envelope(data: Any, extra: Any = None) -> dict:
+    return {"data": data, "code": 200, "error": None, "timestamp": int(time.time() * 1000), "extra": extra}
 
 
-def _as_default(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return str(value).lower() == str(default).lower()
-    if isinstance(default, float):
-        try:
-            return float(value) == default
-        except (TypeError, ValueError):
-            return False
-    return value == default or (default is None and value in ("", None))
+def error_envelope(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A refusal in the reference's envelope, with the HTTP status, and `detail` as FastAPI gives it
+    (clients of either convention find the reason)."""
+    if isinstance(detail, list):
+        message = "; ".join(f"{d.get('field', 'body')}: {d.get('message', '')}" for d in detail if isinstance(d, dict))
+    else:
+        message = str(detail)
+    body = {"data": None, "code": status, "error": message, "timestamp": int(time.time() * 1000), "extra": None,
+            "detail": detail}
+    return JSONResponse(body, status, headers)
 
 
-def seed_fields(fields: dict[str, Any], default_model: str) -> dict[str, Any]:
-    """Translate a release_task body to the seed API's fields, refusing what would be ignored."""
-    fields = dict(fields)
-    if "prompt" in fields:
-        if "caption" in fields:
-            raise HTTPException(422, [{"field": "prompt", "message": "give prompt or caption, not both"}])
-        fields["caption"] = fields.pop("prompt")
-    model = fields.pop("model", None)
-    if model not in (None, "", default_model):
-        raise HTTPException(422, [{"field": "model", "message": f"unknown model {model!r}; this server runs {default_model}"}])
-    for name, default in NO_OP_DEFAULTS.items():
-        if name in fields:
-            value = fields.pop(name)
-            if not _as_default(value, default):
-                raise HTTPException(422, [{"field": name, "message": f"not supported by this server (only {default!r})"}])
-    return fields
+async def enveloped(call):
+    """Await `call`; an HTTPException becomes the envelope's error form."""
+    try:
+        return await call
+    except HTTPException as exc:
+        return error_envelope(exc.status_code, exc.detail, exc.headers)
+
+
+async def reference_caller(request: Request, fields: dict[str, Any], authorization: str | None):
+    """The caller, from the Authorization header or the body's `ai_token` (the reference's two ways)."""
+    token = fields.pop("ai_token", None)
+    svc = services(request)
+    return await run_in_threadpool(svc.auth.caller, authorization or (f"Bearer {token}" if token else None))
+
+
+def check_model(svc, model: str | None) -> None:
+    """An empty model means the default; another must be one this fleet serves."""
+    if model in (None, "", svc.settings.dit_model):
+        return
+    raise HTTPException(422, [{"field": "model", "message": f"model {model!r} is not served here; this fleet runs "
+                                                            f"{svc.settings.dit_model} (see /v1/models)"}])
+
+
+async def submit_reference(request: Request, authorization: str | None, idempotency_key: str | None,
+                           overrides: dict[str, Any] | None = None) -> tuple[dict, dict]:
+    """Read a reference-convention body, submit it through the seed API's one path, and return
+    (the submitted job, the options accepted but not acted on)."""
+    svc = services(request)
+    fields, files = await read_body(request, max_bytes=body_limit(svc))
+    who = await reference_caller(request, fields, authorization)
+    files = {UPLOAD_ALIASES.get(name, name): upload for name, upload in files.items()}
+    ours, model, not_applied = generation_fields(fields)
+    ours.update(overrides or {})
+    check_model(svc, model)
+    submitted = await submit_generation(svc, who, ours, files, idempotency_key)
+    return submitted, not_applied
 
 
 @router.post("/release_task", summary="Submit a job (reference API shape)", responses={400: {}, 401: {}, 415: {}, 422: {}, 429: {}})
@@ -66,45 +81,62 @@ async def release_task(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
-) -> dict:
-    svc = services(request)
-    fields, files = await read_body(request, max_bytes=body_limit(svc))
-    token = fields.pop("ai_token", None)
-    who = await run_in_threadpool(svc.auth.caller, authorization or (f"Bearer {token}" if token else None))
-    files = {UPLOAD_ALIASES.get(name, name): upload for name, upload in files.items()}
-    submitted = await submit_generation(svc, who, seed_fields(fields, svc.settings.dit_model), files, idempotency_key)
-    return envelope({"task_id": submitted["job_id"], "status": JobStatus.QUEUED, "queue_position": submitted["queue_position"]})
+) -> Any:
+    async def run():
+        submitted, not_applied = await submit_reference(request, authorization, idempotency_key)
+        data = {"task_id": submitted["job_id"], "status": JobStatus.QUEUED, "queue_position": submitted["queue_position"]}
+        return envelope(data, {"not_applied": not_applied} if not_applied else None)
+
+    return await enveloped(run())
 
 
-def task_result(job: dict[str, Any], url_for) -> list[dict[str, Any]]:
-    """The reference's per-audio list (it is sent JSON-encoded inside `result`)."""
+def task_result(job: dict[str, Any], links, env: str = "production") -> list[dict[str, Any]]:
+    """The reference's per-audio list (it is sent JSON-encoded inside `result`). `links(key)` gives
+    (file: the relative /v1/audio?path=<token> link, url: an absolute download URL)."""
     status = job["status"]
     code = STATUS_CODES[status]
     if status != JobStatus.SUCCEEDED:
-        item = {"file": "", "wave": "", "status": code, "progress": job["progress"], "stage": job["stage"] or status}
+        item = {"file": "", "wave": "", "status": code, "create_time": epoch(job["created_at"]),
+                "progress": job["progress"], "stage": job["stage"] or status}
         if code == 2:
             item["error"] = job["error"] or "canceled at the client's request"
         return [item]
     request, result = job["request"], job["result"] or {}
+    caption = result.get("caption", request.get("caption", ""))
+    lyrics = result.get("lyrics", request.get("lyrics", ""))
     metas = {
         "bpm": result.get("bpm", request.get("bpm")),
         "duration": result.get("duration", request.get("audio_duration")),
         "genres": result.get("genres", ""),
         "keyscale": result.get("keyscale", request.get("key_scale")),
         "timesignature": result.get("timesignature", request.get("time_signature")),
-        "prompt": request.get("caption", ""),
-        "lyrics": request.get("lyrics", ""),
+        "prompt": caption,
+        "lyrics": lyrics,
     }
-    return [
-        {
-            "file": url_for(key), "wave": "", "status": 1, "create_time": epoch(job["created_at"]),
-            "env": "production", "prompt": request.get("caption", ""), "lyrics": request.get("lyrics", ""),
-            "metas": metas, "generation_info": result.get("generation_info", ""),
-            "seed_value": result.get("seed_value", ""), "lm_model": result.get("lm_model", ""),
-            "dit_model": result.get("dit_model", job["model"]), "progress": 1.0, "stage": "succeeded",
-        }
-        for key in result.get("audio_keys", [])
-    ]
+    items = []
+    for key in result.get("audio_keys", []):
+        file, url = links(key)
+        items.append({
+            "file": file, "url": url, "wave": "", "status": 1, "create_time": epoch(job["created_at"]),
+            "env": env, "prompt": caption, "lyrics": lyrics, "metas": metas,
+            "generation_info": result.get("generation_info", ""), "seed_value": result.get("seed_value", ""),
+            "lm_model": result.get("lm_model", ""), "dit_model": result.get("dit_model", job["model"]),
+            "progress": 1.0, "stage": "succeeded",
+        })
+    return items
+
+
+def file_links(svc, base_url: str):
+    """(relative /v1/audio link, absolute URL) per storage key: the object store's own signed URL
+    where it is absolute (S3), else the /v1/audio link on this server's base URL."""
+    from handler.http.audio_links import audio_link
+
+    def links(key: str) -> tuple[str, str]:
+        file = audio_link(svc, key)
+        direct = svc.job_url(key)
+        return file, direct if direct.startswith(("http://", "https://")) else base_url.rstrip("/") + file
+
+    return links
 
 
 def _task_ids(fields: dict[str, Any]) -> list[str]:
@@ -120,27 +152,34 @@ def _task_ids(fields: dict[str, Any]) -> list[str]:
 
 
 @router.post("/query_result", summary="Poll jobs (reference API shape)", responses={401: {}, 415: {}, 422: {}})
-async def query_result(request: Request, authorization: Annotated[str | None, Header()] = None) -> dict:
-    svc = services(request)
-    fields, _ = await read_body(request, max_bytes=1024 * 1024)
-    token = fields.pop("ai_token", None)
-    who = await run_in_threadpool(svc.auth.caller, authorization or (f"Bearer {token}" if token else None))
-    return envelope(await run_in_threadpool(_query, svc, who, _task_ids(fields)))
+async def query_result(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
+    async def run():
+        svc = services(request)
+        fields, _ = await read_body(request, max_bytes=1024 * 1024)
+        who = await reference_caller(request, fields, authorization)
+        links = file_links(svc, str(request.base_url))
+        return envelope(await run_in_threadpool(_query, svc, who, _task_ids(fields), links))
+
+    return await enveloped(run())
 
 
-def _query(svc, who, task_ids: list[str]) -> list[dict]:
+def _query(svc, who, task_ids: list[str], links) -> list[dict]:
+    """One entry per id. An id that is unknown (or not the caller's) answers as the reference does:
+    status 0 and an empty result list, with progress_text saying so."""
     data = []
+    env = "development" if svc.settings.env == "dev" else "production"
     for task_id in task_ids:
         try:
             job = svc.store.get(UUID(task_id))
         except (ValueError, JobNotFound):
             job = None
         if job is None or job["owner"] != who.owner:
-            missing = [{"file": "", "wave": "", "status": 2, "progress": 0.0, "stage": "failed", "error": "task not found"}]
-            data.append({"task_id": task_id, "status": 2, "result": json.dumps(missing), "progress_text": "task not found"})
+            data.append({"task_id": task_id, "status": 0, "result": "[]", "progress_text": "task not found"})
             continue
-        items = task_result(job, svc.job_url)
+        items = task_result(job, links, env)
         progress_text = f"{job['stage'] or job['status']} {round(100 * (job['progress'] or 0))}%"
+        if job["status"] == JobStatus.FAILED:
+            progress_text = f"failed: {job['error']}"
         data.append({"task_id": task_id, "status": STATUS_CODES[job["status"]], "result": json.dumps(items),
                      "progress_text": progress_text})
     return data

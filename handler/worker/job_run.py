@@ -139,6 +139,9 @@ class JobRun:
         return request.model_copy(update=files)
 
     def _run(self, jobs: list[ClaimedJob], out_dir: Path) -> dict[str, str]:
+        if any(job.request.get("lm_task") for job in jobs):  # never batched; one after another
+            return {str(job.id): self._run_lm_task(job, job.request["lm_task"]) if job.request.get("lm_task")
+                    else self._run([job], out_dir)[str(job.id)] for job in jobs}
         requests = []
         for job in jobs:
             try:
@@ -174,6 +177,25 @@ class JobRun:
             str(job.id): self._finish(job, request, result)
             for job, request, result in zip(jobs, requests, finished, strict=True)
         }
+
+    def _run_lm_task(self, job: ClaimedJob, lm_task: dict[str, Any]) -> str:
+        """One of the LM's own tasks (a short job behind a synchronous HTTP route): no audio, the
+        task's answer is the result, under `lm_result`."""
+        task = str(lm_task.get("task", ""))
+        try:
+            answer = self._process.run_lm_task(task, dict(lm_task.get("params") or {}),
+                                               deadline=time.monotonic() + self._timeout, on_progress=self._on_progress)
+        except Canceled:
+            return self._end_canceled(job)
+        except PipelineError as exc:
+            return self._fail(job, str(exc), retryable=exc.retryable)
+        if job.id in self._lost:
+            return LOST
+        if job.id in self._cancel_requested:
+            return self._end_canceled(job)
+        result = {"audio_keys": [], "generation_info": f"LM task {task}", "status_message": "", "seed_value": "",
+                  "lm_result": storable(answer)}
+        return self._complete(job, result)
 
     def _finish(self, job: ClaimedJob, request: GenerationRequest, finished) -> str:
         if job.id in self._lost:

@@ -70,7 +70,30 @@ def _child_main(spec: str, checkpoint_dir: str | None, options: PipelineOptions,
                 raise Canceled()
             conn.send(msg.Progress(stage, float(fraction)))
 
-        conn.send(run_jobs(pipeline, message, progress))
+        conn.send(answer(pipeline, message, progress))
+
+
+def answer(pipeline, message, progress):
+    """The child's answer to one run message."""
+    if isinstance(message, msg.RunLmTask):
+        return run_lm_task(pipeline, message, progress)
+    return run_jobs(pipeline, message, progress)
+
+
+def run_lm_task(pipeline, message: msg.RunLmTask, progress) -> msg.LmTaskDone | msg.RunCanceled | msg.RunFailed:
+    """One LM task on a loaded pipeline (one without `run_lm_task` has no LM tasks)."""
+    if not hasattr(pipeline, "run_lm_task"):
+        return msg.RunFailed(f"this worker's pipeline cannot run the LM task {message.task!r}", False)
+    try:
+        return msg.LmTaskDone(dict(pipeline.run_lm_task(message.task, dict(message.params), progress)))
+    except Canceled:
+        return msg.RunCanceled()
+    except PipelineError as exc:
+        return msg.RunFailed(str(exc), exc.retryable, isinstance(exc, OutOfMemory))
+    except MemoryError:
+        return msg.RunFailed("out of memory", True, True)
+    except Exception as exc:
+        return msg.RunFailed(f"the LM task failed: {type(exc).__name__}: {exc}", False, _is_oom(exc))
 
 
 def run_jobs(pipeline, message: msg.RunJobs, progress) -> msg.Done | msg.RunCanceled | msg.RunFailed:
@@ -106,10 +129,13 @@ def _encode(audio: GeneratedAudio, request: GenerationRequest, prefix: Path) -> 
     return files
 
 
-def finished(answer) -> list["Finished"]:
-    """A run's answer as the parent returns it: the Finished files, or the raise it stands for."""
+def finished(answer) -> "list[Finished] | dict":
+    """A run's answer as the parent returns it: the Finished files (an LM task: its result), or the
+    raise it stands for."""
     if isinstance(answer, msg.Done):
         return [Finished(files=[Path(p) for p in r.files], info=r.info) for r in answer.results]
+    if isinstance(answer, msg.LmTaskDone):
+        return answer.result
     if isinstance(answer, msg.RunCanceled):
         raise Canceled()
     if isinstance(answer, msg.RunFailed):
@@ -195,9 +221,16 @@ class PipelineProcess:
     ) -> list[Finished]:
         """Run jobs that share one batch; one Finished per request, in order.
         Raises Canceled, PipelineError (incl. crash and timeout); restarts the child after a death."""
+        return self._run(msg.RunJobs(list(requests), str(out_dir)), deadline, on_progress)
+
+    def run_lm_task(self, task: str, params: dict, *, deadline: float, on_progress: Callable[[str, float], None]) -> dict:
+        """Run one LM task; its result. Raises as `run` does."""
+        return self._run(msg.RunLmTask(task, dict(params)), deadline, on_progress)
+
+    def _run(self, message, deadline: float, on_progress: Callable[[str, float], None]):
         self.ensure_started()
         self._cancel.clear()
-        self._conn.send(msg.RunJobs(list(requests), str(out_dir)))
+        self._conn.send(message)
         self.state = ProcessState.BUSY
         try:
             while True:

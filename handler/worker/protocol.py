@@ -1,6 +1,7 @@
 """What the worker and its pipeline child say to each other, as types (after cog's event types):
-the parent sends `RunJobs` or `Stop`; the child answers `Ready` or `SetupFailed` once, then per run
-any number of `Progress` and one of `Done`, `RunCanceled` or `RunFailed`. `ProcessState` is where a
+the parent sends `RunJobs`, `RunLmTask` or `Stop`; the child answers `Ready` or `SetupFailed` once,
+then per run any number of `Progress` and one of `Done` (`LmTaskDone` for an LM task), `RunCanceled`
+or `RunFailed`. `ProcessState` is where a
 child stands, as the parent sees it."""
 
 import enum
@@ -27,6 +28,14 @@ class RunJobs:
 
     requests: list[GenerationRequest]
     out_dir: str
+
+
+@dataclass(frozen=True)
+class RunLmTask:
+    """Run one of the LM's own tasks (format, create_sample, understand) with these params."""
+
+    task: str
+    params: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,11 @@ class JobFiles:
 @dataclass(frozen=True)
 class Done:
     results: list[JobFiles]  # one per request, in order
+
+
+@dataclass(frozen=True)
+class LmTaskDone:
+    result: dict[str, Any]  # JSON-able: what the task produced
 
 
 @dataclass(frozen=True)

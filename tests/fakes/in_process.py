@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from handler.worker import protocol as msg
-from handler.worker.pipeline_process import PipelineError, PipelineTimeout, finished, load_factory, run_jobs
+from handler.worker.pipeline_process import PipelineError, PipelineTimeout, answer, finished, load_factory
 from handler.worker.protocol import ProcessState
 from pipeline.contract import PipelineOptions
 from pipeline.interface import Canceled
@@ -20,7 +20,7 @@ class InProcessPipeline:
         self.pipeline = None
         self.models: tuple[str, ...] = ()
         self.state = ProcessState.NEW
-        self.received: list[msg.RunJobs] = []  # every run message, as the child would get it
+        self.received: list = []  # every run message (RunJobs, RunLmTask), as the child would get it
         self.starts = 0
         self._cancel = threading.Event()
 
@@ -36,9 +36,14 @@ class InProcessPipeline:
             self.state = ProcessState.READY
 
     def run(self, requests, *, deadline: float, on_progress, out_dir: Path):
+        return self._run(msg.RunJobs(list(requests), str(out_dir)), deadline, on_progress)
+
+    def run_lm_task(self, task: str, params: dict, *, deadline: float, on_progress):
+        return self._run(msg.RunLmTask(task, dict(params)), deadline, on_progress)
+
+    def _run(self, message, deadline: float, on_progress):
         self.ensure_started()
         self._cancel.clear()
-        message = msg.RunJobs(list(requests), str(out_dir))
         self.received.append(message)
 
         def progress(stage: str, fraction: float) -> None:
@@ -50,7 +55,7 @@ class InProcessPipeline:
 
         self.state = ProcessState.BUSY
         try:
-            return finished(run_jobs(self.pipeline, message, progress))
+            return finished(answer(self.pipeline, message, progress))
         finally:
             self.state = ProcessState.READY
 
