@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="where `serve`/`dev` listen")
     port: int = Field(8001, ge=1, le=65535)
     public_url: str | None = Field(None, description="base URL clients reach this API at (signed file URLs)")
+    cors_origins: str | None = Field(
+        None, description="comma-separated browser origins CORS allows ('*': any; 'null': file:// pages); "
+                          "unset: dev allows localhost, 127.0.0.1 (any port) and null, production none",
+    )
     storage_url: str | None = Field(None, description="s3://bucket/prefix or file:///path; dev: a local directory")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset = AWS")
     secret_key: str | None = Field(None, description="signs local file URLs, derives webhook secrets; dev makes one")
@@ -56,6 +60,9 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share each LM's vllm engine takes")
     worker_batch_jobs: int = Field(1, ge=1, le=64, description="jobs one GPU batch may hold (compatible jobs only)")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
+    sync_timeout_seconds: float = Field(
+        600.0, gt=0, le=3600, description="how long /format_input, /v1/create_sample and /v1/chat/completions wait for their job"
+    )
     upload_tries: int = Field(6, ge=1, le=20, description="tries per attempt to store a result (doubling backoff)")
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM lets running jobs finish")
     retention_seconds: float = Field(7 * 86400, gt=0, description="finished jobs and their files are deleted this long after")
@@ -69,6 +76,17 @@ class Settings(BaseSettings):
         if not re.fullmatch(rf"{re.escape(DIT_PREFIX)}[A-Za-z0-9._-]+", value):
             raise ValueError(f"must name a DiT checkpoint folder ({DIT_PREFIX}...), e.g. {DEFAULT_DIT_MODEL}")
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        origins = [o.rstrip("/") for o in _names(value)]
+        bad = [o for o in origins if o not in ("*", "null") and not re.fullmatch(r"https?://[^/\s?#]+", o)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: each origin must be scheme://host[:port] (no path), 'null' or '*'")
+        return ",".join(origins)
 
     @field_validator("device")
     @classmethod

@@ -65,6 +65,13 @@ def run_fake_jobs(store: JobStore, storage, *, worker_id: str = "fake-worker") -
     while jobs := store.claim(worker_id, 8):
         for job in jobs:
             request = job.request
+            if request.get("lm_task"):  # an LM task: echo its params as the answer, no audio
+                task = request["lm_task"]
+                answer = {"task": task["task"], "caption": f"formatted: {task['params'].get('caption', '')}"}
+                store.complete(job, worker_id, {"audio_keys": [], "generation_info": "", "status_message": "",
+                                                "seed_value": "", "lm_result": answer | {"params": task["params"]}})
+                finished += 1
+                continue
             fmt = request["audio_format"]
             keys = []
             for i in range(request["batch_size"]):
