@@ -92,6 +92,8 @@ FLOAT_FIELDS = {"audio_duration", "guidance_scale", "repainting_start", "repaint
                 "lm_temperature", "lm_cfg_scale", "lm_top_p", "lm_repetition_penalty"}
 # Output formats the reference offers beyond ours, as the nearest format we write.
 AUDIO_FORMAT_EQUIVALENTS = {"wav32": "wav"}
+# The reference's LM backends beyond ours: mlx (Apple silicon) runs here as pt.
+LM_BACKEND_EQUIVALENTS = {"mlx": "pt"}
 
 
 def parse_json_object(value: Any) -> dict[str, Any]:
@@ -191,6 +193,8 @@ def generation_fields(body: Mapping[str, Any]) -> tuple[dict[str, Any], str | No
             value = parse_json_list(value)
         elif field == "audio_format" and isinstance(value, str):
             value = AUDIO_FORMAT_EQUIVALENTS.get(value.strip().lower(), value.strip().lower())
+        elif field == "lm_backend" and isinstance(value, str):
+            value = LM_BACKEND_EQUIVALENTS.get(value.strip().lower(), value.strip().lower())
         fields[field] = value
     for name, default in REFERENCE_DEFAULTS.items():
         fields.setdefault(name, default)

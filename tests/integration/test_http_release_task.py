@@ -129,6 +129,8 @@ def test_the_builder_lists_unknown_fields_and_reads_flags_as_the_reference():
     assert (fields["thinking"], fields["use_format"], fields["sample_mode"], fields["use_cot_caption"]) == (True, False, True, False)
     assert model == "acestep-v15-turbo" and not_applied == {"made_up": 1}
     assert fields["track_classes"] == ["drums"]
+    fields, _, _ = generation_fields({"audioFormat": "WAV32", "lmBackend": "mlx", "lm_cfg_scale": "3"})
+    assert (fields["audio_format"], fields["lm_backend"], fields["lm_cfg_scale"]) == ("wav", "pt", 3.0)
 
 
 def test_lm_task_routes_wait_for_their_queue_job(api):
