@@ -91,7 +91,7 @@ def dev_throughput(jobs: int, clients: int, port: int) -> float:
 
 def _live_workers(base: str) -> int:
     try:
-        return httpx.get(f"{base}/health", timeout=1).json()["live_workers"]
+        return httpx.get(f"{base}/health", timeout=1).json()["data"]["live_workers"]
     except (httpx.TransportError, KeyError, ValueError):
         return 0
 

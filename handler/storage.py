@@ -4,6 +4,7 @@ read time, so nothing expired is ever stored."""
 
 import hashlib
 import hmac
+import io
 import shutil
 import time
 from pathlib import Path, PurePosixPath
@@ -30,6 +31,8 @@ class ObjectNotFound(StorageError):
 class ObjectStorage(Protocol):
     def put(self, key: str, data: BinaryIO, content_type: str) -> None: ...
     def open(self, key: str) -> BinaryIO: ...
+    def size(self, key: str) -> int: ...
+    def open_range(self, key: str, start: int, end: int) -> BinaryIO: ...
     def url(self, key: str, expires_in: int) -> str: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
@@ -67,6 +70,18 @@ class LocalStorage:
             return self._path(key).open("rb")
         except FileNotFoundError:
             raise ObjectNotFound(f"no object {key}") from None
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise ObjectNotFound(f"no object {key}") from None
+
+    def open_range(self, key: str, start: int, end: int) -> BinaryIO:
+        """Bytes `start`..`end` (inclusive) of the object."""
+        body = self.open(key)
+        body.seek(start)
+        return _Window(body, end - start + 1)
 
     def url(self, key: str, expires_in: int, *, now: float | None = None) -> str:
         expires = int((time.time() if now is None else now) + expires_in)
@@ -121,6 +136,15 @@ class S3Storage:
         with _translated(key):
             return self._client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
 
+    def size(self, key: str) -> int:
+        with _translated(key):
+            return int(self._client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+
+    def open_range(self, key: str, start: int, end: int) -> BinaryIO:
+        """Bytes `start`..`end` (inclusive) of the object (a ranged GET)."""
+        with _translated(key):
+            return self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end}")["Body"]
+
     def url(self, key: str, expires_in: int) -> str:
         with _translated(key):
             return self._client.generate_presigned_url(
@@ -140,6 +164,34 @@ class S3Storage:
                 keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
                 if keys:
                     self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+
+class _Window(io.RawIOBase):
+    """At most `length` bytes of `body` from where it stands; closes it when closed."""
+
+    def __init__(self, body: BinaryIO, length: int):
+        self._body = body
+        self._left = max(0, length)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        want = self._left if size is None or size < 0 else min(size, self._left)
+        chunk = self._body.read(want)
+        self._left -= len(chunk)
+        return chunk
+
+    def readinto(self, buffer) -> int:
+        chunk = self.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        self._body.close()
+        super().close()
 
 
 class _translated:

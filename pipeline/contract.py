@@ -137,13 +137,20 @@ class GenerationRequest(BaseModel):
     @field_validator("seed", mode="before")
     @classmethod
     def _seed_list(cls, value: Any) -> Any:
-        """A comma-separated string (the reference's form) is a list of seeds, one per item."""
-        if isinstance(value, str) and "," in value:
+        """An integer, or several (a list, or the reference's comma-separated text "42,43"), one per
+        item; parsed here so a bad value is refused under the field's own name."""
+        parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        seeds = []
+        for part in parts:
+            if isinstance(part, str) and not part.strip() and len(parts) > 1:
+                continue
             try:
-                return [int(part) for part in value.split(",") if part.strip()]
-            except ValueError:
-                raise ValueError('must be an integer or comma-separated integers, e.g. "42,43"') from None
-        return value
+                if isinstance(part, bool) or (isinstance(part, float) and not part.is_integer()):
+                    raise ValueError
+                seeds.append(int(part.strip()) if isinstance(part, str) else int(part))
+            except (TypeError, ValueError):
+                raise ValueError('must be an integer or integers (a list or "42,43")') from None
+        return seeds if isinstance(value, list) or (isinstance(value, str) and "," in value) else seeds[0]
 
     @field_validator("seed")
     @classmethod

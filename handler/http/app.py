@@ -4,10 +4,11 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from db import DatabaseUnavailable, StoreError
-from handler.http import routes_chat, routes_jobs, routes_lm, routes_release, routes_system
+from handler.http import audio_links, routes_chat, routes_jobs, routes_lm, routes_models, routes_release, routes_system
 from pipeline.contract import GenerationRequest
 from handler.http.services import Services, build_services
 from handler.maintenance import Maintenance
@@ -15,6 +16,21 @@ from handler.settings import Settings
 from handler.storage import StorageError, StorageUnavailable
 
 log = logging.getLogger(__name__)
+
+# The reference server's browser origins (its route_setup.py): pages served from localhost or
+# 127.0.0.1 on any port, and `null` (a page opened from a file, e.g. its ui/studio.html).
+DEV_CORS_ORIGINS = ["null", "http://localhost", "http://127.0.0.1"]
+DEV_CORS_ORIGIN_REGEX = r"^https?://(localhost|127\.0\.0\.1)(:\d+)?$"
+
+
+def cors_policy(settings: Settings) -> tuple[list[str], str | None]:
+    """(allowed origins, allowed-origin regex): ACESTEP_CORS_ORIGINS when set; else the reference's
+    localhost list in dev and no cross-origin browser access in production."""
+    if settings.cors_origins is not None:
+        return [origin for origin in settings.cors_origins.split(",") if origin], None
+    if settings.env == "dev":
+        return list(DEV_CORS_ORIGINS), DEV_CORS_ORIGIN_REGEX
+    return [], None
 
 
 @asynccontextmanager
@@ -40,8 +56,20 @@ def create_app(services: Services) -> FastAPI:
         description="Submit music generation jobs and poll them; jobs live in Postgres, audio in object storage.",
     )
     app.state.services = services
+    origins, origin_regex = cors_policy(services.settings)
+    if origins or origin_regex:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_origin_regex=origin_regex,
+            allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+            allow_headers=["Content-Type", "Authorization", "Idempotency-Key", "Range"],
+            expose_headers=["Content-Length", "Content-Range", "Accept-Ranges", "Retry-After"],
+        )
     app.include_router(routes_jobs.router)
     app.include_router(routes_system.router)
+    app.include_router(routes_models.router)
+    app.include_router(audio_links.router)
     app.include_router(routes_release.router)
     app.include_router(routes_lm.router)
     app.include_router(routes_chat.router)

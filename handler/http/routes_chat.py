@@ -171,7 +171,7 @@ async def chat_completions(
     body, _ = await read_body(request, max_bytes=int(2 * svc.settings.max_upload_mb * 1.4 * 1024 * 1024) + 1024 * 1024)
     who = await reference_caller(request, body, authorization)
     fields, uploads, model_id = generation_request(body)
-    check_model(svc, model_id.removeprefix(MODEL_PREFIX) or None)
+    check_model(svc, model_id or None)
     submitted = await submit_generation(svc, who, fields, uploads, idempotency_key)
     answered_model = model_id or MODEL_PREFIX + svc.settings.dit_model
     completion_id = f"chatcmpl-{secrets.token_hex(8)}"

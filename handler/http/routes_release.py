@@ -14,28 +14,13 @@ from db import JobNotFound, JobStatus
 from handler.http.job_view import epoch
 from handler.http.routes_jobs import body_limit, services, submit_generation
 from handler.http.body import read_body
+from handler.http.envelope import envelope, error_envelope
 from handler.http.reference_request import generation_fields
 
 router = APIRouter()
 
 STATUS_CODES = {JobStatus.QUEUED: 0, JobStatus.RUNNING: 0, JobStatus.SUCCEEDED: 1, JobStatus.FAILED: 2, JobStatus.CANCELED: 2}
 UPLOAD_ALIASES = {"ctx_audio": "src_audio", "ref_audio": "reference_audio"}
-
-
-def envelope(data: Any, extra: Any = None) -> dict:
-    return {"data": data, "code": 200, "error": None, "timestamp": int(time.time() * 1000), "extra": extra}
-
-
-def error_envelope(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-    """A refusal in the reference's envelope, with the HTTP status, and `detail` as FastAPI gives it
-    (clients of either convention find the reason)."""
-    if isinstance(detail, list):
-        message = "; ".join(f"{d.get('field', 'body')}: {d.get('message', '')}" for d in detail if isinstance(d, dict))
-    else:
-        message = str(detail)
-    body = {"data": None, "code": status, "error": message, "timestamp": int(time.time() * 1000), "extra": None,
-            "detail": detail}
-    return JSONResponse(body, status, headers)
 
 
 async def enveloped(call):
@@ -54,8 +39,11 @@ async def reference_caller(request: Request, fields: dict[str, Any], authorizati
 
 
 def check_model(svc, model: str | None) -> None:
-    """An empty model means the default; another must be one this fleet serves."""
-    if model in (None, "", svc.settings.dit_model):
+    """An empty model means the default; another (a name, a path or an OpenRouter id such as
+    `acestep/acestep-v15-turbo`) must be one this fleet serves."""
+    from handler.http.routes_models import model_name
+
+    if model_name(model) in (None, svc.settings.dit_model):
         return
     raise HTTPException(422, [{"field": "model", "message": f"model {model!r} is not served here; this fleet runs "
                                                             f"{svc.settings.dit_model} (see /v1/models)"}])

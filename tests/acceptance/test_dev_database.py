@@ -39,7 +39,7 @@ def test_dev_runs_the_whole_system_and_stops_on_ctrl_c(tmp_path):
         health = None
         while time.monotonic() < deadline:
             try:
-                health = httpx.get(f"{base}/health", timeout=2).json()
+                health = httpx.get(f"{base}/health", timeout=2).json()["data"]
                 if health["live_workers"] == 1:
                     break
             except httpx.TransportError:

@@ -268,19 +268,19 @@ def test_queue_positions_cancel_and_listing(client):
 
 def test_health_stats_models_and_openapi(client, api):
     api.services.store.register_worker("gpu-1", host="h", capacity=2, models=["acestep-v15-turbo"], state="READY")
-    health = client.get("/health").json()
+    health = client.get("/health").json()["data"]
     assert health["status"] == "ok" and health["live_workers"] == 1 and health["models_loaded"] == ["acestep-v15-turbo"]
-    assert client.get("/v1/models").json()["models"] == [{"name": "acestep-v15-turbo"}]
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["acestep/acestep-v15-turbo"]
     # a worker that died without deregistering (no heartbeat for an hour) no longer counts
     long_ago = datetime.now(timezone.utc) - timedelta(hours=1)
     api.services.store.register_worker("gpu-2", host="h", capacity=1, models=["acestep-v15-base"], state="READY", now=long_ago)
-    health = client.get("/health").json()
+    health = client.get("/health").json()["data"]
     assert health["models_loaded"] == ["acestep-v15-turbo"] and health["live_workers"] == 1
     assert {w["id"]: w["alive"] for w in health["workers"]} == {"gpu-1": True, "gpu-2": False}
-    assert client.get("/v1/models").json()["models"] == [{"name": "acestep-v15-turbo"}]
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["acestep/acestep-v15-turbo"]
     client.post("/v1/music/generate", json={})
-    stats = client.get("/v1/stats").json()
-    assert stats["queue_depth"] == 1 and stats["counts"] == {"queued": 1}
+    stats = client.get("/v1/stats").json()["data"]
+    assert stats["queue_size"] == 1 and stats["jobs"]["queued"] == 1 and stats["jobs"]["total"] == 1
     schema = client.get("/openapi.json").json()
     assert {"/v1/music/generate", "/v1/jobs/{job_id}", "/v1/jobs", "/health", "/v1/stats"} <= set(schema["paths"])
     assert "bpm" in schema["components"]["schemas"]["GenerateRequest"]["properties"]
