@@ -197,3 +197,38 @@ def test_a_commit_that_landed_before_the_connection_dropped_is_kept(store, stora
     for key in row["result"]["audio_keys"]:  # the files the result names are still there
         with storage.open(key) as data:
             assert data.read()
+
+
+def test_an_lm_task_job_runs_alone_and_stores_its_answer(store, storage):
+    settings = Settings(_env_file=None)
+    task = {"task": "format", "params": {"caption": "pop rock", "lyrics": "la la", "bpm": 100}}
+    ids = [store.submit(new_job(GenerationRequest(), AudioInputs(), settings, lm_task=task)).id for _ in range(2)]
+    generation = submit(store, caption="a song", batch_size=1)
+    process = InProcessPipeline()
+    outcomes = run_claimed(store, storage, process, limit=3)
+    assert outcomes == {str(i): JobStatus.SUCCEEDED for i in [*ids, generation]}
+    for job_id in ids:
+        result = store.get(job_id)["result"]
+        assert result["audio_keys"] == [] and result["lm_result"]["caption"] == "formatted: pop rock"
+        assert result["lm_result"]["bpm"] == 100
+    kinds = [type(m).__name__ for m in process.received]
+    assert kinds.count("RunLmTask") == 2 and kinds.count("RunJobs") == 1  # never batched with a generation
+
+
+def test_an_lm_task_on_a_pipeline_without_lm_tasks_fails_clearly(store, storage):
+    job = store.submit(new_job(GenerationRequest(), AudioInputs(), Settings(_env_file=None),
+                               lm_task={"task": "format", "params": {}})).id
+    process = InProcessPipeline("tests.integration.test_worker_in_process:generation_only")
+    assert run_claimed(store, storage, process) == {str(job): JobStatus.FAILED}
+    assert "cannot run the LM task" in store.get(job)["error"]
+
+
+class _GenerationOnly:
+    """A pipeline that predates the LM tasks: only `run`."""
+
+    def run(self, request, progress):
+        raise AssertionError("an LM task must not be run as a generation")
+
+
+def generation_only(checkpoint_dir=None, options=None):
+    return _GenerationOnly()
