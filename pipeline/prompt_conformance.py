@@ -1,10 +1,16 @@
 """Conformance with the reference's prompts: `python -m pipeline.prompt_conformance FIXTURE_DIR`.
 
 A fixture directory holds `prompts.json` (end-to-end `cases` and unit-case sections) and, optionally,
-`constraints.json` (facts; its GenerationParams defaults and max-token tables are checked too). Each
-end-to-end case runs through `plan_generation` with the LM replaced by a stub that answers with the
-case's hand-written outputs and records every request; each unit case runs through the function it
-names. One line per case: PASS, FAIL or DEVIATION, name, detail. Exit status 1 on any FAIL.
+`constraints.json` (facts; its constants, GenerationParams defaults, LM-task sampling defaults and
+max-token tables are checked too). Each end-to-end case runs through `plan_generation` with the LM
+replaced by a stub that answers with the case's hand-written outputs and records every request; the
+LM-task and API-glue cases run `pipeline.lm.tasks` over such a stub; each unit case runs through the
+function it names. One line per case: PASS, FAIL, DEVIATION or SUPERSEDED, name, detail. Exit status
+1 on any FAIL.
+
+We follow the newest fixture (v2, upstream 6d467e4). Run on an older fixture (schema "... v1"),
+an expectation that v2 changed (listed in SUPERSEDED_IN_V1, with the v2 change) reports SUPERSEDED
+instead of FAIL; everything else in it is still checked.
 
 Strings that reach a model are compared byte for byte, and every value with its JSON type. A field
 of the fixture this runner does not know is a failure (so a newer fixture cannot pass unchecked),
@@ -23,15 +29,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import contract
 from pipeline import prompts as dit_prompts
 from pipeline.lm import planner
 from pipeline.lm import prompts as lm_prompts
-from pipeline.lm.backend import CodesRequest, MetadataRequest
+from pipeline.lm import tasks as lm_tasks
+from pipeline.lm.backend import CodesRequest, MetadataRequest, TextRequest
 
 # field path (as the FAIL detail names it) -> why we differ from the reference there. Only fields
 # that never reach a model may be listed. None is needed for the 2026-04-16 reference: the planner's
 # own choices (see pipeline.lm.planner) lie outside what the fixtures exercise.
 DEVIATIONS: dict[str, str] = {}
+
+# Expectations of v1 fixtures that v2 replaced: field path pattern -> the v2 change.
+_PHASE2_V2 = ("v2: phase-2 prompts no longer close the assistant turn (cot block + '\\n\\n'), and the "
+              "phase-2 unconditional prompt is the raw negative prompt or NO USER INPUT")
+SUPERSEDED_IN_V1: dict[str, str] = {
+    r"lm\.phase2(\[\d+\])?\.(prompt|unconditional_prompt|chat_messages|unconditional_messages)": _PHASE2_V2,
+    r"expected_phase2_(prompt|unconditional_prompt|prompt_with_empty_metadata)": _PHASE2_V2,
+    r"(TASK_TYPES|TASK_TYPES_TURBO|TASK_TYPES_BASE|TASK_INSTRUCTIONS)": "v2 adds the task type cover-nofsq",
+}
+V1_SCHEMA = re.compile(r"\bv1$")
 
 # What every CodesRequest implies: the backend's codes phase starts after '</think>', forces only
 # audio codes and injects nothing.
@@ -48,7 +66,7 @@ _SOURCE_SECONDS = re.compile(r"_([0-9]+(?:\.[0-9]+)?)s\.\w+$")
 
 @dataclass
 class Outcome:
-    status: str  # PASS, FAIL or DEVIATION
+    status: str  # PASS, FAIL, DEVIATION or SUPERSEDED
     name: str
     detail: str = ""
 
@@ -56,9 +74,10 @@ class Outcome:
 class Checker:
     """Collects the differences of one case, by field path."""
 
-    def __init__(self) -> None:
+    def __init__(self, superseded: dict[str, str] | None = None) -> None:
         self.diffs: list[tuple[str, str]] = []
         self.seen: set[str] = set()
+        self.superseded = superseded or {}
 
     def eq(self, path: str, ours: Any, expected: Any) -> None:
         """Expected and ours must be equal with the same JSON types (strings byte for byte)."""
@@ -76,10 +95,20 @@ class Checker:
             if key not in handled and key not in _FREE_TEXT and not _CROSS_CHECK.search(key):
                 self.fail(f"{path}.{key}", "field not checked by this runner")
 
+    def _superseded_by(self, path: str) -> str | None:
+        return next((why for pattern, why in self.superseded.items() if re.fullmatch(pattern, path)), None)
+
     def outcome(self, name: str) -> Outcome:
-        failures = [(path, detail) for path, detail in self.diffs if path not in DEVIATIONS]
+        failures = [(path, detail) for path, detail in self.diffs
+                    if path not in DEVIATIONS and self._superseded_by(path) is None]
         if failures:
             return Outcome("FAIL", name, "; ".join(f"{path}: {detail}" for path, detail in failures))
+        superseded = [(path, why) for path, _ in self.diffs if (why := self._superseded_by(path)) is not None]
+        if superseded:
+            reasons = list(dict.fromkeys(why for _, why in superseded))
+            paths = ", ".join(dict.fromkeys(path for path, _ in superseded))
+            deviations = "".join(f"; {path}: {DEVIATIONS[path]}" for path, _ in self.diffs if path in DEVIATIONS)
+            return Outcome("SUPERSEDED", name, f"{paths}: {'; '.join(reasons)}{deviations}")
         if self.diffs:
             return Outcome("DEVIATION", name, "; ".join(f"{path}: {DEVIATIONS[path]}" for path, _ in self.diffs))
         return Outcome("PASS", name)
@@ -132,6 +161,34 @@ class RecordingBackend:
     def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
         self.codes_calls.append(list(requests))
         return [self.codes_output] * len(requests)
+
+    def generate_text(self, request: TextRequest) -> str:
+        raise AssertionError("the generation flow never runs the LM's own tasks")
+
+
+class TaskBackend:
+    """The LM of the task cases: answers every TextRequest with `outputs[mode]` (the runner sets
+    `mode` before each task) and records the requests."""
+
+    name = "prompt-fixture-task-stub"
+    backend = "stub"
+
+    def __init__(self, outputs: dict[str, str], mode: str = "") -> None:
+        self.outputs, self.mode = outputs, mode
+        self.requests: list[TextRequest] = []
+        self.other_calls = 0
+
+    def generate_text(self, request: TextRequest) -> str:
+        self.requests.append(request)
+        return self.outputs[self.mode]
+
+    def generate_metadata(self, request: MetadataRequest) -> str:
+        self.other_calls += 1
+        return ""
+
+    def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
+        self.other_calls += 1
+        return [""] * len(requests)
 
 
 def source_seconds(src_audio: Any) -> float | None:
@@ -192,7 +249,7 @@ def _check_phase2(check: Checker, phase: dict, params: dict, plan: planner.Gener
     check.eq(f"{path}.cot_block", plan.lm.cot_block, phase["cot_block"])
     if metadata is not None:
         check.eq(f"{path}.cot_block from metadata_after_phase1", lm_prompts.format_cot_block(metadata), phase["cot_block"])
-    _check_messages(check, path, phase, "chat_messages", lm_prompts.phase2_messages(caption, lyrics, phase["cot_block"]), "prompt")
+    _check_messages(check, path, phase, "chat_messages", lm_prompts.phase2_messages(caption, lyrics), "prompt")
     _check_messages(check, path, phase, "unconditional_messages",
                     lm_prompts.phase2_unconditional_messages(caption, lyrics, negative), "unconditional_prompt")
     check.eq(f"{path}.target_duration", plan.lm.target_duration, phase["target_duration"])
@@ -301,9 +358,9 @@ def _check_code_string_example(check: Checker, example: dict) -> None:
     check.fields("code_string_example", example, {"input", "expected_lm_audio_codes_string", "expected_codes"})
 
 
-def run_case(case: dict) -> Outcome:
+def run_case(case: dict, superseded: dict[str, str] | None = None) -> Outcome:
     """One end-to-end case: plan it with the stub LM, then compare the LM and DiT sides."""
-    check = Checker()
+    check = Checker(superseded)
     name = str(case.get("id", "?"))
     lm = case.get("lm", {})
     stub = RecordingBackend(lm.get("phase1", {}).get("example_output", ""), lm.get("phase2", {}).get("example_output", ""))
@@ -430,6 +487,167 @@ def _other_lm_prompt(check: Checker, case: dict) -> None:
     check.fields("case", case, {"builder", "args", "prompt", "uncond_prompt"})
 
 
+def _legacy_cfg_builders(check: Checker, case: dict) -> None:
+    caption, lyrics, negative = case["caption"], case["lyrics"], case["negative_prompt"]
+    check.eq("expected_phase2_prompt", lm_prompts.phase2_prompt(caption, lyrics, case["cot_block_for_phase2"]),
+             case["expected_phase2_prompt"])
+    check.eq("expected_phase2_unconditional_prompt",
+             lm_prompts.phase2_unconditional_prompt(caption, lyrics, negative, legacy=True),
+             case["expected_phase2_unconditional_prompt"])
+    check.fields("case", case, {"caption", "lyrics", "negative_prompt", "cot_block_for_phase2", "expected_phase2_prompt",
+                                "expected_phase2_unconditional_prompt"})
+
+
+def _unconditional_prompt(check: Checker, case: dict) -> None:
+    # cot_text is an argument of the reference's builder that no unconditional prompt uses.
+    ours = lm_prompts.unconditional_prompt(case["caption"], case["lyrics"], case["negative_prompt"],
+                                           generation_phase=case["generation_phase"], is_batch=case["is_batch"])
+    check.eq("expected", ours, case["expected"])
+    check.fields("case", case, {"caption", "lyrics", "cot_text", "generation_phase", "is_batch", "negative_prompt", "expected"})
+
+
+# The reference's task functions -> ours, the reference handler method each calls, and how the stub is addressed.
+_TASK_FUNCTIONS: dict[str, tuple[Callable[..., Any], str]] = {
+    "acestep.inference.format_sample": (lm_tasks.format_sample, "LLMHandler.format_sample_from_input"),
+    "acestep.inference.create_sample": (lm_tasks.create_sample, "LLMHandler.create_sample_from_query"),
+    "acestep.inference.understand_music": (lm_tasks.understand_music, "LLMHandler.understand_audio_from_codes"),
+}
+# Every TextRequest is constrained: our backends always decode under the FSM (False is refused).
+TASK_USES_CONSTRAINED_DECODING = True
+
+
+def _task_cfg(request: TextRequest) -> dict[str, Any]:
+    """Our request as the reference's cfg dict. The tasks run without CFG, so the unconditional
+    prompt's context (caption, lyrics) is empty and there is no cfg_scale."""
+    return {
+        "temperature": request.sampling.temperature, "top_k": request.sampling.top_k, "top_p": request.sampling.top_p,
+        "repetition_penalty": request.sampling.repetition_penalty, "target_duration": request.target_duration,
+        "user_metadata": request.user_metadata, "skip_caption": request.skip_caption,
+        "skip_language": request.skip_language, "skip_genres": request.skip_genres,
+        "generation_phase": request.generation_phase, "caption": "", "lyrics": "",
+    }
+
+
+def _rendered(check: Checker, path: str, section: dict) -> None:
+    """The fixture's messages, through the template with its kwargs, give its prompt."""
+    kwargs = section["chat_template_kwargs"]
+    if set(kwargs) != {"tokenize", "add_generation_prompt"} or kwargs["tokenize"] is not False:
+        check.fail(f"{path}.chat_template_kwargs", f"unsupported template arguments {kwargs!r}")
+        return
+    rendered = lm_prompts.render_chat(section["chat_messages"], add_generation_prompt=kwargs["add_generation_prompt"])
+    check.eq(f"{path}.chat_messages rendered", rendered, section["prompt"])
+
+
+def _lm_task(check: Checker, case: dict) -> None:
+    inputs, lm = case["inputs"], case["lm"]
+    if inputs["function"] not in _TASK_FUNCTIONS:
+        check.fail("inputs.function", f"no task for {inputs['function']!r}")
+        return
+    function, handler_method = _TASK_FUNCTIONS[inputs["function"]]
+    stub = TaskBackend({"task": lm["example_output"]}, mode="task")
+    result = function(stub, **inputs["args"])
+    check.eq("lm.handler_method", handler_method, lm["handler_method"])
+    if len(stub.requests) != 1 or stub.other_calls:
+        check.fail("lm", f"{len(stub.requests)} task request(s) and {stub.other_calls} other call(s); expected one task request")
+        return
+    request = stub.requests[0]
+    _rendered(check, "lm", lm)
+    check.eq("lm.prompt", request.prompt, lm["prompt"])
+    check.eq("lm.generate_from_formatted_prompt_cfg", _task_cfg(request), lm["generate_from_formatted_prompt_cfg"])
+    check.eq("lm.use_constrained_decoding", TASK_USES_CONSTRAINED_DECODING, lm["use_constrained_decoding"])
+    check.eq("lm.stop_at_reasoning", request.stop_at_reasoning, lm["stop_at_reasoning"])
+    metadata, codes = lm_prompts.parse_lm_output(lm["example_output"])
+    check.eq("lm.parse_lm_output", {"metadata": metadata, "audio_codes_string": codes}, lm["parse_lm_output"])
+    check.eq("lm.extracted_lyrics", lm_tasks.extract_lyrics(lm["example_output"]), lm["extracted_lyrics"])
+    check.eq("expected_result", result.to_dict(), case["expected_result"])
+    check.fields("case", case, {"id", "inputs", "lm", "expected_result"})
+    check.fields("inputs", inputs, {"function", "args"})
+    check.fields("lm", lm, {
+        "handler_method", "chat_messages", "chat_template_kwargs", "prompt", "generate_from_formatted_prompt_cfg",
+        "use_constrained_decoding", "stop_at_reasoning", "example_output", "parse_lm_output", "extracted_lyrics",
+    })
+
+
+def _lyrics_extraction(check: Checker, case: dict) -> None:
+    check.eq("expected_lyrics", lm_tasks.extract_lyrics(case["input"]), case["expected_lyrics"])
+    check.fields("case", case, {"input", "expected_lyrics"})
+
+
+def _description_hints(check: Checker, case: dict) -> None:
+    check.eq("expected", list(lm_tasks.parse_description_hints(case["description"])), case["expected"])
+    check.fields("case", case, {"description", "expected"})
+
+
+def _api_llm_inputs(check: Checker, case: dict) -> None:
+    request = case["request"]
+    unknown = sorted(set(request) - set(lm_tasks.lm_input_fields(_AnyRequest())))
+    if unknown:
+        check.fail("request", f"field(s) prepare_llm_inputs does not read: {unknown}")
+    stub = TaskBackend(case["stub_outputs"])
+    calls: list[dict[str, Any]] = []
+
+    def recorded(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(backend: Any, **kwargs: Any) -> Any:
+            calls.append({f"{name}_kwargs": kwargs})
+            stub.mode = name
+            return function(backend, **kwargs)
+        return call
+
+    prepared = lm_tasks.prepare_llm_inputs(request, stub, create_sample_fn=recorded("create_sample", lm_tasks.create_sample),
+                                           format_sample_fn=recorded("format_sample", lm_tasks.format_sample))
+    check.eq("lm_calls_in_order", calls, case["lm_calls_in_order"])
+    check.eq("lm_prompts_in_order", [r.prompt for r in stub.requests], case["lm_prompts_in_order"])
+    check.eq("expected_prepared_inputs", prepared.reference_dict(), case["expected_prepared_inputs"])
+    if stub.other_calls:
+        check.fail("lm", f"{stub.other_calls} generation-flow call(s); the API glue runs only the LM's tasks")
+    check.fields("case", case, {"id", "request", "lm_calls_in_order", "lm_prompts_in_order", "stub_outputs",
+                                "expected_prepared_inputs"})
+
+
+class _AnyRequest:
+    """Stands in for a GenerationRequest to list the fields `lm_input_fields` maps."""
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+# The lyrics and language of every dit_caption_prompt_cases case: the fixture records them only in
+# its expected lyric prompts (its README lists the other inputs).
+DIT_CAPTION_CASE_LYRICS = "[Verse]\nla la"
+DIT_CAPTION_CASE_LANGUAGE = "en"
+
+
+def _dit_caption_prompt(check: Checker, case: dict) -> None:
+    task, args, instruction = case["task_type"], case["args"], case["instruction"]
+    if task in dit_prompts.TASK_TYPES:
+        unknown = set(args) - {"track_name", "complete_track_classes"}
+        if unknown:
+            check.fail("args", f"unknown instruction argument(s) {sorted(unknown)}")
+        ours = dit_prompts.instruction_for(task, args.get("track_name"), args.get("complete_track_classes"))
+        check.eq("instruction", ours, instruction)
+    else:  # a task type we do not know stands for a custom instruction
+        check.eq("instruction", args.get("instruction"), instruction)
+        if set(args) - {"instruction"}:
+            check.fail("args", f"unknown argument(s) {sorted(set(args) - {'instruction'})}")
+    lego = {"is_lego_sft": case["is_lego_sft"], "global_caption": case["global_caption"],
+            "chunk_mask_mode": case["chunk_mask_mode"]}
+    caption = dit_prompts.caption_prompt(instruction, dit_prompts.dit_caption(case["caption"], instruction, **lego), case["metas"])
+    lyric = dit_prompts.lyric_prompt(DIT_CAPTION_CASE_LYRICS, DIT_CAPTION_CASE_LANGUAGE)
+    calls = [{"text": caption, "max_length": dit_prompts.CAPTION_MAX_TOKENS, "truncation": True},
+             {"text": lyric, "max_length": dit_prompts.LYRIC_MAX_TOKENS, "truncation": True}]
+    if case["audio_cover_strength"] < 1.0:
+        default = dit_prompts.DEFAULT_INSTRUCTION
+        non_cover = dit_prompts.caption_prompt(default, dit_prompts.dit_caption(case["caption"], default, **lego), case["metas"])
+        calls.append({"text": non_cover, "max_length": dit_prompts.CAPTION_MAX_TOKENS, "truncation": True})
+    check.eq("expected_tokenizer_calls", calls, case["expected_tokenizer_calls"])
+    check.eq("expected_text_input_for_logging", dit_prompts.text_input_for_logging(caption, lyric),
+             case["expected_text_input_for_logging"])
+    check.fields("case", case, {
+        "task_type", "args", "instruction", "is_lego_sft", "chunk_mask_mode", "global_caption", "caption", "metas",
+        "audio_cover_strength", "expected_tokenizer_calls", "expected_text_input_for_logging",
+    })
+
+
 UNIT_SECTIONS: dict[str, Callable[[Checker, dict], None]] = {
     "cot_parse_cases": _cot_parse,
     "code_parse_cases": _code_parse,
@@ -440,6 +658,13 @@ UNIT_SECTIONS: dict[str, Callable[[Checker, dict], None]] = {
     "lm_prompt_builder_cases": _lm_prompt_builders,
     "dit_instruction_cases": _dit_instruction,
     "other_lm_prompts": _other_lm_prompt,
+    "lm_prompt_builder_legacy_cfg_cases": _legacy_cfg_builders,
+    "unconditional_prompt_cases": _unconditional_prompt,
+    "lm_task_cases": _lm_task,
+    "lyrics_extraction_cases": _lyrics_extraction,
+    "api_description_hint_cases": _description_hints,
+    "api_llm_input_cases": _api_llm_inputs,
+    "dit_caption_prompt_cases": _dit_caption_prompt,
 }
 _NAME_KEYS = ("name", "id", "builder", "task_type")
 
@@ -449,8 +674,8 @@ def _unit_name(section: str, index: int, case: dict) -> str:
     return f"{section}[{index}]" + (f" {label}" if label else "")
 
 
-def run_unit_case(section: str, index: int, case: dict) -> Outcome:
-    check = Checker()
+def run_unit_case(section: str, index: int, case: dict, superseded: dict[str, str] | None = None) -> Outcome:
+    check = Checker(superseded)
     name = _unit_name(section, index, case)
     try:
         UNIT_SECTIONS[section](check, case)
@@ -487,9 +712,74 @@ def check_max_tokens_table(name: str, rows: list[dict]) -> Outcome:
     return check.outcome(f"constraints.max_tokens.{name}")
 
 
-def constraint_checks(constraints: dict) -> Iterator[Outcome]:
+def _sft_gen_prompt_with_slots() -> str:
+    return dit_prompts.SFT_GEN_PROMPT.format(instruction="{}", caption="{}", metas="{}")
+
+
+# constraints.json constants -> our value (in the fixture's JSON form).
+OUR_CONSTANTS: dict[str, Callable[[], Any]] = {
+    "VALID_LANGUAGES": lambda: list(contract.LANGUAGES),
+    "KEYSCALE_NOTES": lambda: list(contract.KEY_NOTES),
+    "KEYSCALE_ACCIDENTALS": lambda: list(contract.KEY_ACCIDENTALS),
+    "KEYSCALE_MODES": lambda: list(contract.KEY_MODES),
+    "VALID_KEYSCALES_sorted": lambda: sorted(contract.KEY_SCALES),
+    "BPM_MIN": lambda: contract.BPM_MIN,
+    "BPM_MAX": lambda: contract.BPM_MAX,
+    "DURATION_MIN": lambda: lm_prompts.DURATION_MIN,
+    "DURATION_MAX": lambda: lm_prompts.DURATION_MAX,
+    "VALID_TIME_SIGNATURES": lambda: [int(beats) for beats in contract.TIME_SIGNATURE_BEATS],
+    "TASK_TYPES": lambda: list(dit_prompts.TASK_TYPES),
+    "TASK_TYPES_TURBO": lambda: list(dit_prompts.TASK_TYPES_TURBO),
+    "TASK_TYPES_BASE": lambda: list(dit_prompts.TASK_TYPES_BASE),
+    "DEFAULT_DIT_INSTRUCTION": lambda: dit_prompts.DEFAULT_INSTRUCTION,
+    "DEFAULT_LM_INSTRUCTION": lambda: lm_prompts.LM_INSTRUCTION,
+    "DEFAULT_LM_UNDERSTAND_INSTRUCTION": lambda: lm_prompts.UNDERSTAND_INSTRUCTION,
+    "DEFAULT_LM_INSPIRED_INSTRUCTION": lambda: lm_prompts.INSPIRATION_INSTRUCTION,
+    "DEFAULT_LM_REWRITE_INSTRUCTION": lambda: lm_prompts.FORMAT_INSTRUCTION,
+    "TASK_INSTRUCTIONS": lambda: dict(dit_prompts.TASK_INSTRUCTIONS),
+    "TRACK_NAMES": lambda: list(dit_prompts.TRACK_NAMES),
+    "SFT_GEN_PROMPT": _sft_gen_prompt_with_slots,
+    "MAX_AUDIO_CODE": lambda: lm_prompts.MAX_AUDIO_CODE,
+}
+# lm_task_sampling_defaults keys -> our default temperature.
+OUR_TASK_TEMPERATURES: dict[str, float] = {
+    "format_sample": lm_tasks.DEFAULT_TEMPERATURE,
+    "create_sample": lm_tasks.DEFAULT_TEMPERATURE,
+    "understand_music (inference wrapper)": lm_tasks.DEFAULT_TEMPERATURE,
+    "LLMHandler.understand_audio_from_codes": lm_tasks.UNDERSTAND_HANDLER_TEMPERATURE,
+}
+
+
+def check_constants(constants: dict, superseded: dict[str, str] | None = None) -> Outcome:
+    check = Checker(superseded)
+    for key, expected in constants.items():
+        if key in OUR_CONSTANTS:
+            check.eq(key, OUR_CONSTANTS[key](), expected)
+        else:
+            check.fail(key, "constant unknown to this runner")
+    return check.outcome("constraints.constants")
+
+
+def check_task_sampling_defaults(defaults: dict) -> Outcome:
+    """Each task's default sampling (only temperature is recorded); the tasks never use CFG."""
+    check = Checker()
+    for key, expected in defaults.items():
+        if key in _FREE_TEXT:
+            continue
+        if key not in OUR_TASK_TEMPERATURES:
+            check.fail(key, "LM task unknown to this runner")
+            continue
+        check.eq(key, {"temperature": OUR_TASK_TEMPERATURES[key]}, expected)
+    return check.outcome("constraints.lm_task_sampling_defaults")
+
+
+def constraint_checks(constraints: dict, superseded: dict[str, str] | None = None) -> Iterator[Outcome]:
+    if "constants" in constraints:
+        yield check_constants(constraints["constants"], superseded)
     if "generation_params_defaults" in constraints:
         yield check_defaults(constraints["generation_params_defaults"])
+    if "lm_task_sampling_defaults" in constraints:
+        yield check_task_sampling_defaults(constraints["lm_task_sampling_defaults"])
     for key, rows in constraints.get("max_tokens", {}).items():
         # Tables for a GPU tier with a duration cap would need that cap; only the unlimited one is checked.
         if key.startswith("table_unlimited_tier"):
@@ -502,17 +792,18 @@ def constraint_checks(constraints: dict) -> Iterator[Outcome]:
 def run(fixture_dir: Path) -> list[Outcome]:
     """Every case of the fixture directory, in file order."""
     fixture = json.loads((fixture_dir / "prompts.json").read_text(encoding="utf-8"))
+    superseded = SUPERSEDED_IN_V1 if V1_SCHEMA.search(str(fixture.get("schema", ""))) else None
     outcomes = []
     for section, cases in fixture.items():
         if section == "cases":
-            outcomes.extend(run_case(case) for case in cases)
+            outcomes.extend(run_case(case, superseded) for case in cases)
         elif section in UNIT_SECTIONS:
-            outcomes.extend(run_unit_case(section, index, case) for index, case in enumerate(cases))
+            outcomes.extend(run_unit_case(section, index, case, superseded) for index, case in enumerate(cases))
         elif isinstance(cases, list):
             outcomes.append(Outcome("FAIL", section, "unit-case section unknown to this runner"))
     constraints_path = fixture_dir / "constraints.json"
     if constraints_path.is_file():
-        outcomes.extend(constraint_checks(json.loads(constraints_path.read_text(encoding="utf-8"))))
+        outcomes.extend(constraint_checks(json.loads(constraints_path.read_text(encoding="utf-8")), superseded))
     return outcomes
 
 
@@ -523,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = run(args.fixture_dir)
     for outcome in outcomes:
         print(f"{outcome.status} {outcome.name}" + (f": {outcome.detail}" if outcome.detail else ""))
-    counts = {status: sum(o.status == status for o in outcomes) for status in ("PASS", "DEVIATION", "FAIL")}
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("PASS", "DEVIATION", "SUPERSEDED", "FAIL")}
     print(f"{len(outcomes)} cases: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     return 1 if counts["FAIL"] or not outcomes else 0
 

@@ -29,6 +29,7 @@ TASK_INSTRUCTIONS: Mapping[str, str] = {
     "text2music": contract.DEFAULT_INSTRUCTION,
     "repaint": "Repaint the mask area based on the given conditions:",
     "cover": "Generate audio semantic tokens based on the given conditions:",
+    "cover-nofsq": "Generate audio semantic tokens based on the given conditions:",
     "extract": "Extract the {TRACK_NAME} track from the audio:",
     "extract_default": "Extract the track from the audio:",
     "lego": "Generate the {TRACK_NAME} track based on the audio context:",
@@ -36,14 +37,19 @@ TASK_INSTRUCTIONS: Mapping[str, str] = {
     "complete": "Complete the input track with {TRACK_CLASSES}:",
     "complete_default": "Complete the input track:",
 }
-TASK_TYPES = ("text2music", "repaint", "cover", "extract", "lego", "complete")
+TASK_TYPES = ("text2music", "repaint", "cover", "cover-nofsq", "extract", "lego", "complete")
 BASE_ONLY_TASK_TYPES = ("extract", "lego", "complete")
+TASK_TYPES_TURBO = tuple(task for task in TASK_TYPES if task not in BASE_ONLY_TASK_TYPES)
+TASK_TYPES_BASE = TASK_TYPES
+# How an error names the task types: the API's six, then the cover variant the reference also knows.
+TASK_TYPES_TEXT = ", ".join(task for task in TASK_TYPES if task != "cover-nofsq") + " (or cover-nofsq)"
 TRACK_NAMES = (
     "woodwinds", "brass", "fx", "synth", "strings", "percussion",
     "keyboard", "guitar", "bass", "drums", "backing_vocals", "vocals",
 )
 
 DEFAULT_INSTRUCTION = TASK_INSTRUCTIONS["text2music"]
+SEGMENT_MARKER = "a segment"  # an instruction for one segment: the lego-SFT caption has no Global line
 # What the DiT gets whenever LM audio codes are supplied: text2music with codes runs as `cover`.
 LM_CODES_INSTRUCTION = TASK_INSTRUCTIONS["cover"]
 
@@ -115,6 +121,25 @@ def caption_prompt(instruction: str, caption: str, metas: str) -> str:
     return SFT_GEN_PROMPT.format(instruction=format_instruction(instruction), caption=caption, metas=metas)
 
 
+def dit_caption(
+    caption: str, instruction: str, *, is_lego_sft: bool = False, global_caption: str = "", chunk_mask_mode: str = "auto"
+) -> str:
+    """The caption the caption prompt holds. Ordinary checkpoints: the caption itself. A lego-SFT
+    checkpoint (`is_lego_sft` in its config): `Global: <global caption>` (omitted for a "... a
+    segment ..." instruction), `Local: <caption>` and `Mask Control: false` for chunk mask mode
+    `auto`, else `true`, one per line."""
+    if not is_lego_sft:
+        return caption
+    lines = [] if SEGMENT_MARKER in instruction else [f"Global: {global_caption}"]
+    lines += [f"Local: {caption}", f"Mask Control: {'false' if chunk_mask_mode == 'auto' else 'true'}"]
+    return "\n".join(lines)
+
+
+def text_input_for_logging(caption_prompt_text: str, lyric_prompt_text: str) -> str:
+    """The caption and lyric prompts as the reference logs them (one string, a blank line between)."""
+    return f"{caption_prompt_text}\n\n{lyric_prompt_text}"
+
+
 def lyric_prompt(lyrics: str, language: str) -> str:
     """The lyric prompt; lyrics are used verbatim (an instrumental is `""` or `"[inst]"`, no marker)."""
     return LYRIC_PROMPT.format(language=language, lyrics=lyrics)
@@ -137,10 +162,11 @@ def instruction_for(task_type: str, track_name: str | None = None, track_classes
 
     `track_name` (extract, lego) is upper-cased into the instruction; `track_classes` (complete) are
     upper-cased and joined with ' | '. Without them the `<task>_default` instruction is used; the
-    other task types ignore both.
+    other task types ignore both. `cover-nofsq` (cover without the FSQ round trip) has the cover
+    instruction.
     """
     if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type must be one of {', '.join(TASK_TYPES)}; got {task_type!r}")
+        raise ValueError(f"task_type must be one of {TASK_TYPES_TEXT}; got {task_type!r}")
     if task_type in ("extract", "lego"):
         if track_name:
             return TASK_INSTRUCTIONS[task_type].format(TRACK_NAME=track_name.upper())

@@ -17,6 +17,11 @@ the DiT, the LMs and their limits come in `PipelineOptions`. One request:
 5. the DiT sampler (turbo: fixed schedule, no guidance; base/SFT: guidance) from per-item seeded noise;
 6. tiled VAE decode, cropped to exactly the requested number of samples.
 
+Before step 2, `use_format`, `sample_mode` and `sample_query` run the LM's own tasks on the request
+(`pipeline.lm.tasks.prepare_llm_inputs`): the caption, lyrics and metas they write replace the
+request's. `run_lm_task` runs those tasks alone (format, create sample, understand) for the
+synchronous routes. lego, extract and complete need a base DiT: another DiT fails the job saying so.
+
 Documented choices where the reference is loose: a request without a duration (and no source
 audio) gets 30 s, which is what its caption metas already say; a fixed seed s gives items s, s+1, ...
 (the reference fixes only the first item); errors in the inputs are job errors with a clear message;
@@ -33,12 +38,21 @@ import torch
 
 from pipeline.audio_io import AudioError, load_audio
 from pipeline.checkpoints import Checkpoints, discover
-from pipeline.contract import DURATION_MAX, MAX_SEED, SAMPLE_RATE, SOURCE_TASK_TYPES, GenerationRequest, PipelineOptions
+from pipeline.contract import (
+    BASE_MODEL_TASK_TYPES,
+    DURATION_MAX,
+    MAX_SEED,
+    SAMPLE_RATE,
+    SOURCE_TASK_TYPES,
+    GenerationRequest,
+    PipelineOptions,
+)
 from pipeline.dit.load import load_dit, load_silence_latent
 from pipeline.dit.model import AceStepDiT
 from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError, Progress
 from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
+from pipeline.lm import tasks as lm_tasks
 from pipeline.sampler import Guidance, generate_audio
 from pipeline.text_encoder import TextEncoder
 from pipeline.vae import Vae
@@ -133,9 +147,13 @@ class AceStepPipeline:
     # ---- planning -------------------------------------------------------------------------------
 
     def seeds(self, request: GenerationRequest, batch: int) -> list[int]:
-        if request.use_random_seed or request.seed < 0:
+        """Random unless use_random_seed is false; a fixed seed s gives s, s+1, ...; a list gives
+        its seeds in order (-1: random), items beyond it continue from its last seed."""
+        given = request.seed if isinstance(request.seed, list) else [request.seed]
+        if request.use_random_seed or given == [-1]:
             return [secrets.randbelow(MAX_SEED + 1) for _ in range(batch)]
-        return [(request.seed + i) % (MAX_SEED + 1) for i in range(batch)]
+        seeds = [s if s >= 0 else secrets.randbelow(MAX_SEED + 1) for s in given[:batch]]
+        return seeds + [(seeds[-1] + i) % (MAX_SEED + 1) for i in range(1, batch - len(seeds) + 1)]
 
     def silence_frames(self, frames: int) -> torch.Tensor:
         """The first `frames` frames of the silence latent, repeated when it is shorter."""
@@ -190,7 +208,8 @@ class AceStepPipeline:
             lm = select_lm(self.lms, request.lm_model_path or self.default_lm, request.lm_backend, self.engines)
         try:
             plan = plan_generation(params, lm, batch_size=batch, seeds=seeds, limits=self.lm_limits,
-                                   src_audio_duration=src_samples / SAMPLE_RATE if src_samples else None)
+                                   src_audio_duration=src_samples / SAMPLE_RATE if src_samples else None,
+                                   is_lego_sft=bool(getattr(self.dit.config, "is_lego_sft", False)))
         except LMUnavailableError:
             raise PipelineError("thinking=true needs a 5 Hz LM, and this worker has none loaded") from None
         except ValueError as exc:
@@ -259,9 +278,11 @@ class AceStepPipeline:
             raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
 
     def _run(self, request: GenerationRequest, batch: int, progress: Progress) -> GeneratedAudio:
+        self.check_task_type(request.task_type)
         progress("preparing", 0.02)
         seeds = self.seeds(request, batch)
         src, src_samples = self.source(request)
+        request, prepared = self.apply_lm_inputs(request, seeds[0], progress)
         if self.lms and request.thinking:
             progress("lm", 0.05)
         text, lm = self.text_plan(request, batch, seeds, src_samples)
@@ -305,7 +326,128 @@ class AceStepPipeline:
         progress("vae", 0.82)
         audio = self.vae.decode(latents)[:, :, : plan.samples].float().numpy()
         progress("vae", 0.95)
-        return GeneratedAudio(list(audio), SAMPLE_RATE, self.result_info(text, plan, seeds, lm))
+        info = self.result_info(text, plan, seeds, lm)
+        if prepared is not None:
+            info = self.lm_inputs_info(info, request, prepared)
+        return GeneratedAudio(list(audio), SAMPLE_RATE, info)
+
+    # ---- the LM's own tasks -----------------------------------------------------------------------
+
+    def is_base_model(self) -> bool:
+        """Whether the loaded DiT is a base model (acestep-v15-base, acestep-v15-xl-base, ...)."""
+        return "base" in self.dit_name.removeprefix("acestep-").split("-")
+
+    def check_task_type(self, task_type: str) -> None:
+        """lego, extract and complete were trained only into the base DiT."""
+        if task_type in BASE_MODEL_TASK_TYPES and not self.is_base_model():
+            raise PipelineError(f"task_type {task_type} needs the base model (acestep-v15-base); "
+                                f"this worker serves {self.dit_name}")
+
+    def lm_for(self, name: str | None, backend: str | None) -> Any:
+        """The LM a request or task names (else the default), None when this worker has none."""
+        if not self.lms:
+            return None
+        return select_lm(self.lms, name or self.default_lm, backend or "vllm", self.engines)
+
+    def apply_lm_inputs(self, request: GenerationRequest, seed: int,
+                        progress: Progress) -> tuple[GenerationRequest, lm_tasks.PreparedLlmInputs | None]:
+        """sample_mode / sample_query / use_format, as the reference's API applies them: the LM's
+        caption, lyrics, bpm, key, time signature and duration replace the request's (the request's
+        vocal_language stays); use_cot_* are turned off without an LM. The request unchanged (and
+        None) when none of the three is asked for."""
+        fields = lm_tasks.lm_input_fields(request)
+        if not lm_tasks.uses_lm_inputs(fields):
+            return request, None
+        progress("lm", 0.03)
+        lm = self.lm_for(request.lm_model_path, request.lm_backend)
+        try:
+            prepared = lm_tasks.prepare_llm_inputs(fields, lm, seed=seed, max_duration=self.lm_limits.max_duration)
+        except lm_tasks.LMUnavailableError as exc:
+            raise PipelineError(str(exc)) from None
+        except (RuntimeError, ValueError) as exc:
+            raise PipelineError(f"the 5 Hz LM could not prepare the request: {exc}") from None
+        duration = prepared.audio_duration
+        update = {
+            "caption": prepared.caption or "", "lyrics": prepared.lyrics or "",
+            "bpm": int(prepared.bpm) if prepared.bpm else None,
+            "key_scale": prepared.key_scale or "", "time_signature": prepared.time_signature or "",
+            "audio_duration": float(duration) if duration else None,
+            "use_cot_caption": prepared.use_cot_caption, "use_cot_language": prepared.use_cot_language,
+        }
+        return request.model_copy(update=update), prepared
+
+    def lm_inputs_info(self, info: dict[str, Any], request: GenerationRequest,
+                       prepared: lm_tasks.PreparedLlmInputs) -> dict[str, Any]:
+        """The result info with what sample mode / format wrote: bpm, key and time signature, and
+        under `metas` the caption, lyrics and the tasks that ran."""
+        metas = dict(info.get("metas") or {})
+        metas |= {"caption": request.caption, "lyrics": request.lyrics,
+                  "lm_tasks": [name for name, _ in prepared.lm_results]}
+        lm = self.lm_for(request.lm_model_path, request.lm_backend)
+        extra = {"bpm": request.bpm, "keyscale": request.key_scale or None,
+                 "timesignature": request.time_signature or None, "lm_model": lm.name, "lm_backend": lm.backend}
+        return info | {k: v for k, v in extra.items() if k not in info and v is not None} | {"metas": metas}
+
+    def run_lm_task(self, task: str, params: dict, progress: Progress) -> dict[str, Any]:
+        """One of the LM's own tasks, for the synchronous routes; the answer in the shape of the
+        reference API's responses.
+
+        task "format" (`/format_input`): params caption (alias prompt), lyrics, bpm, audio_duration
+        (alias duration), key_scale (keyscale), time_signature (timesignature), vocal_language
+        (language); the given metas are forced into the LM's metadata block.
+        task "create_sample" (`/v1/create_sample`, `/create_random_sample`): params query (aliases
+        sample_query, description; empty: the LM invents one), instrumental (default: sniffed from
+        the query), vocal_language (default: sniffed from the query; unknown: none).
+        task "understand": params audio_code_string (alias audio_codes): `<|audio_code_N|>` tokens.
+        Every task also takes lm_temperature (temperature, default 0.85), lm_top_k (top_k), lm_top_p
+        (top_p), lm_repetition_penalty (repetition_penalty), seed, lm_model_path, lm_backend.
+
+        Returns {"caption", "lyrics", "bpm", "duration", "key_scale", "time_signature",
+        "vocal_language", "status_message", "lm_model", "lm_backend"} (create_sample adds
+        "instrumental"); bpm an int or None, duration seconds (float) or None, the texts "" when
+        unknown. Raises PipelineError (not retryable) for an unknown task, bad params or no LM.
+        """
+        if task not in lm_tasks.TASKS:
+            raise PipelineError(f"unknown LM task {task!r}; one of {', '.join(lm_tasks.TASKS)}")
+        values = _task_params(task, params)
+        lm = self.lm_for(values.pop("lm_model_path", None), values.pop("lm_backend", None))
+        if lm is None:
+            raise PipelineError(f"the LM task {task} needs a 5 Hz LM, and this worker has none loaded")
+        options = {key: values.pop(key) for key in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
+                   if key in values}
+        options["max_duration"] = self.lm_limits.max_duration
+        progress("lm", 0.05)
+        try:
+            with torch.inference_mode():
+                if task == "format":
+                    metas = {"bpm": values.get("bpm"), "duration": values.get("audio_duration"),
+                             "keyscale": values.get("key_scale"), "timesignature": values.get("time_signature")}
+                    language = values.get("vocal_language")
+                    if language and language != "unknown":
+                        metas["language"] = language
+                    result = lm_tasks.format_sample(lm, values.get("caption", ""), values.get("lyrics", ""),
+                                                    {k: v for k, v in metas.items() if v is not None}, **options)
+                elif task == "create_sample":
+                    query = values.get("query", "")
+                    hinted_language, hinted_instrumental = lm_tasks.parse_description_hints(query)
+                    instrumental = values.get("instrumental")
+                    language = values.get("vocal_language", hinted_language)
+                    result = lm_tasks.create_sample(lm, query, hinted_instrumental if instrumental is None else instrumental,
+                                                    language, **options)
+                else:
+                    result = lm_tasks.understand_music(lm, values.get("audio_code_string", ""), **options)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
+        if not result.success:
+            raise PipelineError(f"the LM task {task} failed: {result.error or result.status_message}")
+        progress("lm", 0.95)
+        answer = {
+            "caption": result.caption, "lyrics": result.lyrics, "bpm": result.bpm, "duration": result.duration,
+            "key_scale": result.keyscale, "time_signature": result.timesignature, "vocal_language": result.language,
+        }
+        if task == "create_sample":
+            answer["instrumental"] = result.instrumental
+        return answer | {"status_message": result.status_message, "lm_model": lm.name, "lm_backend": lm.backend}
 
     def result_info(self, text: GenerationPlan, plan: Latents, seeds: list[int], lm) -> dict[str, Any]:
         """seed_value, generation_info and, when the LM ran, what it decided (bpm, duration, ...)."""
@@ -322,6 +464,85 @@ class AceStepPipeline:
                      "timesignature": meta.get("timesignature"), "metas": {k: v for k, v in meta.items() if v not in (None, "")},
                      "lm_model": lm.name, "lm_backend": lm.backend}
         return {k: v for k, v in info.items() if v is not None}
+
+
+# run_lm_task's params: name -> (canonical name, parser); the aliases are the reference API's.
+def _as_text(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise PipelineError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _as_number(kind: type) -> Any:
+    def parse(name: str, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if isinstance(value, bool):
+            raise PipelineError(f"{name} must be a number, got {value!r}")
+        try:
+            return kind(float(value)) if kind is int else kind(value)
+        except (TypeError, ValueError):
+            raise PipelineError(f"{name} must be a number, got {value!r}") from None
+    return parse
+
+
+def _as_bool(name: str, value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise PipelineError(f"{name} must be true or false, got {value!r}")
+
+
+_COMMON_TASK_PARAMS = {
+    "lm_temperature": ("temperature", _as_number(float)), "temperature": ("temperature", _as_number(float)),
+    "lm_top_k": ("top_k", _as_number(int)), "top_k": ("top_k", _as_number(int)),
+    "lm_top_p": ("top_p", _as_number(float)), "top_p": ("top_p", _as_number(float)),
+    "lm_repetition_penalty": ("repetition_penalty", _as_number(float)),
+    "repetition_penalty": ("repetition_penalty", _as_number(float)),
+    "seed": ("seed", _as_number(int)), "lm_model_path": ("lm_model_path", _as_text), "lm_backend": ("lm_backend", _as_text),
+}
+_TASK_PARAMS = {
+    "format": {
+        "caption": ("caption", _as_text), "prompt": ("caption", _as_text), "lyrics": ("lyrics", _as_text),
+        "bpm": ("bpm", _as_number(int)), "audio_duration": ("audio_duration", _as_number(float)),
+        "duration": ("audio_duration", _as_number(float)), "key_scale": ("key_scale", _as_text),
+        "keyscale": ("key_scale", _as_text), "time_signature": ("time_signature", _as_text),
+        "timesignature": ("time_signature", _as_text), "vocal_language": ("vocal_language", _as_text),
+        "language": ("vocal_language", _as_text),
+    },
+    "create_sample": {
+        "query": ("query", _as_text), "sample_query": ("query", _as_text), "description": ("query", _as_text),
+        "instrumental": ("instrumental", _as_bool), "vocal_language": ("vocal_language", _as_text),
+        "language": ("vocal_language", _as_text),
+    },
+    "understand": {"audio_code_string": ("audio_code_string", _as_text), "audio_codes": ("audio_code_string", _as_text)},
+}
+
+
+def _task_params(task: str, params: dict) -> dict[str, Any]:
+    """`params` parsed for `task`: aliases to one name, values checked; unknown keys are refused."""
+    if not isinstance(params, dict):
+        raise PipelineError(f"LM task params must be an object, got {type(params).__name__}")
+    known = _TASK_PARAMS[task] | _COMMON_TASK_PARAMS
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise PipelineError(f"unknown parameter(s) for the LM task {task}: {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for key, value in params.items():
+        name, parse = known[key]
+        parsed = parse(key, value)
+        if parsed is not None:
+            values[name] = parsed
+    temperature = values.get("temperature")
+    if temperature is not None and not 0 < temperature <= 5:
+        raise PipelineError(f"lm_temperature must be in (0, 5], got {temperature}")
+    if values.get("lm_backend") not in (None, "", "pt", "vllm"):
+        raise PipelineError(f"lm_backend must be vllm or pt, got {values['lm_backend']!r}")
+    return values
 
 
 def read_audio(path: str, what: str) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""What the planner asks of an LM backend, and the protocol every backend (pt, vllm, the stub of
-the prompt-conformance runner) implements. Backends return the decoded text with special tokens
+"""What the planner and the LM tasks ask of an LM backend, and the protocol every backend (pt,
+vllm, the stub of the prompt-conformance runner) implements. Backends return the decoded text with special tokens
 kept (`<|audio_code_N|>`, `<|im_end|>`); the planner parses it."""
 
 from dataclasses import dataclass, field
@@ -46,6 +46,28 @@ class CodesRequest:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class TextRequest:
+    """The LM's own tasks (format, create sample, understand): one prompt, no CFG. With
+    `generation_phase` "understand" the FSM writes the metadata block (`user_metadata` values
+    forced, skipped fields left out, genres generated unless skipped), closes it with `</think>` and
+    then lets the model write free text (lyrics) until the end token; `stop_at_reasoning` ends the
+    output at `</think>` instead."""
+
+    prompt: str
+    max_new_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    user_metadata: dict[str, Any] | None = None  # bpm, duration, keyscale, timesignature, language
+    skip_caption: bool = False
+    skip_language: bool = False
+    skip_genres: bool = False
+    generation_phase: str = "understand"
+    stop_at_reasoning: bool = False
+    target_duration: float | None = None
+    max_duration: int = 600
+    seed: int | None = None
+
+
 class LMBackend(Protocol):
     name: str  # the LM checkpoint folder, e.g. "acestep-5Hz-lm-1.7B"
     backend: str  # what runs it: "pt" or "vllm" (reported in the job result as lm_backend)
@@ -53,3 +75,5 @@ class LMBackend(Protocol):
     def generate_metadata(self, request: MetadataRequest) -> str: ...
 
     def generate_codes(self, requests: list[CodesRequest]) -> list[str]: ...
+
+    def generate_text(self, request: TextRequest) -> str: ...

@@ -12,6 +12,10 @@ end-of-text token where the reference would start `</think>`.
 Phase 2 allows only `<|audio_code_N|>` tokens until exactly n codes are written, then only the
 end-of-text token.
 
+The LM's own tasks (format, create sample, understand: generation phase "understand") write the
+same metadata block, with `</think>` forced after it, then free text (any plain token, no audio
+codes or other special tokens) until the model picks the end-of-text token.
+
 `Vocabulary` indexes a tokenizer once: each token's bytes, the audio-code ids, the end token."""
 
 import functools
@@ -65,6 +69,9 @@ class Vocabulary:
             if b"`" in data or (b"\n" in data and data != b"\n") or not data:
                 free[token_id] = False
         self.free_text = free.nonzero().flatten()  # caption/genres tokens: no markup, no special tokens, newline only alone
+        free_form = torch.tensor([bool(data) for data in self.token_bytes], dtype=torch.bool)
+        free_form[self.end_id] = True
+        self.free_form = free_form.nonzero().flatten()  # the text after </think> (lyrics): any plain token, or the end
         self.continues_line = {i for i, data in enumerate(self.token_bytes) if data[:1] in (b" ", b"\t")}
 
     def encode(self, text: str) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling
+from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling, TextRequest
 from pipeline.lm.constrained import FIELD_ORDER, Choice, Vocabulary, field_values, user_value_text
 
 MAX_CAPTION_TOKENS = 512  # a free-text field is closed with a newline after this many tokens
@@ -96,17 +96,18 @@ def sample_token(logits: torch.Tensor, allowed, sampling: Sampling, history: lis
     return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
 
 
-def metadata_program(vocab: Vocabulary, request: MetadataRequest) -> Program:
-    """Phase 1: `<think>\\n`, then each field in order (user values forced, valid values chosen,
-    free text for caption/genres), then the end token where the reference begins `</think>`."""
+def _metadata_block(vocab: Vocabulary, request: MetadataRequest | TextRequest) -> Program:
+    """`<think>\\n`, then each field in order: a user value is forced (even for a field whose
+    generation is skipped: the tasks skip the language they inject), a skipped field is left out,
+    valid values are chosen, caption/genres are free text."""
     yield Force(tuple(vocab.encode("<think>\n")))
     user = request.user_metadata or {}
     skipped = {"caption": request.skip_caption, "language": request.skip_language, "genres": request.skip_genres}
     for name in FIELD_ORDER:
-        if skipped.get(name):
-            continue
         if user.get(name) is not None:
             yield Force(tuple(vocab.encode(user_value_text(name, user[name]))))
+            continue
+        if skipped.get(name):
             continue
         yield Force(tuple(vocab.encode(f"{name}:")))
         values = field_values(name, request.max_duration)
@@ -116,7 +117,26 @@ def metadata_program(vocab: Vocabulary, request: MetadataRequest) -> Program:
                 pass
         else:
             yield from _free_text(vocab, max_lines=None if name == "caption" else 1)
+
+
+def metadata_program(vocab: Vocabulary, request: MetadataRequest) -> Program:
+    """Phase 1: the metadata block, then the end token where the reference begins `</think>`."""
+    yield from _metadata_block(vocab, request)
     yield Force((vocab.end_id,))
+
+
+def text_program(vocab: Vocabulary, request: TextRequest) -> Program:
+    """The LM's tasks: the metadata block closed by `</think>`, then free text (lyrics) until the
+    model picks the end token (or, with `stop_at_reasoning`, the end token right away)."""
+    if request.generation_phase != "understand":
+        raise ValueError(f"a TextRequest runs the 'understand' phase, not {request.generation_phase!r}")
+    yield from _metadata_block(vocab, request)
+    yield Force(tuple(vocab.encode("</think>")))
+    if request.stop_at_reasoning:
+        yield Force((vocab.end_id,))
+        return
+    while (yield Pick(vocab.free_form)) != vocab.end_id:
+        pass
 
 
 def _free_text(vocab: Vocabulary, max_lines: int | None) -> Program:
@@ -158,8 +178,13 @@ class Decoder:
         self._advance(None)
 
     @classmethod
-    def for_request(cls, vocab: Vocabulary, request: MetadataRequest | CodesRequest) -> "Decoder":
-        program = metadata_program(vocab, request) if isinstance(request, MetadataRequest) else codes_program(vocab, request)
+    def for_request(cls, vocab: Vocabulary, request: MetadataRequest | CodesRequest | TextRequest) -> "Decoder":
+        if isinstance(request, MetadataRequest):
+            program = metadata_program(vocab, request)
+        elif isinstance(request, TextRequest):
+            program = text_program(vocab, request)
+        else:
+            program = codes_program(vocab, request)
         return cls(program, request.sampling, request.seed, request.max_new_tokens)
 
     @property

@@ -11,7 +11,8 @@ length to generate and the metadata the API reports.
 `audio_codes`, ...); any field not given takes its default from `GENERATION_PARAMS_DEFAULTS`, the
 reference's defaults. `params_from_request` maps our API's request to them.
 
-Reference behaviour (ACE-Step 1.5, 2026-04-16), checked by `python -m pipeline.prompt_conformance`:
+Reference behaviour (ACE-Step 1.5, 2026-04-16; phase-2 prompts and DiT captions as of 6d467e4,
+2026-06-26), checked by `python -m pipeline.prompt_conformance`:
 
 * the LM is skipped for cover and repaint; otherwise it runs when `thinking` or any `use_cot_*` is on;
 * phase 1 (metadata block) runs once per batch, without CFG, with the user's bpm, keyscale,
@@ -22,7 +23,8 @@ Reference behaviour (ACE-Step 1.5, 2026-04-16), checked by `python -m pipeline.p
   duration, else the LM's;
 * the DiT gets the LM's caption (`use_cot_caption`) but never the LM's language: its lyric prompt
   always says the request's `vocal_language`;
-* text2music with audio codes runs as cover, with the cover instruction.
+* text2music with audio codes runs as cover, with the cover instruction;
+* a lego-SFT checkpoint (`is_lego_sft`) gets the `Global:/Local:/Mask Control:` caption block.
 
 Our choices where the reference is loose (none of them met by the prompt fixtures):
 
@@ -34,7 +36,11 @@ Our choices where the reference is loose (none of them met by the prompt fixture
 * `params_from_request` follows API.md: thinking=false lets the LM fill only bpm, keyscale,
   timesignature and duration (codes the request gives are used either way) (caption and language are skipped in its
   metadata block, the user's caption is kept); thinking=true keeps the reference API's behaviour
-  (the LM writes caption and language, and the DiT gets the LM's caption).
+  (the LM writes caption and language as `use_cot_caption` / `use_cot_language` allow, and the DiT
+  gets the LM's caption).
+
+The request's `use_format`, `sample_mode` and `sample_query` run before this, in
+`pipeline.lm.tasks.prepare_llm_inputs`.
 """
 
 from collections.abc import Mapping, Sequence
@@ -77,11 +83,24 @@ GENERATION_PARAMS_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "cfg_interval_start": 0.0,
     "cfg_interval_end": 1.0,
     "shift": 1.0,
+    "dcw_enabled": True,
+    "dcw_mode": "double",
+    "dcw_scaler": 0.05,
+    "dcw_high_scaler": 0.02,
+    "dcw_wavelet": "haar",
     "infer_method": "ode",
     "sampler_mode": "euler",
     "velocity_norm_threshold": 0.0,
     "velocity_ema_factor": 0.0,
     "timesteps": None,
+    "retake_seed": None,
+    "retake_variance": 0.0,
+    "flow_edit_morph": False,
+    "flow_edit_source_caption": "",
+    "flow_edit_source_lyrics": "",
+    "flow_edit_n_min": 0.0,
+    "flow_edit_n_max": 1.0,
+    "flow_edit_n_avg": 1,
     "repainting_start": 0.0,
     "repainting_end": -1,
     "chunk_mask_mode": "auto",
@@ -112,9 +131,9 @@ GENERATION_PARAMS_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "cot_lyrics": "",
 })
 
-SKIP_LM_TASKS = frozenset({"cover", "repaint"})
+SKIP_LM_TASKS = frozenset({"cover", "cover-nofsq", "repaint"})
 # Tasks whose metas duration is the source file's length (or unknown): the request duration is dropped.
-SOURCE_LENGTH_TASKS = frozenset({"cover", "repaint", "lego", "extract"})
+SOURCE_LENGTH_TASKS = frozenset({"cover", "cover-nofsq", "repaint", "lego", "extract"})
 PHASE1_CFG_SCALE = 1.0  # since 2026-04 the reference runs phase 1 without CFG
 
 # The documented defaults when no LM is available to fill missing metadata.
@@ -207,7 +226,7 @@ def resolve_params(params: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown generation parameter(s): {', '.join(unknown)}")
     resolved = {**GENERATION_PARAMS_DEFAULTS, **params}
     if resolved["task_type"] not in dit_prompts.TASK_TYPES:
-        raise ValueError(f"task_type must be one of {', '.join(dit_prompts.TASK_TYPES)}; got {resolved['task_type']!r}")
+        raise ValueError(f"task_type must be one of {dit_prompts.TASK_TYPES_TEXT}; got {resolved['task_type']!r}")
     if not resolved["use_constrained_decoding"]:
         raise ValueError("use_constrained_decoding=false is not supported: the LM always decodes under the FSM")
     if resolved["use_cot_lyrics"]:
@@ -229,7 +248,8 @@ def params_from_request(request: GenerationRequest) -> dict[str, Any]:
     """Our API's request -> params (src/reference audio paths are the worker's local files).
 
     thinking=true: the LM writes the metadata block (caption and language included, as in the
-    reference) and the codes, unless the request gives codes. thinking=false: the LM only fills
+    reference; `use_cot_caption` / `use_cot_language` false keep the user's caption / leave the
+    language out) and the codes, unless the request gives codes. thinking=false: the LM only fills
     missing bpm, key_scale, time_signature and audio_duration (the request's codes are still used)
     (caption and language are skipped in its metadata block). Our API's own defaults (thinking off,
     lm_top_k null) are the request's: this maps names, it adds no defaults of its own.
@@ -237,8 +257,9 @@ def params_from_request(request: GenerationRequest) -> dict[str, Any]:
     thinking = request.thinking
     return {
         "task_type": request.task_type,
-        "instruction": api_instruction(request.task_type, request.instruction),
+        "instruction": api_instruction(request.task_type, request.instruction, request.track_name, request.track_classes),
         "caption": request.caption,
+        "global_caption": request.global_caption or "",
         "lyrics": request.lyrics,
         "vocal_language": request.vocal_language,
         "bpm": request.bpm,
@@ -253,8 +274,8 @@ def params_from_request(request: GenerationRequest) -> dict[str, Any]:
         "audio_cover_strength": request.audio_cover_strength,
         "thinking": thinking,
         "use_cot_metas": True,
-        "use_cot_caption": thinking,
-        "use_cot_language": thinking,
+        "use_cot_caption": thinking and request.use_cot_caption,
+        "use_cot_language": thinking and request.use_cot_language,
         "lm_temperature": request.lm_temperature,
         "lm_cfg_scale": request.lm_cfg_scale,
         "lm_negative_prompt": request.lm_negative_prompt,
@@ -476,7 +497,7 @@ def _lm_stage(
 
 def _dit_plan(
     params: Mapping[str, Any], fill: MetadataFill, trace: LMTrace, codes: str | list[str], caption: str,
-    *, batch_size: int, src_audio_duration: float | None,
+    *, batch_size: int, src_audio_duration: float | None, is_lego_sft: bool = False,
 ) -> GenerationPlan:
     """The DiT side: effective task and instruction, metas, prompts and codes of every item."""
     task = params["task_type"]
@@ -489,11 +510,14 @@ def _dit_plan(
     metas = dit_prompts.format_metas(fill.bpm, fill.keyscale, fill.timesignature, metas_seconds)
 
     dit_caption = dit_prompts.extract_sft_caption(caption)
-    caption_prompt = dit_prompts.caption_prompt(instruction, dit_caption, metas)
+    lego = {"is_lego_sft": is_lego_sft, "global_caption": params["global_caption"] or "",
+            "chunk_mask_mode": params["chunk_mask_mode"]}
+    caption_prompt = dit_prompts.caption_prompt(instruction, dit_prompts.dit_caption(dit_caption, instruction, **lego), metas)
     lyric_prompt = dit_prompts.lyric_prompt(params["lyrics"] or "", params["vocal_language"])
     non_cover = None
     if params["audio_cover_strength"] < 1.0:
-        non_cover = dit_prompts.caption_prompt(dit_prompts.DEFAULT_INSTRUCTION, dit_caption, metas)
+        default = dit_prompts.DEFAULT_INSTRUCTION
+        non_cover = dit_prompts.caption_prompt(default, dit_prompts.dit_caption(dit_caption, default, **lego), metas)
     items = tuple(
         PlanItem(caption_prompt, lyric_prompt, non_cover, text, lm_prompts.parse_audio_codes(text) if text.strip() else None)
         for text in code_strings
@@ -529,10 +553,12 @@ def plan_generation(
     src_audio_duration: float | None = None,
     seeds: Sequence[int] | None = None,
     limits: LMLimits = LMLimits(),
+    is_lego_sft: bool = False,
 ) -> GenerationPlan:
     """Run the LM as the request asks (phase 1 once, phase 2 once per item in one backend call) and
     return the DiT's inputs. `src_audio_duration` is the source file's length in seconds (needed for
-    non-text2music tasks with `src_audio`); `seeds` gives one seed per item (phase 1 uses the first).
+    non-text2music tasks with `src_audio`); `seeds` gives one seed per item (phase 1 uses the first);
+    `is_lego_sft` is the DiT checkpoint's flag of that name (its caption block).
 
     Raises LMUnavailableError for thinking=true without a backend (unless the task skips the LM).
     """
@@ -544,4 +570,5 @@ def plan_generation(
     else:
         fill, trace = fill_metadata(params, None), LMTrace(invoked=False)
         codes, caption = params["audio_codes"] or "", params["caption"] or ""
-    return _dit_plan(params, fill, trace, codes, caption, batch_size=batch_size, src_audio_duration=src_audio_duration)
+    return _dit_plan(params, fill, trace, codes, caption, batch_size=batch_size, src_audio_duration=src_audio_duration,
+                     is_lego_sft=is_lego_sft)

@@ -1,13 +1,16 @@
 """The text the 5 Hz LM reads and writes: chat prompts, the `<think>` metadata block, output parsers,
 token budgets.
 
-Every prompt here is byte-exact with the ACE-Step 1.5 reference (2026-04-16), checked against the
+Every prompt here is byte-exact with the ACE-Step 1.5 reference (6d467e4, 2026-06-26), checked against the
 prompt fixtures by `python -m pipeline.prompt_conformance`. Reference quirks kept on purpose, because
 the LM was trained on them or because they decide what the DiT gets:
 
-* prompts are the Qwen3 chat template rendered with plain jinja2 (`trim_blocks`, `lstrip_blocks`),
-  phase 1 with the generation prompt, phase 2 without it (the assistant turn holds the `<think>`
-  block, so phase-2 prompts end `</think>\\n\\n<|im_end|>\\n`);
+* prompts are the Qwen3 chat template rendered with plain jinja2 (`trim_blocks`, `lstrip_blocks`)
+  with the generation prompt; phase 2 (codes) then appends its `<think>` block and two newlines,
+  leaving the assistant turn open (since 2026-06: no `<|im_end|>` after the block);
+* the phase-2 unconditional (CFG) prompt is the raw negative prompt (or `NO USER INPUT`) as the
+  user turn with an empty `<think>\\n\\n</think>` block; `legacy=True` keeps the older
+  `# Caption/# Lyric` user turn (the reference's `use_legacy_cfg_prompt` A/B toggle);
 * the metadata block is `yaml.dump(..., allow_unicode=True, sort_keys=True)` with PyYAML's quoting
   (`'no'`, `'12.5'`, captions holding `': '`) and width-80 wrapping; `'3/4'` is written `3`;
 * the parser keeps YAML quotes in a caption and keeps `'N/A'` and `'12.5'` as strings;
@@ -34,7 +37,8 @@ INSPIRATION_INSTRUCTION = "Expand the user's input into a more detailed and spec
 FORMAT_INSTRUCTION = "Format the user's input into a more detailed and specific musical description:"
 
 DEFAULT_NEGATIVE_PROMPT = contract.DEFAULT_LM_NEGATIVE_PROMPT
-EMPTY_COT = "<think>\n</think>"  # the assistant turn of the phase-2 unconditional (CFG) prompt
+EMPTY_COT = "<think>\n\n</think>"  # the assistant part of the phase-2 unconditional (CFG) prompt
+COT_SUFFIX = "\n\n"  # what follows the metadata block in every phase-2 prompt
 
 # The fields of the metadata block, in the order the FSM generates them (genres is never written back).
 COT_KEYS = ("bpm", "caption", "duration", "keyscale", "language", "timesignature")
@@ -113,31 +117,49 @@ def phase1_unconditional_prompt(lyrics: str, negative_prompt: str = DEFAULT_NEGA
     return render_chat(phase1_unconditional_messages(lyrics, negative_prompt), add_generation_prompt=True)
 
 
-def phase2_messages(caption: str, lyrics: str, cot_block: str) -> list[Message]:
-    """Phase 2 (audio codes): the metadata block pre-filled as the assistant turn."""
-    return [_system(LM_INSTRUCTION), _user(_caption_and_lyrics(caption, lyrics)), {"role": "assistant", "content": cot_block}]
+def phase2_messages(caption: str, lyrics: str) -> list[Message]:
+    """Phase 2 (audio codes): the same turns as phase 1; the metadata block follows the rendered
+    generation prompt (see `phase2_prompt`)."""
+    return phase1_messages(caption, lyrics)
 
 
-def phase2_unconditional_messages(caption: str, lyrics: str, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT) -> list[Message]:
-    """Phase 2's CFG branch: an empty `<think>` block; the caption is replaced only by a meaningful
-    negative prompt."""
-    shown = negative_prompt if has_meaningful_negative_prompt(negative_prompt) else caption
-    return phase2_messages(shown, lyrics, EMPTY_COT)
-
-
-def _render_phase2(messages: list[Message]) -> str:
-    # The reference appends a newline when the render lacks one; the Qwen3 template always ends
-    # with '<|im_end|>\n', so this never fires with it.
-    text = render_chat(messages, add_generation_prompt=False)
-    return text if text.endswith("\n") else text + "\n"
+def phase2_unconditional_messages(
+    caption: str, lyrics: str, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, *, legacy: bool = False
+) -> list[Message]:
+    """Phase 2's CFG branch: the negative prompt itself as the user turn when it is meaningful, else
+    `NO USER INPUT`. `legacy`: the caption (or meaningful negative prompt) and lyrics in the
+    `# Caption/# Lyric` layout instead."""
+    meaningful = has_meaningful_negative_prompt(negative_prompt)
+    if legacy:
+        return phase1_messages(negative_prompt if meaningful else caption, lyrics)
+    return [_system(LM_INSTRUCTION), _user(negative_prompt if meaningful else DEFAULT_NEGATIVE_PROMPT)]
 
 
 def phase2_prompt(caption: str, lyrics: str, cot_block: str) -> str:
-    return _render_phase2(phase2_messages(caption, lyrics, cot_block))
+    """The codes prompt: phase 1's prompt, then the metadata block and two newlines (the assistant
+    turn stays open: the model continues with the audio codes)."""
+    return render_chat(phase2_messages(caption, lyrics), add_generation_prompt=True) + cot_block + COT_SUFFIX
 
 
-def phase2_unconditional_prompt(caption: str, lyrics: str, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT) -> str:
-    return _render_phase2(phase2_unconditional_messages(caption, lyrics, negative_prompt))
+def phase2_unconditional_prompt(
+    caption: str, lyrics: str, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, *, legacy: bool = False
+) -> str:
+    messages = phase2_unconditional_messages(caption, lyrics, negative_prompt, legacy=legacy)
+    return render_chat(messages, add_generation_prompt=True) + EMPTY_COT + COT_SUFFIX
+
+
+def unconditional_prompt(
+    caption: str, lyrics: str, negative_prompt: str = DEFAULT_NEGATIVE_PROMPT, *, generation_phase: str = "cot",
+    is_batch: bool = False, legacy: bool = False,
+) -> str:
+    """The CFG branch of a generation prompt as the reference picks it: phase 1's (caption dropped or
+    replaced by the negative prompt) for a single `cot` request; phase 2's for `codes` and for every
+    batched request (the reference's batch path always builds the codes-phase branch)."""
+    if generation_phase not in ("cot", "codes"):
+        raise ValueError(f"generation_phase must be 'cot' or 'codes', got {generation_phase!r}")
+    if generation_phase == "cot" and not is_batch:
+        return phase1_unconditional_prompt(lyrics, negative_prompt)
+    return phase2_unconditional_prompt(caption, lyrics, negative_prompt, legacy=legacy)
 
 
 # ---- the LM's other tasks: understand (codes -> text), inspiration, format ----------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from pipeline.lm.backend import CodesRequest, MetadataRequest
+from pipeline.lm.backend import CodesRequest, MetadataRequest, TextRequest
 from pipeline.lm.constrained import Vocabulary, load_vocabulary
 from pipeline.lm.decoding import Decoder, guided
 
@@ -73,7 +73,15 @@ class PtBackend:
 
     @torch.inference_mode()
     def generate_metadata(self, request: MetadataRequest) -> str:
-        session = self._session([request.prompt], [request.unconditional_prompt], request.cfg_scale)
+        return self._decode_one(request, request.unconditional_prompt, request.cfg_scale)
+
+    @torch.inference_mode()
+    def generate_text(self, request: TextRequest) -> str:
+        """The LM's tasks: one sequence, no CFG."""
+        return self._decode_one(request, "", 1.0)
+
+    def _decode_one(self, request: MetadataRequest | TextRequest, unconditional: str, cfg_scale: float) -> str:
+        session = self._session([request.prompt], [unconditional], cfg_scale)
         rows = session.last.shape[0]
         decoder = Decoder.for_request(self.vocabulary, request)
         while not decoder.done:
@@ -81,7 +89,7 @@ class PtBackend:
             if run:
                 session.feed(torch.tensor([run] * rows))
                 continue
-            token = decoder.decide(guided(session.last, 1, request.cfg_scale)[0])
+            token = decoder.decide(guided(session.last, 1, cfg_scale)[0])
             session.feed(torch.tensor([[token]] * rows))
         return self.tokenizer.decode(decoder.tokens, skip_special_tokens=False)
 

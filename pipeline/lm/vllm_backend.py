@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling
+from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling, TextRequest
 from pipeline.lm.constrained import Vocabulary, load_vocabulary
 from pipeline.lm.decoding import Decoder
 
@@ -55,18 +55,30 @@ except ImportError:  # pragma: no cover - depends on the install
         SWAP = enum.auto()
 
 
-def request_to_args(request: MetadataRequest | CodesRequest, pair: str, role: str) -> dict[str, Any]:
+_KINDS = {"metadata": MetadataRequest, "codes": CodesRequest, "text": TextRequest}
+LMRequest = MetadataRequest | CodesRequest | TextRequest
+
+
+def cfg_scale_of(request: LMRequest) -> float:
+    """The request's CFG scale; the LM's tasks (TextRequest) run without CFG."""
+    return getattr(request, "cfg_scale", 1.0)
+
+
+def request_to_args(request: LMRequest, pair: str, role: str) -> dict[str, Any]:
     """What one vllm request carries in `extra_args` (plain JSON: vllm ships it to its engine process)."""
-    kind = "metadata" if isinstance(request, MetadataRequest) else "codes"
+    kind = next(name for name, cls in _KINDS.items() if isinstance(request, cls))
     body = dataclasses.asdict(request)
-    body.pop("prompt"), body.pop("unconditional_prompt")  # the prompts travel as token ids, not twice
+    body.pop("prompt"), body.pop("unconditional_prompt", None)  # the prompts travel as token ids, not twice
     return {EXTRA_KEY: {"pair": pair, "role": role, "kind": kind, "request": body}}
 
 
-def request_from_args(args: dict[str, Any]) -> MetadataRequest | CodesRequest:
-    body = dict(args["request"], prompt="", unconditional_prompt="")
+def request_from_args(args: dict[str, Any]) -> LMRequest:
+    cls = _KINDS[args["kind"]]
+    body = dict(args["request"], prompt="")
+    if cls is not TextRequest:
+        body["unconditional_prompt"] = ""
     body["sampling"] = Sampling(**body["sampling"])
-    return MetadataRequest(**body) if args["kind"] == "metadata" else CodesRequest(**body)
+    return cls(**body)
 
 
 @dataclass
@@ -138,7 +150,7 @@ class PairedCfgLogitsProcessor(_ProcessorBase):
             key = args["pair"]
             if key not in self.batch.pairs:
                 request = request_from_args(args)
-                self.batch.pairs[key] = _Pair(Decoder.for_request(self.vocabulary, request), request.cfg_scale)
+                self.batch.pairs[key] = _Pair(Decoder.for_request(self.vocabulary, request), cfg_scale_of(request))
             self.batch.pairs[key].rows += 1
             self.batch.rows[index] = _Row(key, args["role"], output)
         for a, b, direction in batch_update.moved:
@@ -236,15 +248,18 @@ class VllmBackend:
     def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
         return self._run(requests)
 
-    def _run(self, requests: list[MetadataRequest | CodesRequest]) -> list[str]:
+    def generate_text(self, request: TextRequest) -> str:
+        return self._run([request])[0]
+
+    def _run(self, requests: list[LMRequest]) -> list[str]:
         """Each request as its row(s); calls sized so that every prompt of one call is prefilled in
         its first step (see the module doc)."""
         texts: list[str] = []
-        chunk: list[tuple[MetadataRequest | CodesRequest, list[tuple[list[int], str]]]] = []
+        chunk: list[tuple[LMRequest, list[tuple[list[int], str]]]] = []
         tokens = 0
         for request in requests:
             rows = [(self.vocabulary.encode(request.prompt), COND)]
-            if request.cfg_scale != 1.0:
+            if cfg_scale_of(request) != 1.0:
                 rows.append((self.vocabulary.encode(request.unconditional_prompt), UNCOND))
             size = sum(len(ids) for ids, _ in rows)
             if chunk and tokens + size > self.step_tokens:

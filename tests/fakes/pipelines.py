@@ -50,6 +50,34 @@ class Fake:
         return GeneratedAudio([_tone(seconds) for _ in range(batch)], info=info)
 
 
+    def run_lm_task(self, task, params, progress):
+        """The LM's own tasks, answered from the params in the real pipeline's shape (deterministic)."""
+        from pipeline.interface import PipelineError
+
+        if task not in ("format", "create_sample", "understand"):
+            raise PipelineError(f"unknown LM task {task!r}")
+        progress("lm", 0.5)
+        time.sleep(self.stage_seconds)
+        if task == "format":
+            caption = params.get("caption") or params.get("prompt") or ""
+            answer = {"caption": f"formatted: {caption}", "lyrics": params.get("lyrics") or "[Instrumental]",
+                      "bpm": params.get("bpm") or 120, "duration": float(params.get("audio_duration") or 60.0),
+                      "key_scale": params.get("key_scale") or "C major", "time_signature": params.get("time_signature") or "4",
+                      "vocal_language": params.get("vocal_language") or "en"}
+        elif task == "create_sample":
+            query = params.get("query") or "NO USER INPUT"
+            instrumental = bool(params.get("instrumental", False))
+            answer = {"caption": f"sample: {query}", "lyrics": "[Instrumental]" if instrumental else f"[Verse]\n{query}",
+                      "bpm": 100, "duration": 60.0, "key_scale": "A minor", "time_signature": "4",
+                      "vocal_language": params.get("vocal_language") or "en", "instrumental": instrumental}
+        else:
+            codes = params.get("audio_code_string") or ""
+            answer = {"caption": f"understood {codes.count('<|audio_code_')} codes", "lyrics": "[Instrumental]", "bpm": 90,
+                      "duration": codes.count("<|audio_code_") / 5 or None, "key_scale": "E minor", "time_signature": "4",
+                      "vocal_language": "unknown"}
+        return answer | {"status_message": f"fake {task} done", "lm_model": "acestep-5Hz-lm-fake", "lm_backend": "fake"}
+
+
 class BatchingFake(Fake):
     """Runs compatible jobs as one batch and says so in each job's generation_info."""
 

@@ -15,6 +15,7 @@ from pipeline.lm.backend import CodesRequest, MetadataRequest
 
 FIXTURE_DIR = Path(os.environ.get("ACESTEP_PROMPTS_FIXTURE", Path(__file__).parents[1] / "fixtures" / "prompts"))
 needs_fixture = pytest.mark.skipif(not (FIXTURE_DIR / "prompts.json").is_file(), reason=f"no prompt fixtures at {FIXTURE_DIR}")
+V2_DIR = Path(__file__).parents[1] / "fixtures" / "prompts-v2"
 
 LM_METADATA = (
     "<think>\nbpm: 120\ncaption: An LM caption with driving drums\nduration: 60\n"
@@ -54,16 +55,40 @@ def api_plan(backend, batch_size: int = 1, src_audio_duration: float | None = No
 
 
 @needs_fixture
-def test_runner_passes_the_fixtures_and_lists_every_case(capsys) -> None:
+def test_runner_passes_the_v1_fixture_with_v2_changes_marked_superseded(capsys) -> None:
     assert prompt_conformance.main([str(FIXTURE_DIR)]) == 0
     lines = capsys.readouterr().out.splitlines()
     fixture = json.loads((FIXTURE_DIR / "prompts.json").read_text(encoding="utf-8"))
     for case in fixture["cases"]:
-        assert f"PASS {case['id']}" in lines
+        # Every end-to-end case with a codes phase has the v1 phase-2 prompts; the rest must pass.
+        status = "SUPERSEDED" if "phase2" in case["lm"] else "PASS"
+        (line,) = [line for line in lines if line.split(" ", 2)[1].rstrip(":") == case["id"]]
+        assert line.startswith(f"{status} {case['id']}")
+        if status == "SUPERSEDED":
+            assert "phase-2 prompts no longer close the assistant turn" in line
     for section in prompt_conformance.UNIT_SECTIONS:
         listed = [line for line in lines if line.split(" ", 1)[1].startswith(f"{section}[")]
         assert len(listed) == len(fixture.get(section, []))
-    assert not any(line.startswith("FAIL") for line in lines)
+    superseded = [line for line in lines if line.startswith("SUPERSEDED")]
+    assert {line.split(" ", 2)[1].rstrip(":") for line in superseded} >= {
+        "lm_prompt_builder_cases[0]", "constraints.constants"}
+    assert not any(line.startswith(("FAIL", "DEVIATION")) for line in lines)
+    assert lines[-1].endswith("0 FAIL")
+
+
+@pytest.mark.skipif(not (V2_DIR / "prompts.json").is_file(), reason="no v2 prompt fixtures")
+def test_runner_passes_every_v2_case(capsys) -> None:
+    assert prompt_conformance.main([str(V2_DIR)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    fixture = json.loads((V2_DIR / "prompts.json").read_text(encoding="utf-8"))
+    sections = [key for key, value in fixture.items() if isinstance(value, list)]
+    assert set(sections) <= set(prompt_conformance.UNIT_SECTIONS)
+    for section in sections:
+        listed = [line for line in lines if line.split(" ", 1)[1].startswith(f"{section}[")]
+        assert len(listed) == len(fixture[section]) and all(line.startswith("PASS ") for line in listed)
+    for name in ("constraints.constants", "constraints.generation_params_defaults", "constraints.lm_task_sampling_defaults"):
+        assert f"PASS {name}" in lines
+    assert not any(line.startswith(("FAIL", "DEVIATION", "SUPERSEDED")) for line in lines[:-1])
 
 
 @needs_fixture
@@ -71,14 +96,53 @@ def test_a_one_character_change_in_an_expected_prompt_fails_that_case(tmp_path, 
     shutil.copytree(FIXTURE_DIR, tmp_path / "fixture")
     path = tmp_path / "fixture" / "prompts.json"
     fixture = json.loads(path.read_text(encoding="utf-8"))
-    case = next(case for case in fixture["cases"] if "phase2" in case["lm"])
-    prompt = case["lm"]["phase2"]["prompt"]
-    case["lm"]["phase2"]["prompt"] = prompt[:-2] + ("x" if prompt[-2] != "x" else "y") + prompt[-1]
+    case = next(case for case in fixture["cases"] if "phase1" in case["lm"])
+    prompt = case["lm"]["phase1"]["prompt"]
+    case["lm"]["phase1"]["prompt"] = prompt[:-2] + ("x" if prompt[-2] != "x" else "y") + prompt[-1]
     path.write_text(json.dumps(fixture, ensure_ascii=False), encoding="utf-8")
 
     assert prompt_conformance.main([str(tmp_path / "fixture")]) == 1
     failures = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
-    assert len(failures) == 1 and failures[0].startswith(f"FAIL {case['id']}: ") and "lm.phase2" in failures[0]
+    # a failure outside the superseded fields is a FAIL even in a case that also has superseded ones
+    assert len(failures) == 1 and failures[0].startswith(f"FAIL {case['id']}: ") and "lm.phase1" in failures[0]
+
+
+@pytest.mark.skipif(not (V2_DIR / "prompts.json").is_file(), reason="no v2 prompt fixtures")
+@pytest.mark.parametrize("section, key", [
+    ("lm_prompt_builder_cases", "expected_phase2_prompt"),
+    ("unconditional_prompt_cases", "expected"),
+    ("lm_task_cases", None),
+    ("api_llm_input_cases", None),
+    ("dit_caption_prompt_cases", "expected_text_input_for_logging"),
+])
+def test_v2_changes_are_failures_not_superseded(tmp_path, capsys, section, key) -> None:
+    shutil.copytree(V2_DIR, tmp_path / "fixture")
+    path = tmp_path / "fixture" / "prompts.json"
+    fixture = json.loads(path.read_text(encoding="utf-8"))
+    case = fixture[section][0]
+    if section == "lm_task_cases":
+        case["lm"]["generate_from_formatted_prompt_cfg"]["skip_genres"] = True
+    elif section == "api_llm_input_cases":
+        case["lm_prompts_in_order"][0] += " "
+    else:
+        case[key] = case[key][:-1] + "#"
+    path.write_text(json.dumps(fixture, ensure_ascii=False), encoding="utf-8")
+
+    assert prompt_conformance.main([str(tmp_path / "fixture")]) == 1
+    failures = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    assert len(failures) == 1 and failures[0].startswith(f"FAIL {section}[0]")
+
+
+@pytest.mark.skipif(not (V2_DIR / "prompts.json").is_file(), reason="no v2 prompt fixtures")
+def test_an_unknown_field_in_a_new_section_fails(tmp_path, capsys) -> None:
+    shutil.copytree(V2_DIR, tmp_path / "fixture")
+    path = tmp_path / "fixture" / "prompts.json"
+    fixture = json.loads(path.read_text(encoding="utf-8"))
+    fixture["lm_task_cases"][0]["lm"]["cfg_scale"] = 2.0
+    path.write_text(json.dumps(fixture, ensure_ascii=False), encoding="utf-8")
+    assert prompt_conformance.main([str(tmp_path / "fixture")]) == 1
+    failures = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL")]
+    assert len(failures) == 1 and "lm.cfg_scale: field not checked by this runner" in failures[0]
 
 
 @needs_fixture
@@ -86,7 +150,7 @@ def test_a_listed_deviation_is_reported_as_such_and_does_not_fail(tmp_path, caps
     shutil.copytree(FIXTURE_DIR, tmp_path / "fixture")
     path = tmp_path / "fixture" / "prompts.json"
     fixture = json.loads(path.read_text(encoding="utf-8"))
-    case = fixture["cases"][0]
+    case = next(case for case in fixture["cases"] if "phase2" not in case["lm"])  # nothing superseded in it
     case["dit"]["handler_inputs"]["global_caption"] += "!"
     path.write_text(json.dumps(fixture, ensure_ascii=False), encoding="utf-8")
     monkeypatch.setitem(prompt_conformance.DEVIATIONS, "dit.handler_inputs.global_caption", "not used by this DiT")
@@ -141,7 +205,7 @@ def test_thinking_true_with_all_four_metas_skips_phase_1() -> None:
     assert not lm.metadata_requests
     (call,) = lm.codes_calls
     assert plan.lm.cot_block == "<think>\nbpm: 96\nduration: 30\nkeyscale: G major\ntimesignature: 3\n</think>"
-    assert call[0].prompt.endswith(plan.lm.cot_block + "\n\n<|im_end|>\n")
+    assert call[0].prompt.endswith("<|im_start|>assistant\n" + plan.lm.cot_block + "\n\n")  # the turn stays open
     assert call[0].n_codes == 150
     assert plan.task_type == "cover" and plan.items[0].audio_codes == [1, 2, 3]
     assert plan.instruction == "Generate audio semantic tokens based on the given conditions:"
@@ -169,8 +233,10 @@ def test_cfg_negative_prompt_and_sampling_reach_the_requests() -> None:
     (codes,) = lm.codes_calls[0]
     assert metadata.cfg_scale == planner.PHASE1_CFG_SCALE == 1.0  # phase 1 runs without CFG
     assert codes.cfg_scale == 3.5
+    assert "<|im_start|>user\n# Caption\nharsh noise\n\n# Lyric\n[Verse]\nla la\n<|im_end|>" in metadata.unconditional_prompt
+    # phase 2's CFG branch is the raw negative prompt, with an empty think block
+    assert codes.unconditional_prompt.endswith("<|im_start|>user\nharsh noise<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
     for request in (metadata, codes):
-        assert "<|im_start|>user\n# Caption\nharsh noise\n\n# Lyric\n[Verse]\nla la\n<|im_end|>" in request.unconditional_prompt
         assert (request.sampling.temperature, request.sampling.top_k, request.sampling.top_p) == (0.7, 40, 0.95)
         assert request.sampling.repetition_penalty == 1.1
 
