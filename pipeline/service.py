@@ -18,8 +18,9 @@ the DiT, the LMs and their limits come in `PipelineOptions`. One request:
 6. tiled VAE decode, cropped to exactly the requested number of samples.
 
 Before step 2, `use_format`, `sample_mode` and `sample_query` run the LM's own tasks on the request
-(`pipeline.lm.tasks.prepare_llm_inputs`): the caption, lyrics and metas they write replace the
-request's. `run_lm_task` runs those tasks alone (format, create sample, understand) for the
+(`pipeline.lm.tasks.prepare_llm_inputs`): the caption and lyrics they write replace the request's,
+and so do their metas except those the request gave (a deliberate difference: the reference lets a
+sample's duration, bpm, key and time signature replace the user's). `run_lm_task` runs those tasks alone (format, create sample, understand) for the
 synchronous routes. lego, extract and complete need a base DiT: another DiT fails the job saying so.
 
 Documented choices where the reference is loose: a request without a duration (and no source
@@ -374,6 +375,11 @@ class AceStepPipeline:
             "audio_duration": float(duration) if duration else None,
             "use_cot_caption": prepared.use_cot_caption, "use_cot_language": prepared.use_cot_language,
         }
+        # The user's own metas win over what sample mode wrote (the reference lets the sample's
+        # duration, bpm, key and time signature replace them; format is told them anyway).
+        for name in ("bpm", "key_scale", "time_signature", "audio_duration"):
+            if getattr(request, name) not in (None, ""):
+                update[name] = getattr(request, name)
         return request.model_copy(update=update), prepared
 
     def lm_inputs_info(self, info: dict[str, Any], request: GenerationRequest,

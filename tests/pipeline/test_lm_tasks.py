@@ -167,6 +167,13 @@ def test_use_format_keeps_the_users_metas(pipe_with_lm):
     assert out.audios[0].shape == (2, 3 * SAMPLE_RATE)
 
 
+def test_sample_mode_keeps_a_duration_and_bpm_the_user_gave(pipe_with_lm):
+    out = pipe_with_lm.run(request(sample_query="a quiet ballad", audio_duration=4.0, bpm=70, caption="", lyrics=""),
+                           lambda *_: None)
+    assert out.info["metas"]["lm_tasks"] == ["create_sample"]
+    assert out.audios[0].shape == (2, 4 * SAMPLE_RATE) and out.info["bpm"] == 70
+
+
 def test_sample_mode_and_format_without_an_lm_fail_the_job(pipe):
     with pytest.raises(PipelineError, match="sample_mode/sample_query needs the 5 Hz LM"):
         pipe.run(request(sample_query="a quiet ballad"), lambda *_: None)
