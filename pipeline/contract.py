@@ -12,10 +12,10 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ RESULT_INFO_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", 
 
 # ---- the request -------------------------------------------------------------------------------
 
+# Codes for the longest song: 5 per second, each written "<|audio_code_N|>" (at most 20 characters).
+MAX_CODE_STRING_CHARS = DURATION_MAX * 5 * 20 + 1000
+_CodeString = Annotated[str, StringConstraints(max_length=MAX_CODE_STRING_CHARS)]
+
 
 class GenerationRequest(BaseModel):
     """One generation as the seed API defines it: every field with its one default and limits.
@@ -83,7 +87,8 @@ class GenerationRequest(BaseModel):
     time_signature: str = Field("", description='Time signature, e.g. "4/4"; the LM fills it when empty')
     audio_duration: float | None = Field(None, ge=DURATION_MIN, le=DURATION_MAX, description="Seconds (10-600)")
 
-    audio_code_string: str | list[str] = Field("", description="5 Hz audio codes; a list gives one per batch item")
+    audio_code_string: _CodeString | list[_CodeString] = Field(
+        "", description="5 Hz audio codes; a list gives one per batch item")
 
     inference_steps: int = Field(8, ge=1, le=MAX_INFERENCE_STEPS, description="Diffusion steps (1-200)")
     guidance_scale: float = Field(7.0, ge=0, le=30, description="Prompt guidance (non-turbo models)")

@@ -228,8 +228,11 @@ def _persist(
         raise
     if not submitted.created:
         _drop_uploads(svc, job_id, inputs)  # a retried submit: the first request's job stands
-    position, _ = svc.queue.estimate(svc.store.get(submitted.id))
-    return {"job_id": str(submitted.id), "status": submitted.status, "queue_position": position}
+    # Status and position from one read of the row: a worker may have claimed the job since the
+    # insert, and the answer must not say "queued" at position 0.
+    row = svc.store.get(submitted.id)
+    position, _ = svc.queue.estimate(row)
+    return {"job_id": str(submitted.id), "status": row["status"], "queue_position": position}
 
 
 def _drop_uploads(svc: Services, job_id: UUID, inputs: AudioInputs) -> None:

@@ -330,3 +330,24 @@ def test_lm_model_path_must_name_a_loaded_lm(client, api):
     assert refused.json()["detail"] == [{"field": "lm_model_path",
                                          "message": "unknown 5 Hz LM 'acestep-5Hz-lm-4B'; the workers have loaded: acestep-5Hz-lm-1.7B"}]
     assert client.post("/v1/music/generate", json={"lm_model_path": "acestep-5Hz-lm-1.7B"}).status_code == 200
+
+
+def test_a_job_claimed_before_the_submit_answers_says_running_at_position_zero(api):
+    """A worker can claim the job between its insert and the submit's answer: the answer then says
+    running with position 0, never queued at position 0."""
+    store = api.services.store
+    insert = store.submit
+
+    def submit_then_claim(*args, **kwargs):
+        submitted = insert(*args, **kwargs)
+        assert [job.id for job in store.claim("quick-worker", 1)] == [submitted.id]
+        return submitted
+
+    store.submit = submit_then_claim
+    try:
+        answer = httpx.post(f"{api.url}/v1/music/generate", json={"caption": "x"}, timeout=30).json()
+    finally:
+        store.submit = insert
+    assert (answer["status"], answer["queue_position"]) == ("running", 0)
+    queued = httpx.post(f"{api.url}/v1/music/generate", json={"caption": "y"}, timeout=30).json()
+    assert queued["status"] == "queued" and queued["queue_position"] >= 1

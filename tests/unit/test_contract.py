@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from pipeline.contract import DEFAULT_INSTRUCTION, GenerationRequest
+from pipeline.contract import DEFAULT_INSTRUCTION, DURATION_MAX, MAX_CODE_STRING_CHARS, GenerationRequest
 
 SPEC_DEFAULTS = {
     "caption": "", "lyrics": "", "thinking": False, "vocal_language": "en", "audio_format": "mp3",
@@ -111,3 +111,13 @@ def test_nul_characters_are_refused_naming_the_field(field, value):
     with pytest.raises(ValidationError) as refused:
         GenerationRequest.model_validate({field: value})
     assert [e["loc"][0] for e in refused.value.errors()] == [field] and "NUL" in str(refused.value)
+
+
+def test_codes_for_the_longest_song_fit_and_more_is_refused():
+    """600 s of audio is 3 000 codes of up to 20 characters: accepted alone or per batch item."""
+    longest = "<|audio_code_63999|>" * (DURATION_MAX * 5)
+    assert GenerationRequest(audio_code_string=longest).audio_code_string == longest
+    assert GenerationRequest(audio_code_string=[longest, longest]).audio_code_string == [longest, longest]
+    with pytest.raises(ValidationError) as refused:
+        GenerationRequest(audio_code_string=longest + "x" * MAX_CODE_STRING_CHARS)
+    assert all(error["loc"][0] == "audio_code_string" for error in refused.value.errors())
