@@ -39,7 +39,7 @@ def submit_and_wait(
         if response.status_code != 200:
             raise ClientError(f"the API refused the job (HTTP {response.status_code}): {response.text}")
         job_id = response.json()["job_id"]
-        show(f"job {job_id} queued at position {response.json()['queue_position']}")
+        show(f"job {job_id} {response.json()['status']} at position {response.json()['queue_position']}")
         deadline = time.monotonic() + timeout_seconds
         while True:
             job = http.get(f"/v1/jobs/{job_id}").json()

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 
 from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
+from db.states import JobStatus as State
 from db.ids import new_job_id
 from handler.http.auth import Caller
 from handler.http.body import read_body
@@ -232,6 +233,9 @@ def _persist(
     # insert, and the answer must not say "queued" at position 0.
     row = svc.store.get(submitted.id)
     position, _ = svc.queue.estimate(row)
+    if row["status"] == State.QUEUED and position < 1:  # claimed between the read and the estimate
+        row = svc.store.get(submitted.id)
+        position = max(position, 1) if row["status"] == State.QUEUED else 0
     return {"job_id": str(submitted.id), "status": row["status"], "queue_position": position}
 
 
