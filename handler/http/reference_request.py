@@ -78,6 +78,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "lm_negative_prompt": ("lm_negative_prompt", "lmNegativePrompt"),
     "webhook_url": ("webhook_url", "webhookUrl"),
 }
+KNOWN_KEYS = frozenset(alias for aliases in ALIASES.values() for alias in aliases)
 METAS_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
 # Body fields that are not generation options: credentials and the nested sources themselves.
 NOT_OPTIONS = {"ai_token", "param_obj", *METAS_KEYS}
@@ -158,10 +159,6 @@ class ReferenceParams:
         value = self.get(name)
         return default if value is None else str(value)
 
-    def used_keys(self) -> set[str]:
-        """Every key of every source that some canonical name reads."""
-        known = {alias for aliases in ALIASES.values() for alias in aliases}
-        return {key for source in self.sources for key in source if key in known}
 
 
 def generation_fields(body: Mapping[str, Any]) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
@@ -200,7 +197,7 @@ def generation_fields(body: Mapping[str, Any]) -> tuple[dict[str, Any], str | No
         fields.setdefault(name, default)
     # Anything else the client sent (the reference ignores unknown fields): listed back.
     for key, value in params.raw.items():
-        if key not in NOT_OPTIONS and key not in params.used_keys():
+        if key not in NOT_OPTIONS and key not in KNOWN_KEYS:
             not_applied[key] = value
     model = params.text("model").strip() or None
     return fields, model, not_applied

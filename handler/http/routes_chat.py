@@ -10,7 +10,6 @@ the reference (style) audio; for the source tasks the first is the source, the s
 With `"stream": true` the answer is server-sent events: a role chunk, a "." heartbeat every 2 s
 while the job is queued or running, then the content, the audio and `[DONE]`."""
 
-import asyncio
 import base64
 import io
 import json
@@ -18,7 +17,6 @@ import re
 import secrets
 import time
 from typing import Annotated, Any
-from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -26,10 +24,11 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from db import JobStatus
+from db.states import FINISHED_STATUSES
 from handler.http.body import read_body
 from handler.http.reference_request import as_bool
 from handler.http.routes_jobs import services, submit_generation
-from handler.http.routes_lm import wait_for_job
+from handler.http.routes_lm import wait_for_job, watch_job
 from handler.http.routes_release import check_model, reference_caller
 from handler.storage import AUDIO_CONTENT_TYPES
 from pipeline.contract import SOURCE_TASK_TYPES
@@ -38,7 +37,6 @@ router = APIRouter()
 
 MODEL_PREFIX = "acestep/"
 HEARTBEAT_SECONDS = 2.0
-POLL_SECONDS = 0.25
 _TAG = {name: re.compile(rf"<{name}>(.*?)</{name}>", re.DOTALL | re.IGNORECASE) for name in ("prompt", "lyrics")}
 _SECTION_MARKERS = ("[verse", "[chorus", "[bridge", "[intro", "[outro", "[hook", "[pre-chorus", "[refrain", "[inst")
 # audio_config keys -> our request fields
@@ -200,24 +198,17 @@ async def _events(svc, job_id: str, completion_id: str, model: str):
         return f"data: {json.dumps(data)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    deadline = time.monotonic() + svc.settings.sync_timeout_seconds
     next_beat = time.monotonic() + HEARTBEAT_SECONDS
-    while True:
-        job = await run_in_threadpool(svc.store.get, UUID(job_id))
-        if job["status"] in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
-            break
-        now = time.monotonic()
-        if now >= deadline:
-            await run_in_threadpool(svc.store.cancel, UUID(job_id))
-            yield chunk({"content": f"\n\nError: no worker finished within {svc.settings.sync_timeout_seconds:g} s; "
-                                    f"the job was canceled"})
-            yield chunk({}, "error")
-            yield "data: [DONE]\n\n"
-            return
-        if now >= next_beat:
-            yield chunk({"content": "."})
-            next_beat = now + HEARTBEAT_SECONDS
-        await asyncio.sleep(POLL_SECONDS)
+    try:
+        async for job in watch_job(svc, job_id, svc.settings.sync_timeout_seconds):
+            if job["status"] not in FINISHED_STATUSES and time.monotonic() >= next_beat:
+                yield chunk({"content": "."})
+                next_beat = time.monotonic() + HEARTBEAT_SECONDS
+    except HTTPException as exc:  # nobody finished it in time: it was canceled
+        yield chunk({"content": f"\n\nError: {exc.detail}"})
+        yield chunk({}, "error")
+        yield "data: [DONE]\n\n"
+        return
     if job["status"] != JobStatus.SUCCEEDED:
         yield chunk({"content": f"\n\nError: {failure(job)}"})
         yield chunk({}, "error")

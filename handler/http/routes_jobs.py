@@ -168,12 +168,18 @@ async def submit_generation(
             inputs.uploads.append(await read_upload(name, upload, max_upload))
         for upload in inputs.uploads:  # an uploaded file overrides the matching _path field
             fields[ROLES[upload.role][1]] = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
-        params = GenerationRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise HTTPException(422, validation_detail(exc)) from None
     except InputError as exc:
         raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
-    return await run_in_threadpool(_persist, svc, who, params, inputs, job_id, idempotency_key, lm_task)
+    params = validate_request(fields)
+    return await run_in_threadpool(persist_generation, svc, who, params, inputs, job_id, idempotency_key, lm_task)
+
+
+def validate_request(fields: dict[str, Any]) -> GenerationRequest:
+    """The request of these fields, or 422 naming each field refused."""
+    try:
+        return GenerationRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise HTTPException(422, validation_detail(exc)) from None
 
 
 def check_lm_model(svc: Services, name: str | None) -> None:
@@ -188,7 +194,7 @@ def check_lm_model(svc: Services, name: str | None) -> None:
                                    "message": f"unknown 5 Hz LM {name!r}; the workers have loaded: {', '.join(known)}"}])
 
 
-def _persist(
+def persist_generation(
     svc: Services, who: Caller, params: GenerationRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None,
     lm_task: dict[str, Any] | None = None,
 ) -> dict:

@@ -15,30 +15,36 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 
 from db import JobStatus
+from db.states import FINISHED_STATUSES
+from db.ids import new_job_id
 from handler.http.body import read_body
+from handler.http.inputs import AudioInputs
 from handler.http.reference_request import ReferenceParams, as_bool, generation_fields
-from handler.http.routes_jobs import services, submit_generation, validation_detail
-from handler.http.routes_release import check_model, enveloped, envelope, reference_caller
+from handler.http.routes_jobs import persist_generation, services, submit_generation, validate_request
+from handler.http.routes_release import enveloped, envelope, reference_caller, submit_reference
 from pipeline.contract import GenerationRequest
 
 router = APIRouter()
 
 EXAMPLES = Path(__file__).with_name("examples.json")
 SAMPLE_TYPES = ("simple_mode", "custom_mode")
-LM_TASK_SECONDS_POLL = (0.05, 0.5)  # first and longest wait between polls of the job row
+POLL_SECONDS = (0.05, 0.5)  # first and longest wait between polls of the job row
+# The LM sampling options every task takes (validated as the generation request's).
+LM_SAMPLING = ("lm_model_path", "lm_top_k", "lm_top_p", "lm_temperature", "lm_repetition_penalty")
 
 
-async def wait_for_job(svc, job_id: str, timeout: float) -> dict[str, Any]:
-    """The finished job row; on timeout the job is canceled and 504 raised (nothing left running)."""
+async def watch_job(svc, job_id: str, timeout: float):
+    """The job row at each poll, until one that finished (the last yielded). Past `timeout` the job
+    is canceled and 504 raised: nothing is left running for a caller who stopped waiting."""
     deadline = time.monotonic() + timeout
-    pause, longest = LM_TASK_SECONDS_POLL
+    pause, longest = POLL_SECONDS
     while True:
         job = await run_in_threadpool(svc.store.get, UUID(job_id))
-        if job["status"] in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
-            return job
+        yield job
+        if job["status"] in FINISHED_STATUSES:
+            return
         if time.monotonic() >= deadline:
             await run_in_threadpool(svc.store.cancel, UUID(job_id))
             raise HTTPException(504, f"no worker finished this task within {timeout:g} s "
@@ -47,11 +53,19 @@ async def wait_for_job(svc, job_id: str, timeout: float) -> dict[str, Any]:
         pause = min(pause * 2, longest)
 
 
-async def run_lm_task(request: Request, who, task: str, params: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-    """Queue one LM task (its request fields validated by the generation contract, so a bad bpm or
-    language is refused with the field named) and wait for its answer."""
+async def wait_for_job(svc, job_id: str, timeout: float) -> dict[str, Any]:
+    """The finished job row (see `watch_job`)."""
+    async for job in watch_job(svc, job_id, timeout):
+        pass
+    return job
+
+
+async def run_lm_task(request: Request, who, task: str, checked: GenerationRequest, params: dict[str, Any]) -> dict[str, Any]:
+    """Queue one LM task (its fields validated by the generation contract, so a bad bpm or language
+    is refused with the field named) and wait for its answer."""
     svc = services(request)
-    submitted = await submit_generation(svc, who, fields, {}, None, lm_task={"task": task, "params": params})
+    submitted = await run_in_threadpool(persist_generation, svc, who, checked, AudioInputs(), new_job_id(), None,
+                                        {"task": task, "params": params | {k: getattr(checked, k) for k in LM_SAMPLING}})
     job = await wait_for_job(svc, submitted["job_id"], svc.settings.sync_timeout_seconds)
     if job["status"] == JobStatus.SUCCEEDED:
         return (job["result"] or {}).get("lm_result") or {}
@@ -60,43 +74,29 @@ async def run_lm_task(request: Request, who, task: str, params: dict[str, Any], 
     raise HTTPException(500, f"the {task} task failed: {job['error']}")
 
 
-def _validated(fields: dict[str, Any]) -> GenerationRequest:
-    try:
-        return GenerationRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise HTTPException(422, validation_detail(exc)) from None
-
-
-def lm_sampling(params: ReferenceParams, request: GenerationRequest) -> dict[str, Any]:
-    """The LM sampling options a task call may carry (`temperature` is the reference's name here)."""
-    temperature = params.get("temperature", params.get("lm_temperature"))
-    return {
-        "lm_temperature": float(temperature) if temperature not in (None, "") else request.lm_temperature,
-        "lm_top_k": request.lm_top_k, "lm_top_p": request.lm_top_p,
-        "lm_repetition_penalty": request.lm_repetition_penalty, "lm_model_path": request.lm_model_path,
-    }
+async def task_request(request: Request, authorization: str | None, fields_used: tuple[str, ...]):
+    """(caller, the body as the reference reads it, the request of the fields a task uses: validated)."""
+    fields, _ = await read_body(request, max_bytes=1024 * 1024)
+    who = await reference_caller(request, fields, authorization)
+    raw = ReferenceParams(fields)
+    ours, _, _ = generation_fields(fields)
+    ours = {k: v for k, v in ours.items() if k in fields_used + LM_SAMPLING}
+    if raw.get("temperature") not in (None, ""):  # these routes' name for the LM temperature
+        ours["lm_temperature"] = raw.get("temperature")
+    if raw.find("vocal_language") is None:
+        ours["vocal_language"] = "unknown"  # not given: the LM decides
+    return who, raw, ours
 
 
 @router.post("/format_input", summary="Let the LM format caption and lyrics (reference API)",
              responses={401: {}, 415: {}, 422: {}, 504: {}})
 async def format_input(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
     async def run():
-        fields, _ = await read_body(request, max_bytes=1024 * 1024)
-        who = await reference_caller(request, fields, authorization)
-        ours, _, _ = generation_fields(fields)
-        ours = {k: v for k, v in ours.items() if k in ("caption", "lyrics", "bpm", "audio_duration", "key_scale",
-                                                      "time_signature", "vocal_language", "lm_model_path", "lm_top_k",
-                                                      "lm_top_p", "lm_temperature", "lm_repetition_penalty")}
-        raw = ReferenceParams(fields)
-        if raw.find("vocal_language") is None:
-            ours["vocal_language"] = "unknown"  # not given: the LM decides
-        checked = _validated(ours)
-        params = {
-            "caption": checked.caption, "lyrics": checked.lyrics, "bpm": checked.bpm,
-            "audio_duration": checked.audio_duration, "key_scale": checked.key_scale,
-            "time_signature": checked.time_signature, "vocal_language": checked.vocal_language,
-        } | lm_sampling(raw, checked)
-        return envelope(await run_lm_task(request, who, "format", params, ours))
+        metas = ("caption", "lyrics", "bpm", "audio_duration", "key_scale", "time_signature", "vocal_language")
+        who, _, ours = await task_request(request, authorization, metas)
+        checked = validate_request(ours)
+        params = {name: getattr(checked, name) for name in metas}
+        return envelope(await run_lm_task(request, who, "format", checked, params))
 
     return await enveloped(run())
 
@@ -105,18 +105,12 @@ async def format_input(request: Request, authorization: Annotated[str | None, He
              responses={401: {}, 415: {}, 422: {}, 504: {}})
 async def create_sample(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
     async def run():
-        fields, _ = await read_body(request, max_bytes=1024 * 1024)
-        who = await reference_caller(request, fields, authorization)
-        raw = ReferenceParams(fields)
-        ours, _, _ = generation_fields(fields)
-        ours = {k: v for k, v in ours.items() if k in ("vocal_language", "lm_model_path", "lm_top_k", "lm_top_p",
-                                                      "lm_temperature", "lm_repetition_penalty")}
+        who, raw, ours = await task_request(request, authorization, ("vocal_language",))
         query = raw.text("sample_query") or raw.text("query")
-        ours["sample_query"] = query
-        checked = _validated(ours)
+        checked = validate_request(ours | {"sample_query": query})
         params = {"query": query, "instrumental": as_bool(raw.get("instrumental"), False),
-                  "vocal_language": checked.vocal_language if raw.find("vocal_language") else "unknown"}
-        return envelope(await run_lm_task(request, who, "create_sample", params | lm_sampling(raw, checked), ours))
+                  "vocal_language": checked.vocal_language}
+        return envelope(await run_lm_task(request, who, "create_sample", checked, params))
 
     return await enveloped(run())
 
@@ -147,18 +141,11 @@ async def music_random(
     authorization: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> dict:
-    """The LM writes caption, lyrics and metas (sample mode); `thinking` and the other generation
-    fields may be given as in /release_task."""
-    if not request.headers.get("content-type"):
-        svc = services(request)
-        who = await reference_caller(request, {}, authorization)
-        return await submit_generation(svc, who, {"sample_mode": True, "thinking": True}, {}, idempotency_key)
-    fields, _ = await read_body(request, max_bytes=1024 * 1024)
-    fields.setdefault("thinking", True)
-    fields["sample_mode"] = True
-    svc = services(request)
-    who = await reference_caller(request, fields, authorization)
-    ours, model, _ = generation_fields(fields)
-    check_model(svc, model)
-    return await submit_generation(svc, who, ours, {}, idempotency_key)
-
+    """The LM writes caption, lyrics and metas (sample mode); `thinking` (default true here) and the
+    other generation fields may be given as in /release_task, or no body at all."""
+    if request.headers.get("content-type"):
+        submitted, _ = await submit_reference(request, authorization, idempotency_key,
+                                              defaults={"thinking": True}, overrides={"sample_mode": True})
+        return submitted
+    who = await reference_caller(request, {}, authorization)
+    return await submit_generation(services(request), who, {"sample_mode": True, "thinking": True}, {}, idempotency_key)

@@ -2,20 +2,20 @@
 so clients written for either API work. Their envelope: {data, code, error, timestamp, extra}."""
 
 import json
-import time
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
 from db import JobNotFound, JobStatus
 from handler.http.job_view import epoch
 from handler.http.routes_jobs import body_limit, services, submit_generation
 from handler.http.body import read_body
+from handler.http.audio_links import audio_link
 from handler.http.envelope import envelope, error_envelope
 from handler.http.reference_request import generation_fields
+from handler.http.routes_models import model_name
 
 router = APIRouter()
 
@@ -41,26 +41,25 @@ async def reference_caller(request: Request, fields: dict[str, Any], authorizati
 def check_model(svc, model: str | None) -> None:
     """An empty model means the default; another (a name, a path or an OpenRouter id such as
     `acestep/acestep-v15-turbo`) must be one this fleet serves."""
-    from handler.http.routes_models import model_name
-
     if model_name(model) in (None, svc.settings.dit_model):
         return
     raise HTTPException(422, [{"field": "model", "message": f"model {model!r} is not served here; this fleet runs "
                                                             f"{svc.settings.dit_model} (see /v1/models)"}])
 
 
-async def submit_reference(request: Request, authorization: str | None, idempotency_key: str | None,
-                           overrides: dict[str, Any] | None = None) -> tuple[dict, dict]:
+async def submit_reference(request: Request, authorization: str | None, idempotency_key: str | None, *,
+                           defaults: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+                           ) -> tuple[dict, dict]:
     """Read a reference-convention body, submit it through the seed API's one path, and return
-    (the submitted job, the options accepted but not acted on)."""
+    (the submitted job, the options accepted but not acted on). `defaults` fill fields the body
+    lacks, `overrides` replace what it says."""
     svc = services(request)
     fields, files = await read_body(request, max_bytes=body_limit(svc))
     who = await reference_caller(request, fields, authorization)
     files = {UPLOAD_ALIASES.get(name, name): upload for name, upload in files.items()}
     ours, model, not_applied = generation_fields(fields)
-    ours.update(overrides or {})
     check_model(svc, model)
-    submitted = await submit_generation(svc, who, ours, files, idempotency_key)
+    submitted = await submit_generation(svc, who, (defaults or {}) | ours | (overrides or {}), files, idempotency_key)
     return submitted, not_applied
 
 
@@ -117,8 +116,6 @@ def task_result(job: dict[str, Any], links, env: str = "production") -> list[dic
 def file_links(svc, base_url: str):
     """(relative /v1/audio link, absolute URL) per storage key: the object store's own signed URL
     where it is absolute (S3), else the /v1/audio link on this server's base URL."""
-    from handler.http.audio_links import audio_link
-
     def links(key: str) -> tuple[str, str]:
         file = audio_link(svc, key)
         direct = svc.job_url(key)

@@ -84,8 +84,29 @@ def run_lm_task(pipeline, message: msg.RunLmTask, progress) -> msg.LmTaskDone | 
     """One LM task on a loaded pipeline (one without `run_lm_task` has no LM tasks)."""
     if not hasattr(pipeline, "run_lm_task"):
         return msg.RunFailed(f"this worker's pipeline cannot run the LM task {message.task!r}", False)
+    return _answered(lambda: msg.LmTaskDone(dict(pipeline.run_lm_task(message.task, dict(message.params), progress))),
+                     "the LM task failed")
+
+
+def run_jobs(pipeline, message: msg.RunJobs, progress) -> msg.Done | msg.RunCanceled | msg.RunFailed:
+    """Run one RunJobs message on a loaded pipeline and encode its audio: the child's answer."""
+
+    def generate() -> msg.Done:
+        generated = _generate(pipeline, message.requests, progress)
+        progress("encoding", 0.97)
+        return msg.Done([
+            msg.JobFiles(_encode(audio, request, Path(message.out_dir) / str(index)), audio.info)
+            for index, (request, audio) in enumerate(zip(message.requests, generated, strict=True))
+        ])
+
+    return _answered(generate, "the pipeline failed")
+
+
+def _answered(run, failed: str):
+    """`run()`'s answer, or the message its exception stands for; any other exception is the
+    pipeline's own bug, reported as this run's failure (`failed`: how the message starts)."""
     try:
-        return msg.LmTaskDone(dict(pipeline.run_lm_task(message.task, dict(message.params), progress)))
+        return run()
     except Canceled:
         return msg.RunCanceled()
     except PipelineError as exc:
@@ -93,26 +114,7 @@ def run_lm_task(pipeline, message: msg.RunLmTask, progress) -> msg.LmTaskDone | 
     except MemoryError:
         return msg.RunFailed("out of memory", True, True)
     except Exception as exc:
-        return msg.RunFailed(f"the LM task failed: {type(exc).__name__}: {exc}", False, _is_oom(exc))
-
-
-def run_jobs(pipeline, message: msg.RunJobs, progress) -> msg.Done | msg.RunCanceled | msg.RunFailed:
-    """Run one RunJobs message on a loaded pipeline and encode its audio: the child's answer."""
-    try:
-        generated = _generate(pipeline, message.requests, progress)
-        progress("encoding", 0.97)
-        return msg.Done([
-            msg.JobFiles(_encode(audio, request, Path(message.out_dir) / str(index)), audio.info)
-            for index, (request, audio) in enumerate(zip(message.requests, generated, strict=True))
-        ])
-    except Canceled:
-        return msg.RunCanceled()
-    except PipelineError as exc:
-        return msg.RunFailed(str(exc), exc.retryable, isinstance(exc, OutOfMemory))
-    except MemoryError:
-        return msg.RunFailed("out of memory", True, True)
-    except Exception as exc:  # the pipeline's own bug: report it as this job's failure
-        return msg.RunFailed(f"the pipeline failed: {type(exc).__name__}: {exc}", False, _is_oom(exc))
+        return msg.RunFailed(f"{failed}: {type(exc).__name__}: {exc}", False, _is_oom(exc))
 
 
 def _encode(audio: GeneratedAudio, request: GenerationRequest, prefix: Path) -> list[str]:

@@ -78,23 +78,11 @@ class UnderstandResult(FormatResult):
 
 
 @dataclass
-class SampleResult:
-    """`create_sample`'s answer (the reference's CreateSampleResult)."""
+class SampleResult(FormatResult):
+    """`create_sample`'s answer (the reference's CreateSampleResult): format's fields and whether
+    the song is instrumental."""
 
-    caption: str = ""
-    lyrics: str = ""
-    bpm: int | None = None
-    duration: float | None = None
-    keyscale: str = ""
-    language: str = ""
-    timesignature: str = ""
     instrumental: bool = False
-    status_message: str = ""
-    success: bool = True
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---- parsing -----------------------------------------------------------------------------------
