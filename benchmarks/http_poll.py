@@ -50,7 +50,7 @@ def fill(store: JobStore, count: int, owner: str) -> list[uuid.UUID]:
     for _ in range(0, count, 1000):
         ids += store.submit_many(
             [NewJob(request=request, priority=random.choice([0, 0, 0, 1]), model="acestep-v15-turbo",
-                    dit_units=60 * 2 * 8) for _ in range(1000)],
+                    items=2, audio_seconds=60.0) for _ in range(1000)],
             owner=owner,
         )
     return ids

@@ -1,4 +1,4 @@
-"""How long a poll's queue_position and eta_inputs take with a deep queue.
+"""How long a poll's queue_position and queue_ahead_total (its ETA sum) take with a deep queue.
 
     python benchmarks/queue_position.py [--url postgresql://...] [--queued 100000]
 """
@@ -15,6 +15,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from db import JobStore, NewJob, make_engine  # noqa: E402
+from handler.http.cost_model import fit_cost_model  # noqa: E402
 from scratch_database import bench_server, scratch_database  # noqa: E402
 
 
@@ -37,15 +38,17 @@ def main() -> None:
         store = JobStore(make_engine(url, pool_size=1))
         ids: list[uuid.UUID] = []
         for _ in range(0, args.queued, 1000):  # priorities 0, 1, 2 in turn; ids[-2] ends up last in line
-            ids += store.submit_many([NewJob(request={}, priority=i % 3, model="turbo", dit_units=1.0) for i in range(1000)])
+            ids += store.submit_many([NewJob(request={}, priority=i % 3, model="turbo", audio_seconds=30.0) for i in range(1000)])
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE jobs")
+        costs, default = fit_cost_model([]).sql_costs()
         print(f"{args.queued} queued jobs (median of 30 calls each):")
         for label, job_id in [("first in line", ids[0]), ("middle", ids[len(ids) // 2]), ("last", ids[-2])]:
             position = store.queue_position(job_id)
             position_ms = timed_ms(lambda job_id=job_id: store.queue_position(job_id))
-            eta_ms = timed_ms(lambda job_id=job_id: store.eta_inputs(job_id))
-            print(f"  {label:<14} position {position:>7}: queue_position {position_ms:.2f} ms, eta_inputs {eta_ms:.2f} ms")
+            eta_ms = timed_ms(lambda job_id=job_id: store.queue_ahead_total(job_id, costs, default))
+            print(f"  {label:<14} position {position:>7}: queue_position {position_ms:.2f} ms, "
+                  f"queue_ahead_total {eta_ms:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     Text,
     text,
 )
@@ -49,12 +50,17 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(Text)
     request_hash: Mapped[str | None] = mapped_column(Text)
     request: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
-    # Cost-model features, fixed at submit: the model that runs it, DiT work
-    # (duration x batch x steps) and LM work (duration x batch when thinking).
+    # Cost-model features (handler/http/cost_model.py), set at submit: the model that runs it, the
+    # songs, seconds per song (NULL until known when the LM chooses; the worker fills it in), the
+    # DiT steps its schedule runs, and what the LM does (0 nothing, 1 text, 2 audio codes).
     model: Mapped[str] = mapped_column(Text, server_default="")
     task_type: Mapped[str] = mapped_column(Text, server_default="text2music")
-    dit_units: Mapped[float] = mapped_column(Float, server_default="0")
-    lm_units: Mapped[float] = mapped_column(Float, server_default="0")
+    items: Mapped[int] = mapped_column(Integer, server_default="1")
+    audio_seconds: Mapped[float | None] = mapped_column(Float)
+    dit_steps: Mapped[int] = mapped_column(Integer, server_default="8")
+    lm_mode: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    # What the finished job's stages cost ({"stages": {stage: seconds}, "audio_seconds", ...}).
+    timings: Mapped[dict | None] = mapped_column(JSONB)
     attempt: Mapped[int] = mapped_column(Integer, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, server_default="3")
     worker_id: Mapped[str | None] = mapped_column(Text)
@@ -83,7 +89,7 @@ class Job(Base):
             "created_at",
             "id",
             postgresql_where=text("status = 'queued'"),
-            postgresql_include=["model", "dit_units", "lm_units"],
+            postgresql_include=["model", "task_type", "items", "audio_seconds", "dit_steps", "lm_mode"],
         ),
         # Only running jobs hold a lease. The predicate is on the lease, not the status, so the
         # fenced by-id writes (which test status) can only pick the primary key, whatever the stats say.

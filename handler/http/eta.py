@@ -1,80 +1,64 @@
-"""eta_seconds: work ahead of a job, priced by a cost model fitted on finished jobs, shared by the
-live worker slots. seconds ~ a + b * dit_units + c * lm_units, per model (least squares)."""
+"""queue_position and eta_seconds: the work ahead of a job and its own, priced by the cost model
+(handler/http/cost_model.py), scheduled onto the live worker slots."""
 
 import bisect
+import heapq
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 from db import JobStatus, JobStore, StoreError
+from handler.http.cost_model import PRIORS, SAMPLE_LIMIT, CostModel, Work, fit_cost_model
 
 log = logging.getLogger(__name__)
 
-DEFAULT_JOB_SECONDS = 30.0  # before any job has finished, a job is priced at this
-MIN_SAMPLES = 5
+DEFAULT_JOB_SECONDS = 30.0  # /v1/stats' average job time before any job has finished
 
 
-@dataclass(frozen=True)
-class CostModel:
-    coefficients: dict[str, tuple[float, float, float]]  # model -> (a, b, c)
-    average: float
-
-    def seconds(self, model: str, dit_units: float, lm_units: float, jobs: int = 1) -> float:
-        coef = self.coefficients.get(model)
-        if coef is None:
-            return self.average * jobs
-        a, b, c = coef
-        return max(0.0, a * jobs + b * dit_units + c * lm_units)
-
-
-def fit_cost_model(samples: list[dict]) -> CostModel:
-    """Least squares per model with at least MIN_SAMPLES jobs; the mean job time otherwise."""
-    import numpy as np  # here: the HTTP function's cold start does not pay for numpy before the first poll
-    if not samples:
-        return CostModel({}, DEFAULT_JOB_SECONDS)
-    average = float(np.mean([s["seconds"] for s in samples]))
-    coefficients = {}
-    for model in {s["model"] for s in samples}:
-        rows = [s for s in samples if s["model"] == model]
-        if len(rows) < MIN_SAMPLES:
-            continue
-        x = np.array([[1.0, r["dit_units"], r["lm_units"]] for r in rows])
-        y = np.array([r["seconds"] for r in rows])
-        solution, *_ = np.linalg.lstsq(x, y, rcond=None)
-        coefficients[model] = tuple(float(v) for v in solution)
-    return CostModel(coefficients, average)
+def finish_time(slots: int, running: list[float], ahead: list[float], own: float) -> float:
+    """When a job finishes that starts on the first free slot after the running jobs' remaining
+    seconds and the queued jobs ahead of it (in claim order) each took the first free slot."""
+    free = [0.0] * max(1, slots)
+    for seconds in sorted(running, reverse=True) + ahead:
+        heapq.heappush(free, heapq.heappop(free) + seconds)
+    return heapq.heappop(free) + own
 
 
 class QueueEstimator:
     """queue_position and eta_seconds for a poll, fast with a deep queue.
 
-    Shallow jobs are counted exactly. Deeper ones start from a rank snapshot (refreshed at most every
-    `snapshot_seconds`, in one pass over the queue index) and count exactly only the jobs between the
-    nearest checkpoint and the job, so a poll reads at most `step` index entries. The snapshot's part
-    is at most `snapshot_seconds` old.
+    Up to `simulate_up_to` jobs from the front, every job ahead is placed on the first free worker
+    slot in claim order after the running jobs' remaining work. Deeper, the work ahead is summed in
+    the database and shared by the slots: shallow jobs are counted exactly; deeper ones start from a
+    rank snapshot (refreshed at most every `snapshot_seconds`, in one pass over the queue index) and
+    count exactly only the jobs between the nearest checkpoint and the job, so a poll reads at most
+    `step` index entries. The snapshot's part is at most `snapshot_seconds` old.
     """
 
     def __init__(
         self,
         store: JobStore,
         *,
+        prior: str = "gpu",
         step: int = 1000,
         exact_up_to: int = 2000,
+        simulate_up_to: int = 64,
         refit_seconds: float = 10.0,
         snapshot_seconds: float = 2.0,
         running_seconds: float = 1.0,
         worker_stale_seconds: float = 30.0,
     ):
         self._store = store
+        self._prior = PRIORS[prior]
         self._step = step
         self._exact_up_to = exact_up_to
+        self._simulate_up_to = simulate_up_to
         self._refit = refit_seconds
         self._snapshot_max_age = snapshot_seconds
         self._running_max_age = running_seconds
         self._stale = worker_stale_seconds
         self._lock = threading.Lock()
-        self._model = CostModel({}, DEFAULT_JOB_SECONDS)
+        self._model = fit_cost_model([], self._prior)
         self._slots = 1
         self._fitted_at = -float("inf")
         self._running: list[dict] = []
@@ -82,34 +66,38 @@ class QueueEstimator:
         self._snapshot: tuple[list[tuple], list[dict]] = ([], [])  # (sorted keys, checkpoints), swapped whole
         self._snapshot_at = -float("inf")
 
+    @property
+    def cost_model(self) -> CostModel:
+        return self._cost_model()
+
     def estimate(self, job: dict) -> tuple[int, float | None]:
         """(queue_position, eta_seconds) of a row from JobStore.get; (0, None) once it finished."""
         if job["status"] not in (JobStatus.QUEUED, JobStatus.RUNNING):
             return 0, None
         model = self._cost_model()
         if job["status"] == JobStatus.RUNNING:
-            own = model.seconds(job["model"], job["dit_units"], job["lm_units"])
-            return 0, round(own * (1.0 - (job["progress"] or 0.0)), 1)
-        position, ahead = self._queued_ahead(job, model)
-        running = sum(
-            model.seconds(r["model"], r["dit_units"], r["lm_units"]) * (1.0 - (r["progress"] or 0.0))
-            for r in self._running_work()
-        )
-        return position, round((ahead + running) / self._slots, 1)
+            return 0, round(model.remaining(job), 1)
+        own = model.seconds(Work.of(job))
+        running = [model.remaining(r) for r in self._running_work() if r["id"] != job["id"]]
+        ahead = self._store.queue_ahead(job["id"], self._simulate_up_to)
+        if ahead and ahead[-1]["id"] == job["id"]:
+            costs = [model.seconds(Work.of(r)) for r in ahead[:-1]]
+            return len(ahead), round(finish_time(self._slots, running, costs, own), 1)
+        position, with_own = self._queued_ahead(job, model)
+        if position == 0:  # claimed since the row was read
+            return 0, round(own, 1)
+        return position, round((max(0.0, with_own - own) + sum(running)) / self._slots + own, 1)
 
     def _queued_ahead(self, job: dict, model: CostModel) -> tuple[int, float]:
-        """Position and predicted seconds of the queued work up to and including the job."""
+        """Position and priced seconds of the queued work up to and including the job."""
+        costs, default = model.sql_costs()
         checkpoint = self._checkpoint_before(job)
         if checkpoint is None or checkpoint["rank"] <= self._exact_up_to:
-            inputs = self._store.eta_inputs(job["id"])
-            position = sum(q["jobs"] for q in inputs.queued)
-            return position, sum(model.seconds(q["model"], q["dit_units"], q["lm_units"], q["jobs"]) for q in inputs.queued)
-        gap = self._store.queue_gap(
-            job["priority"], (checkpoint["created_at"], checkpoint["id"]), (job["created_at"], job["id"])
+            return self._store.queue_ahead_total(job["id"], costs, default)
+        jobs, seconds = self._store.queue_gap(
+            job["priority"], (checkpoint["created_at"], checkpoint["id"]), (job["created_at"], job["id"]), costs, default
         )
-        position = checkpoint["rank"] + sum(g["jobs"] for g in gap)
-        seconds = checkpoint["seconds"] + sum(model.seconds(g["model"], g["dit_units"], g["lm_units"], g["jobs"]) for g in gap)
-        return position, seconds
+        return checkpoint["rank"] + jobs, checkpoint["seconds"] + seconds
 
     def _checkpoint_before(self, job: dict) -> dict | None:
         """The last snapshot checkpoint at or before the job within its priority, if any."""
@@ -133,9 +121,8 @@ class QueueEstimator:
     def _take_snapshot(self) -> None:
         """Runs holding `_lock`; releases it."""
         try:
-            model = self._cost_model()
-            costs = [{"model": m, "a": a, "b": b, "c": c} for m, (a, b, c) in model.coefficients.items()]
-            checkpoints = self._store.queue_checkpoints(costs, default_seconds=model.average, step=self._step)
+            costs, default = self._cost_model().sql_costs()
+            checkpoints = self._store.queue_checkpoints(costs, default, step=self._step)
             self._snapshot = ([(c["priority"], c["created_at"], c["id"]) for c in checkpoints], checkpoints)
             self._snapshot_at = time.monotonic()
         except StoreError:
@@ -145,7 +132,7 @@ class QueueEstimator:
 
     def _cost_model(self) -> CostModel:
         if time.monotonic() - self._fitted_at >= self._refit:
-            self._model = fit_cost_model(self._store.cost_samples())
+            self._model = fit_cost_model(self._store.cost_samples(SAMPLE_LIMIT), self._prior)
             self._slots = max(1, self._store.live_capacity(stale_seconds=self._stale)[0])
             self._fitted_at = time.monotonic()
         return self._model

@@ -192,18 +192,25 @@ def test_queue_position_follows_priority_then_age(store):
         store.queue_position("00000000-0000-0000-0000-000000000000")
 
 
-def test_eta_inputs_sum_the_work_ahead_per_model(store):
+def test_the_work_ahead_is_listed_and_priced_in_claim_order(store):
     for i, model in enumerate(["turbo", "base", "turbo", "turbo"]):
-        store.submit(NewJob(request={}, model=model, dit_units=100.0 * (i + 1), lm_units=float(i)), now=at(i))
-    mine = store.submit(NewJob(request={}, model="base", dit_units=50.0), now=at(10)).id
-    store.submit(NewJob(request={}, model="turbo", dit_units=999.0), now=at(11))  # behind: not counted
+        store.submit(NewJob(request={}, model=model, items=i + 1, audio_seconds=10.0 * (i + 1)), now=at(i))
+    mine = store.submit(NewJob(request={}, model="base", audio_seconds=None, lm_mode=2, dit_steps=50), now=at(10)).id
+    store.submit(NewJob(request={}, model="turbo", audio_seconds=999.0), now=at(11))  # behind: not counted
     running = store.claim("w", 1, now=at(20))[0]
-    store.heartbeat(running, "w", progress=0.5, now=at(21))
+    store.heartbeat(running, "w", stage="dit", progress=0.5, now=at(21))
 
-    inputs = store.eta_inputs(mine)
-    queued = {q["model"]: (q["jobs"], q["dit_units"], q["lm_units"]) for q in inputs.queued}
-    assert queued == {"turbo": (2, 700.0, 5.0), "base": (2, 250.0, 1.0)}
-    assert [(r["model"], r["dit_units"], r["progress"]) for r in inputs.running] == [("turbo", 100.0, 0.5)]
+    ahead = store.queue_ahead(mine, 10)
+    assert [(r["model"], r["items"], r["audio_seconds"]) for r in ahead] == [
+        ("base", 2, 20.0), ("turbo", 3, 30.0), ("turbo", 4, 40.0), ("base", 1, None)]
+    assert (ahead[-1]["id"], ahead[-1]["lm_mode"], ahead[-1]["dit_steps"]) == (mine, 2, 50)
+    assert len(store.queue_ahead(mine, 2)) == 2
+    # Priced in SQL: per song-second of DiT work for turbo, a flat 7 s for the others.
+    turbo = [0, 0, 0, 0, 0.01, 0, 0, 0, 60]  # k0, k_src, k_lm_a, k_lm_b, k_dit, k_audio, k_items, k_lm_task, expected
+    flat = [7, 0, 0, 0, 0, 0, 0, 0, 60]
+    assert store.queue_ahead_total(mine, {"turbo": turbo}, flat) == (4, pytest.approx(7 + 0.01 * (90 + 160) * 8 + 7))
+    assert [(r["id"], r["stage"], r["progress"], r["items"]) for r in store.running_work()] == [
+        (running.id, "dit", 0.5, 1)]
 
 
 def test_prune_deletes_old_finished_jobs_in_batches(store, engine):
@@ -261,7 +268,8 @@ def test_database_checks_reject_bad_rows(engine):
 def test_bulk_submit_keeps_every_field_and_the_input_order(store):
     jobs = [
         NewJob(request={"i": 0}),
-        NewJob(request={"i": 1}, priority=3, model="acestep-v15-base", task_type="cover", dit_units=2.5, lm_units=1.0),
+        NewJob(request={"i": 1}, priority=3, model="acestep-v15-base", task_type="cover", items=3, audio_seconds=2.5,
+               dit_steps=32, lm_mode=2),
     ]
     ids = store.submit_many(jobs, owner="key-a", max_attempts=5, now=at(0))
     rows = [store.get(job_id) for job_id in ids]
@@ -269,6 +277,6 @@ def test_bulk_submit_keeps_every_field_and_the_input_order(store):
     assert (rows[0]["priority"], rows[0]["model"], rows[0]["task_type"]) == (0, "", "text2music")
     assert (rows[1]["priority"], rows[1]["model"], rows[1]["task_type"]) == (3, "acestep-v15-base", "cover")
     assert {(r["owner"], r["max_attempts"]) for r in rows} == {("key-a", 5)}
-    inputs = store.eta_inputs(ids[1])
-    assert {q["model"]: (q["dit_units"], q["lm_units"]) for q in inputs.queued} == {"": (0.0, 0.0), "acestep-v15-base": (2.5, 1.0)}
+    features = ("items", "audio_seconds", "dit_steps", "lm_mode")
+    assert [tuple(r[k] for k in features) for r in rows] == [(1, None, 8, 0), (3, 2.5, 32, 2)]
     assert store.submit_many([]) == []

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import text
 
 from db.sql import queries
+from handler.http.cost_model import PRIORS
 
 
 def plan_nodes(plan: dict):
@@ -26,8 +27,8 @@ def big_queue(engine):
     with engine.connect() as conn:
         conn.execute(
             text(
-                "INSERT INTO jobs (priority, request, model, dit_units, created_at) "
-                "SELECT g % 5, '{}'::jsonb, 'turbo', 1, now() + g * interval '1 ms' "
+                "INSERT INTO jobs (priority, request, model, audio_seconds, created_at) "
+                "SELECT g % 5, '{}'::jsonb, 'turbo', 30, now() + g * interval '1 ms' "
                 "FROM generate_series(1, 100000) AS g"
             )
         )
@@ -35,6 +36,9 @@ def big_queue(engine):
         conn.execute(text("VACUUM ANALYZE jobs"))
         middle = conn.execute(text("SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority, created_at OFFSET 50000 LIMIT 1")).scalar()
     return middle
+
+
+COSTS = PRIORS["gpu"].sql_array()
 
 
 @pytest.mark.parametrize(
@@ -45,7 +49,8 @@ def big_queue(engine):
         ("claim_jobs", {"limit": 7, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": "k",
                         "lookahead": 200}),
         ("queue_position", {"id": "MIDDLE"}),
-        ("eta_inputs", {"id": "MIDDLE"}),
+        ("queue_ahead", {"id": "MIDDLE", "limit": 64}),
+        ("queue_ahead_total", {"id": "MIDDLE", "costs": "{}", "default_costs": COSTS}),
     ],
 )
 def test_hot_queries_use_the_queue_index(engine, big_queue, name, params):

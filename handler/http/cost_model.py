@@ -1,0 +1,283 @@
+"""What a job costs, learned from what finished jobs cost.
+
+A job's seconds are the sum of its pipeline stages (`pipeline.contract.STAGES`), each priced per
+model as `a + b * feature` on what drives that stage:
+
+| stage | feature | runs when |
+|---|---|---|
+| claimed (claim to first report; load, queue pick-up) | - | always |
+| preparing (source audio read and VAE-encoded) | seconds of the source (cover, repaint, ...) | always |
+| lm | seconds x songs of audio codes (lm_mode 2) | the LM runs (lm_mode >= 1) |
+| conditioning (text encoder) | songs | not an LM task |
+| dit | seconds x songs x steps the schedule runs | not an LM task |
+| vae, encoding | seconds x songs | not an LM task |
+| uploading | songs | not an LM task |
+
+Each (model, stage) line is fitted on the stage times the worker records (a batched job's share of
+its batch), robust to outliers (Huber weights), with neither coefficient below 0, and pulled toward
+a prior (measured per device class by a benchmark run; `PRIORS`) with the weight of `PRIOR_WEIGHT`
+jobs, so a few observations move it and many override it. Seconds per song that the LM is still to
+choose are priced at the median of what it chose lately (prior: `PRIORS[...]["expected_seconds"]`).
+
+`Coefficients.sql_array` is the same formula in the shape the SQL function `acestep_job_seconds`
+(migration 0004) prices with, for queue sums done in the database.
+"""
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.contract import SOURCE_TASK_TYPES, STAGES, TURBO_STEPS, GenerationRequest, within_stage
+
+PRIOR_WEIGHT = 3.0  # how many jobs' worth of evidence the prior counts as
+HUBER_K = 1.5
+MIN_JOB_SECONDS = 0.1  # a job with work never costs 0 (the SQL function says the same)
+# The order of acestep_job_seconds' coefficient array (migration 0004).
+SQL_COEFFICIENTS = ("k0", "k_src", "k_lm_a", "k_lm_b", "k_dit", "k_audio", "k_items", "k_lm_task", "expected_seconds")
+SAMPLE_LIMIT = 500  # the most recent finished jobs the model learns from
+
+
+@dataclass(frozen=True)
+class Work:
+    """A job's cost features (columns of the jobs table)."""
+
+    model: str = ""
+    task_type: str = "text2music"
+    items: int = 1
+    audio_seconds: float | None = None  # per song; None while the LM is to choose
+    dit_steps: int = 8
+    lm_mode: int = 0  # 0 no LM, 1 LM writes text only, 2 LM writes audio codes
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> "Work":
+        return cls(
+            model=row.get("model") or "", task_type=row.get("task_type") or "text2music",
+            items=max(1, int(row.get("items") or 1)), audio_seconds=row.get("audio_seconds"),
+            dit_steps=int(row.get("dit_steps") or 0), lm_mode=int(row.get("lm_mode") or 0),
+        )
+
+    @property
+    def lm_task(self) -> bool:
+        """One of the LM's own tasks (format, create_sample, ...): no audio."""
+        return self.task_type.startswith("lm_")
+
+    def stage_features(self, seconds: float) -> dict[str, float]:
+        """The feature of every stage this job runs (stages it skips are absent); `seconds` per song."""
+        if self.lm_task:
+            return {"claimed": 0.0, "lm": 0.0}
+        n = self.items
+        features = {
+            "claimed": 0.0,
+            "preparing": seconds if self.task_type in SOURCE_TASK_TYPES else 0.0,
+            "conditioning": float(n),
+            "dit": seconds * n * self.dit_steps,
+            "vae": seconds * n,
+            "encoding": seconds * n,
+            "uploading": float(n),
+        }
+        if self.lm_mode >= 1:
+            features["lm"] = seconds * n if self.lm_mode == 2 else 0.0
+        return {stage: features[stage] for stage in STAGES if stage in features}
+
+
+NO_DURATION_SECONDS = 30.0  # what the DiT makes with no duration, no LM to choose one and no source
+
+
+def work_of(request: GenerationRequest, model: str, *, source_seconds: float | None = None,
+            lm_task: bool = False) -> Work:
+    """The cost features of a request as submitted (`source_seconds`: an uploaded source's length)."""
+    if lm_task:
+        return Work(model=model, task_type="lm_task", lm_mode=1)
+    if request.audio_duration is not None:
+        seconds = float(request.audio_duration)
+    elif request.task_type in SOURCE_TASK_TYPES:
+        seconds = source_seconds  # the source's length; None: unknown until the worker reads it
+    else:
+        seconds = None if request.thinking else NO_DURATION_SECONDS
+    lm_text = request.use_format or request.sample_mode  # the LM writes text, no codes
+    return Work(
+        model=model, task_type=request.task_type, items=request.items, audio_seconds=seconds,
+        dit_steps=TURBO_STEPS if "turbo" in model else request.inference_steps,
+        lm_mode=2 if request.thinking else 1 if lm_text else 0,
+    )
+
+
+@dataclass(frozen=True)
+class StageCost:
+    a: float  # seconds per run of the stage
+    b: float = 0.0  # seconds per unit of its feature
+
+    def seconds(self, feature: float) -> float:
+        return self.a + self.b * feature
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """One model's price list: a StageCost per stage, and the seconds per song the LM chooses."""
+
+    stages: Mapping[str, StageCost]
+    expected_seconds: float
+
+    def stage_seconds(self, work: Work) -> dict[str, float]:
+        seconds = self.song_seconds(work)
+        return {stage: self.stages[stage].seconds(f) for stage, f in work.stage_features(seconds).items()}
+
+    def song_seconds(self, work: Work) -> float:
+        return work.audio_seconds if work.audio_seconds is not None else self.expected_seconds
+
+    def seconds(self, work: Work) -> float:
+        """What the job costs from claim to finish."""
+        return max(MIN_JOB_SECONDS, sum(self.stage_seconds(work).values()))
+
+    def remaining(self, work: Work, stage: str | None, progress: float | None) -> float:
+        """What a running job still costs, from the stage it reported and its progress in it."""
+        costs = self.stage_seconds(work)
+        if stage not in STAGES:
+            return sum(costs.values()) * (1.0 - (progress or 0.0))
+        left = 0.0
+        for name in STAGES[STAGES.index(stage):]:
+            cost = costs.get(name, 0.0)
+            left += cost * (1.0 - within_stage(stage, progress)) if name == stage else cost
+        return left
+
+    def collapsed(self) -> dict[str, float]:
+        """These coefficients as the SQL function acestep_job_seconds reads them."""
+        s = {stage: self.stages[stage] for stage in STAGES if stage in self.stages}
+        zero = StageCost(0.0)
+        audio_stages = [s.get("conditioning", zero), s.get("dit", zero), s.get("vae", zero),
+                        s.get("encoding", zero), s.get("uploading", zero)]
+        return {
+            "k0": s["claimed"].a + s["preparing"].a + sum(c.a for c in audio_stages),
+            "k_src": s["preparing"].b,
+            "k_lm_a": s["lm"].a,
+            "k_lm_b": s["lm"].b,
+            "k_dit": s["dit"].b,
+            "k_audio": s["vae"].b + s["encoding"].b,
+            "k_items": s["conditioning"].b + s["uploading"].b,
+            "k_lm_task": s["claimed"].a + s["lm"].a,
+            "expected_seconds": self.expected_seconds,
+        }
+
+    def sql_array(self) -> list[float]:
+        collapsed = self.collapsed()
+        return [collapsed[name] for name in SQL_COEFFICIENTS]
+
+
+def _prior(stages: dict[str, tuple[float, float]], expected_seconds: float) -> Coefficients:
+    return Coefficients({stage: StageCost(*stages[stage]) for stage in STAGES}, expected_seconds)
+
+
+# Priors per device class, from benchmark runs (benchmarks/README.md): `gpu` from the full-size
+# DiT+VAE and 1.7B LM (pt backend) on an H200 at 60 s (DiT 8 steps 0.250 s, VAE 0.138 s, LM 7.6 s);
+# `cpu-tiny` from the stage timings of tiny-checkpoint jobs in `dev` on a 2-core CPU.
+PRIORS: dict[str, Coefficients] = {
+    "gpu": _prior({
+        "claimed": (0.05, 0.0), "preparing": (0.05, 0.003), "lm": (1.0, 0.127), "conditioning": (0.05, 0.01),
+        "dit": (0.02, 0.00052), "vae": (0.02, 0.0023), "encoding": (0.02, 0.004), "uploading": (0.05, 0.02),
+    }, expected_seconds=120.0),
+    "cpu-tiny": _prior({
+        "claimed": (0.05, 0.0), "preparing": (0.05, 0.004), "lm": (0.3, 0.008), "conditioning": (0.03, 0.01),
+        "dit": (0.02, 0.00006), "vae": (0.02, 0.004), "encoding": (0.02, 0.002), "uploading": (0.02, 0.01),
+    }, expected_seconds=30.0),
+}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Coefficients per model, and those for a model nobody has run yet."""
+
+    models: Mapping[str, Coefficients]
+    default: Coefficients
+
+    def of(self, model: str) -> Coefficients:
+        return self.models.get(model, self.default)
+
+    def seconds(self, work: Work) -> float:
+        return self.of(work.model).seconds(work)
+
+    def remaining(self, row: Mapping[str, Any]) -> float:
+        """A running row's remaining seconds."""
+        work = Work.of(row)
+        return self.of(work.model).remaining(work, row.get("stage"), row.get("progress"))
+
+    def sql_costs(self) -> tuple[dict[str, list[float]], list[float]]:
+        """(per model, default) coefficient arrays, as the queue queries price with them."""
+        return {model: c.sql_array() for model, c in self.models.items()}, self.default.sql_array()
+
+
+def sample_stages(sample: Mapping[str, Any]) -> dict[str, float]:
+    """A finished job's stage seconds: its share of what it recorded, the rest of its time between
+    claim and finish (claim, completion writes) counted as `claimed`."""
+    timings = sample.get("timings") or {}
+    stages = {k: float(v) for k, v in (timings.get("stages") or {}).items() if k in STAGES}
+    total = sample.get("seconds")
+    if total is not None:
+        share = float(total) / max(1, int(timings.get("batch_jobs") or 1))
+        stages["claimed"] = stages.get("claimed", 0.0) + max(0.0, share - sum(stages.values()))
+    return stages
+
+
+def fit_line(points: list[tuple[float, float]], prior: StageCost, weight: float = PRIOR_WEIGHT) -> StageCost:
+    """y ~ a + b f with a, b >= 0: Huber-weighted least squares pulled toward `prior` with the weight
+    of `weight` points (at the points' typical feature, for b)."""
+    if not points:
+        return prior
+    f2 = sum(f * f for f, _ in points) / len(points)
+    lam_a, lam_b = weight, weight * f2 if f2 > 0 else weight
+    w = [1.0] * len(points)
+    a, b = prior.a, prior.b
+    for _ in range(8):
+        sw = sum(w) + lam_a
+        swf = sum(wi * f for wi, (f, _) in zip(w, points))
+        swff = sum(wi * f * f for wi, (f, _) in zip(w, points)) + lam_b
+        swy = sum(wi * y for wi, (_, y) in zip(w, points)) + lam_a * prior.a
+        swfy = sum(wi * f * y for wi, (f, y) in zip(w, points)) + lam_b * prior.b
+        det = sw * swff - swf * swf
+        a, b = ((swy * swff - swf * swfy) / det, (sw * swfy - swf * swy) / det) if det > 0 else (swy / sw, prior.b)
+        if b < 0:
+            b, a = 0.0, swy / sw
+        if a < 0:
+            a, b = 0.0, max(0.0, swfy / swff)
+        residuals = [abs(y - a - b * f) for f, y in points]
+        scale = max(1.4826 * statistics.median(residuals), 0.05 * statistics.median(abs(y) for _, y in points), 1e-3)
+        w = [1.0 if r <= HUBER_K * scale else HUBER_K * scale / r for r in residuals]
+    return StageCost(a, b)
+
+
+def fit_cost_model(samples: Iterable[Mapping[str, Any]], prior: Coefficients = PRIORS["gpu"]) -> CostModel:
+    """Per model and stage from finished jobs' timings (cost_samples rows), on top of `prior`."""
+    samples = list(samples)
+    expected = _expected_seconds(samples, prior.expected_seconds)
+    default = Coefficients(prior.stages, expected)
+    models = {}
+    for model in sorted({s["model"] or "" for s in samples}):
+        points: dict[str, list[tuple[float, float]]] = {stage: [] for stage in STAGES}
+        for sample in (s for s in samples if (s["model"] or "") == model):
+            work = Work.of(sample)
+            seconds = _made_seconds(sample, expected)
+            recorded = sample_stages(sample)
+            for stage, feature in work.stage_features(seconds).items():
+                points[stage].append((feature, recorded.get(stage, 0.0)))
+        models[model] = Coefficients({stage: fit_line(points[stage], prior.stages[stage]) for stage in STAGES}, expected)
+    return CostModel(models, default)
+
+
+def _made_seconds(sample: Mapping[str, Any], expected: float) -> float:
+    made = (sample.get("timings") or {}).get("audio_seconds")
+    if made is None:
+        made = sample.get("audio_seconds")
+    return float(made) if made is not None and math.isfinite(float(made)) else expected
+
+
+def _expected_seconds(samples: list[Mapping[str, Any]], prior: float) -> float:
+    """The seconds per song jobs without a duration ended up with: their median, pulled toward the
+    prior with PRIOR_WEIGHT."""
+    chosen = [float(s["audio_seconds"]) for s in samples
+              if s.get("duration_given") is False and s.get("audio_seconds") is not None
+              and not str(s.get("task_type") or "").startswith("lm_")]
+    if not chosen:
+        return prior
+    n = len(chosen)
+    return (statistics.median(chosen) * n + prior * PRIOR_WEIGHT) / (n + PRIOR_WEIGHT)
