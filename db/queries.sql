@@ -34,9 +34,9 @@
 -- :max_queued, nothing is inserted (no row returned) while the owner has that many queued.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
 INSERT INTO jobs (id, owner, idempotency_key, request_hash, priority, request, model, task_type,
-                  dit_units, lm_units, max_attempts, created_at, run_after)
+                  items, audio_seconds, dit_steps, lm_mode, max_attempts, created_at, run_after)
 SELECT :id, :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS jsonb), :model, :task_type,
-       :dit_units, :lm_units, :max_attempts, clock.now, clock.now
+       :items, :audio_seconds, :dit_steps, :lm_mode, :max_attempts, clock.now, clock.now
 FROM clock
 WHERE CAST(:max_queued AS int) IS NULL
    OR (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE owner = :owner AND status = 'queued'
@@ -47,18 +47,19 @@ RETURNING id, request_hash, status, (xmax = 0) AS created;
 
 -- name: submit_jobs
 -- Insert many jobs of one owner in one statement (bulk clients, benchmarks). :jobs is a JSON array
--- of {id, request, priority?, model?, task_type?, dit_units?, lm_units?} (absent: the column's
--- default); returns how many were inserted.
+-- of {id, request, priority?, model?, task_type?, items?, audio_seconds?, dit_steps?, lm_mode?}
+-- (absent: the column's default); returns how many were inserted.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 inserted AS (
-    INSERT INTO jobs (id, owner, priority, request, model, task_type, dit_units, lm_units,
-                      max_attempts, created_at, run_after)
+    INSERT INTO jobs (id, owner, priority, request, model, task_type, items, audio_seconds, dit_steps,
+                      lm_mode, max_attempts, created_at, run_after)
     SELECT n.id, :owner, COALESCE(n.priority, 0), n.request, COALESCE(n.model, ''),
-           COALESCE(n.task_type, 'text2music'), COALESCE(n.dit_units, 0), COALESCE(n.lm_units, 0),
-           :max_attempts, clock.now, clock.now
+           COALESCE(n.task_type, 'text2music'), COALESCE(n.items, 1), n.audio_seconds, COALESCE(n.dit_steps, 8),
+           COALESCE(n.lm_mode, 0), :max_attempts, clock.now, clock.now
     FROM clock,
          jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(id uuid, priority int, request jsonb, model text,
-                                                      task_type text, dit_units float8, lm_units float8)
+                                                      task_type text, items int, audio_seconds float8,
+                                                      dit_steps int, lm_mode smallint)
     RETURNING 1
 )
 SELECT count(*) AS inserted FROM inserted;
@@ -126,17 +127,26 @@ FROM clock
 WHERE j.id = :id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_id = :worker_id
 RETURNING j.cancel_requested;
 
+-- name: reprice_job
+-- The worker learned the seconds per song (the LM chose them): the job's remaining work is priced on them.
+UPDATE jobs AS j
+SET audio_seconds = :audio_seconds
+WHERE j.id = :id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_id = :worker_id
+RETURNING j.id;
+
 -- name: complete_jobs
 -- Mark jobs succeeded with their results, each fenced on its own attempt. :done is a JSON array of
--- {id, attempt, result}; returns the ids actually written.
+-- {id, attempt, result, timings?}; returns the ids actually written.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 done AS (
-    SELECT * FROM jsonb_to_recordset(CAST(:done AS jsonb)) AS d(id uuid, attempt int, result jsonb)
+    SELECT * FROM jsonb_to_recordset(CAST(:done AS jsonb)) AS d(id uuid, attempt int, result jsonb, timings jsonb)
 ),
 written AS (
     UPDATE jobs AS j
     SET status = 'succeeded',
         result = done.result,
+        timings = done.timings,
+        audio_seconds = COALESCE(CAST(done.timings->>'audio_seconds' AS float8), j.audio_seconds),
         finished_at = clock.now,
         heartbeat_at = clock.now,
         lease_expires_at = NULL,
@@ -202,8 +212,10 @@ WHERE j.id = :id AND j.status = 'running' AND j.attempt = :attempt AND j.worker_
 RETURNING j.status;
 
 -- name: cancel_job
--- A client's cancel: a queued job ends canceled at once, a running one gets a cancel request.
--- Returns the status before and after (after is NULL when the job had already finished).
+-- A client's cancel: a queued job ends canceled at once, a running one gets a cancel request and
+-- NOTIFY acestep_cancel with its id, which its worker LISTENs for (db/cancel_notices.py) to stop
+-- the pipeline within a moment. Returns the status before and after (after is NULL when the job
+-- had already finished).
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 changed AS (
     UPDATE jobs AS j
@@ -215,7 +227,8 @@ changed AS (
     RETURNING j.status
 )
 SELECT (SELECT status FROM jobs WHERE id = :id) AS status_before,
-       (SELECT status FROM changed) AS status_after;
+       (SELECT status FROM changed) AS status_after,
+       (SELECT pg_notify('acestep_cancel', CAST(:id AS text)) FROM changed WHERE changed.status = 'running') AS notified;
 
 -- name: rescue_expired
 -- Jobs whose worker stopped heartbeating: requeue while attempts remain, else fail with a clear
@@ -257,7 +270,8 @@ WHERE j.id = o.id AND j.status = 'running' AND j.lease_expires_at < clock.now
 RETURNING j.id, j.status, j.attempt;
 
 -- name: get_job
-SELECT id, status, priority, owner, request, model, task_type, dit_units, lm_units, attempt, max_attempts, worker_id,
+SELECT id, status, priority, owner, request, model, task_type, items, audio_seconds, dit_steps, lm_mode, attempt,
+       max_attempts, worker_id,
        cancel_requested, stage, progress, result, error, errors, created_at, started_at,
        finished_at, lease_expires_at
 FROM jobs
@@ -277,33 +291,46 @@ SELECT j.status,
 FROM jobs AS j
 WHERE j.id = :id;
 
--- name: eta_inputs
--- Work queued ahead of :id (itself included), summed per model, and every running job's work.
+-- name: queue_ahead
+-- The first :limit queued jobs in claim order up to :id (itself last when it is among them), with
+-- their cost features: what the estimator schedules onto the worker slots one by one.
+WITH me AS (SELECT priority, created_at, id FROM jobs WHERE id = :id AND status = 'queued')
+SELECT q.id, q.model, q.task_type, q.items, q.audio_seconds, q.dit_steps, q.lm_mode
+FROM jobs AS q, me
+WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
+ORDER BY q.priority, q.created_at, q.id
+LIMIT :limit;
+
+-- name: queue_ahead_total
+-- How many queued jobs are ahead of :id (itself included) and their priced seconds: :costs maps a
+-- model to its coefficient array (see acestep_job_seconds, migration 0004), :default_costs prices
+-- the other models.
 WITH me AS (SELECT priority, created_at, id FROM jobs WHERE id = :id AND status = 'queued'),
-ahead AS (
-    SELECT q.model, q.dit_units, q.lm_units
-    FROM jobs AS q, me
-    WHERE q.status = 'queued' AND q.priority < me.priority
-    UNION ALL
-    SELECT q.model, q.dit_units, q.lm_units
-    FROM jobs AS q, me
-    WHERE q.status = 'queued' AND q.priority = me.priority
-      AND (q.created_at, q.id) <= (me.created_at, me.id)
+costs AS MATERIALIZED (
+    SELECT m.key AS model,
+           ARRAY(SELECT CAST(e.v AS float8) FROM jsonb_array_elements_text(m.value) WITH ORDINALITY AS e(v, i)
+                 ORDER BY e.i) AS k
+    FROM jsonb_each(CAST(:costs AS jsonb)) AS m
 )
-SELECT 'queued' AS kind, model, count(*) AS jobs, sum(dit_units) AS dit_units, sum(lm_units) AS lm_units,
-       CAST(NULL AS float8) AS progress, CAST(NULL AS timestamptz) AS started_at
-FROM ahead
-GROUP BY model
-UNION ALL
-SELECT 'running', model, 1, dit_units, lm_units, progress, started_at
+SELECT count(*) AS jobs,
+       COALESCE(sum(acestep_job_seconds(COALESCE(c.k, CAST(:default_costs AS float8[])), q.task_type, q.items,
+                                        q.audio_seconds, q.dit_steps, q.lm_mode)), 0) AS seconds
+FROM jobs AS q CROSS JOIN me LEFT JOIN costs AS c ON c.model = q.model
+WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id);
+
+-- name: running_work
+-- Every running job with its features and where it stands: the work the worker slots still hold.
+SELECT id, model, task_type, items, audio_seconds, dit_steps, lm_mode, stage, progress, started_at
 FROM jobs
 WHERE lease_expires_at IS NOT NULL AND status = 'running';
 
 -- name: cost_samples
--- Recent successful jobs: the cost model's training data (seconds against work).
-SELECT model, dit_units, lm_units, CAST(EXTRACT(EPOCH FROM finished_at - started_at) AS float8) AS seconds
+-- Recent successful jobs with their stage timings: the cost model's training data.
+SELECT model, task_type, items, audio_seconds, dit_steps, lm_mode, timings,
+       jsonb_typeof(request->'audio_duration') = 'number' AS duration_given,
+       CAST(EXTRACT(EPOCH FROM finished_at - started_at) AS float8) AS seconds
 FROM jobs
-WHERE finished_at IS NOT NULL AND status = 'succeeded'
+WHERE finished_at IS NOT NULL AND status = 'succeeded' AND timings IS NOT NULL
 ORDER BY finished_at DESC
 LIMIT :limit;
 
@@ -373,11 +400,16 @@ SELECT id, host, capacity, models, state, started_at, heartbeat_at,
 FROM workers, clock ORDER BY id;
 
 -- name: list_jobs
--- One page of an owner's jobs, newest first; :before is the created_at of the last row seen.
+-- One page of an owner's jobs, newest first (ties on created_at by id). :before_created_at and
+-- :before_id are the last row seen (both NULL for the first page); the redundant `created_at <=`
+-- lets the (owner, created_at) index bound the scan.
 SELECT id, status, created_at, started_at, finished_at, error
 FROM jobs
-WHERE owner = :owner AND (CAST(:before AS timestamptz) IS NULL OR created_at < CAST(:before AS timestamptz))
-ORDER BY created_at DESC
+WHERE owner = :owner
+  AND (CAST(:before_created_at AS timestamptz) IS NULL
+       OR (created_at <= CAST(:before_created_at AS timestamptz)
+           AND (created_at, id) < (CAST(:before_created_at AS timestamptz), CAST(:before_id AS uuid))))
+ORDER BY created_at DESC, id DESC
 LIMIT :limit;
 
 -- name: insert_api_key
@@ -428,18 +460,21 @@ RETURNING w.gave_up_at;
 
 -- name: queue_checkpoints
 -- A rank snapshot of the queue: the first job of each priority and every :step-th job, with its
--- rank and the predicted seconds of work up to and including it (:costs prices each model as
--- a + b * dit_units + c * lm_units; others cost :default_seconds). One pass in claim order.
-WITH costs AS (
-    SELECT * FROM jsonb_to_recordset(CAST(:costs AS jsonb)) AS c(model text, a float8, b float8, c float8)
+-- rank and the priced seconds of work up to and including it (:costs and :default_costs as in
+-- queue_ahead_total). One pass in claim order.
+WITH costs AS MATERIALIZED (
+    SELECT m.key AS model,
+           ARRAY(SELECT CAST(e.v AS float8) FROM jsonb_array_elements_text(m.value) WITH ORDINALITY AS e(v, i)
+                 ORDER BY e.i) AS k
+    FROM jsonb_each(CAST(:costs AS jsonb)) AS m
 ),
 ranked AS (
     SELECT q.priority, q.created_at, q.id,
            row_number() OVER claim_order AS rank,
            row_number() OVER (PARTITION BY q.priority ORDER BY q.created_at, q.id) AS rank_in_priority,
-           sum(GREATEST(0, COALESCE(k.a + k.b * q.dit_units + k.c * q.lm_units,
-                                    CAST(:default_seconds AS float8)))) OVER claim_order AS seconds
-    FROM jobs AS q LEFT JOIN costs AS k ON k.model = q.model
+           sum(acestep_job_seconds(COALESCE(c.k, CAST(:default_costs AS float8[])), q.task_type, q.items,
+                                   q.audio_seconds, q.dit_steps, q.lm_mode)) OVER claim_order AS seconds
+    FROM jobs AS q LEFT JOIN costs AS c ON c.model = q.model
     WHERE q.status = 'queued'
     WINDOW claim_order AS (ORDER BY q.priority, q.created_at, q.id)
 )
@@ -449,18 +484,21 @@ WHERE rank % :step = 1 OR rank_in_priority = 1
 ORDER BY priority, created_at, id;
 
 -- name: queue_gap
--- Queued jobs of one priority after a checkpoint up to a job (both bounds in claim order), per model.
-SELECT q.model, count(*) AS jobs, sum(q.dit_units) AS dit_units, sum(q.lm_units) AS lm_units
-FROM jobs AS q
+-- Queued jobs of one priority after a checkpoint up to a job (both bounds in claim order): how many,
+-- and their priced seconds.
+WITH costs AS MATERIALIZED (
+    SELECT m.key AS model,
+           ARRAY(SELECT CAST(e.v AS float8) FROM jsonb_array_elements_text(m.value) WITH ORDINALITY AS e(v, i)
+                 ORDER BY e.i) AS k
+    FROM jsonb_each(CAST(:costs AS jsonb)) AS m
+)
+SELECT count(*) AS jobs,
+       COALESCE(sum(acestep_job_seconds(COALESCE(c.k, CAST(:default_costs AS float8[])), q.task_type, q.items,
+                                        q.audio_seconds, q.dit_steps, q.lm_mode)), 0) AS seconds
+FROM jobs AS q LEFT JOIN costs AS c ON c.model = q.model
 WHERE q.status = 'queued' AND q.priority = :priority
   AND (q.created_at, q.id) > (CAST(:after_created_at AS timestamptz), CAST(:after_id AS uuid))
-  AND (q.created_at, q.id) <= (CAST(:upto_created_at AS timestamptz), CAST(:upto_id AS uuid))
-GROUP BY q.model;
-
--- name: running_work
-SELECT model, dit_units, lm_units, progress
-FROM jobs
-WHERE lease_expires_at IS NOT NULL AND status = 'running';
+  AND (q.created_at, q.id) <= (CAST(:upto_created_at AS timestamptz), CAST(:upto_id AS uuid));
 
 -- name: count_api_keys
 SELECT count(*) AS active FROM api_keys WHERE revoked_at IS NULL;

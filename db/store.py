@@ -5,7 +5,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -36,14 +36,17 @@ RESCUE_LOCK_KEY = 0x4ACE57E9  # pg advisory lock that serialises rescuers
 
 @dataclass(frozen=True)
 class NewJob:
-    """What a submitter knows about a job: the request and its cost-model features."""
+    """What a submitter knows about a job: the request and its cost-model features (see the jobs
+    table: songs, seconds per song or None while the LM is to choose, DiT steps, LM mode)."""
 
     request: dict[str, Any]
     priority: int = 0
     model: str = ""
     task_type: str = "text2music"
-    dit_units: float = 0.0
-    lm_units: float = 0.0
+    items: int = 1
+    audio_seconds: float | None = None
+    dit_steps: int = 8
+    lm_mode: int = 0
 
     def as_row(self) -> dict[str, Any]:
         """The fields of a bulk insert; those at their defaults are left out (the SQL fills them)."""
@@ -55,7 +58,8 @@ class NewJob:
         return row
 
 
-_NEW_JOB_DEFAULTS = {"priority": 0, "model": "", "task_type": "text2music", "dit_units": 0.0, "lm_units": 0.0}
+_NEW_JOB_DEFAULTS = {"priority": 0, "model": "", "task_type": "text2music", "items": 1, "audio_seconds": None,
+                     "dit_steps": 8, "lm_mode": 0}
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,6 @@ class RetryPolicy:
 class CancelOutcome:
     before: JobStatus
     after: JobStatus | None  # None: the job had already finished, nothing changed
-
-
-@dataclass
-class EtaInputs:
-    queued: list[dict[str, Any]] = field(default_factory=list)  # per model: jobs, dit_units, lm_units
-    running: list[dict[str, Any]] = field(default_factory=list)  # per job: model, units, progress, started_at
 
 
 def request_hash(request: dict[str, Any]) -> str:
@@ -194,8 +192,10 @@ class JobStore:
             request=Jsonb(job.request),
             model=job.model,
             task_type=job.task_type,
-            dit_units=job.dit_units,
-            lm_units=job.lm_units,
+            items=job.items,
+            audio_seconds=job.audio_seconds,
+            dit_steps=job.dit_steps,
+            lm_mode=job.lm_mode,
             max_attempts=max_attempts,
             max_queued=max_queued,
         )
@@ -223,9 +223,12 @@ class JobStore:
             raise JobNotFound(f"job {job_id} not found")
         return rows[0]._asdict()
 
-    def list_jobs(self, owner: str, *, limit: int = 20, before: datetime | None = None) -> list[dict[str, Any]]:
-        """One page of an owner's jobs, newest first."""
-        return [r._asdict() for r in self._run("list_jobs", None, owner=owner, limit=limit, before=before)]
+    def list_jobs(self, owner: str, *, limit: int = 20, before: tuple[datetime, UUID] | None = None) -> list[dict[str, Any]]:
+        """One page of an owner's jobs, newest first; `before` is (created_at, id) of the last row of
+        the previous page (jobs created in the same instant page by id)."""
+        created_at, job_id = before if before is not None else (None, None)
+        rows = self._run("list_jobs", None, owner=owner, limit=limit, before_created_at=created_at, before_id=job_id)
+        return [r._asdict() for r in rows]
 
     def queue_position(self, job_id: UUID) -> int:
         """1-based place in claim order while queued; 0 once running or finished."""
@@ -234,24 +237,32 @@ class JobStore:
             raise JobNotFound(f"job {job_id} not found")
         return int(rows[0].position)
 
-    def eta_inputs(self, job_id: UUID) -> EtaInputs:
-        inputs = EtaInputs()
-        for row in self._run("eta_inputs", None, id=job_id):
-            entry = {k: v for k, v in row._asdict().items() if k != "kind"}
-            (inputs.queued if row.kind == JobStatus.QUEUED else inputs.running).append(entry)
-        return inputs
+    def queue_ahead(self, job_id: UUID, limit: int) -> list[dict[str, Any]]:
+        """The first `limit` queued jobs in claim order up to the job (itself last if among them)."""
+        return [r._asdict() for r in self._run("queue_ahead", None, id=job_id, limit=limit)]
+
+    def queue_ahead_total(
+        self, job_id: UUID, costs: dict[str, list[float]], default_costs: list[float]
+    ) -> tuple[int, float]:
+        """(jobs, priced seconds) of the queued jobs up to and including the job; `costs` maps a model
+        to its coefficients (handler/http/cost_model.py), `default_costs` prices the other models."""
+        row = self._run("queue_ahead_total", None, id=job_id, costs=Jsonb(costs), default_costs=list(default_costs))[0]
+        return int(row.jobs), float(row.seconds)
 
     def queue_checkpoints(
-        self, costs: list[dict[str, Any]], *, default_seconds: float, step: int = 1000
+        self, costs: dict[str, list[float]], default_costs: list[float], *, step: int = 1000
     ) -> list[dict[str, Any]]:
         """A rank snapshot: (priority, created_at, id, rank, seconds) of the first job of each priority
-        and of every `step`-th job, seconds being the predicted work up to it. One pass over the queue."""
-        rows = self._run("queue_checkpoints", None, costs=Jsonb(costs), default_seconds=default_seconds, step=step)
+        and of every `step`-th job, seconds being the priced work up to it. One pass over the queue."""
+        rows = self._run("queue_checkpoints", None, costs=Jsonb(costs), default_costs=list(default_costs), step=step)
         return [r._asdict() for r in rows]
 
-    def queue_gap(self, priority: int, after: tuple[datetime, UUID], upto: tuple[datetime, UUID]) -> list[dict[str, Any]]:
-        """Queued jobs of `priority` after `after` up to `upto` in claim order, summed per model."""
-        rows = self._run(
+    def queue_gap(
+        self, priority: int, after: tuple[datetime, UUID], upto: tuple[datetime, UUID],
+        costs: dict[str, list[float]], default_costs: list[float],
+    ) -> tuple[int, float]:
+        """(jobs, priced seconds) of the queued jobs of `priority` after `after` up to `upto`."""
+        row = self._run(
             "queue_gap",
             None,
             priority=priority,
@@ -259,13 +270,17 @@ class JobStore:
             after_id=after[1],
             upto_created_at=upto[0],
             upto_id=upto[1],
-        )
-        return [r._asdict() for r in rows]
+            costs=Jsonb(costs),
+            default_costs=list(default_costs),
+        )[0]
+        return int(row.jobs), float(row.seconds)
 
     def running_work(self) -> list[dict[str, Any]]:
+        """Every running job: features, stage, progress, started_at."""
         return [r._asdict() for r in self._run("running_work", None)]
 
     def cost_samples(self, limit: int = 500) -> list[dict[str, Any]]:
+        """Recent succeeded jobs with their features and stage timings, newest first."""
         return [r._asdict() for r in self._run("cost_samples", None, limit=limit)]
 
     def stats(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> dict[str, Any]:
@@ -324,23 +339,34 @@ class JobStore:
         )
         return bool(row.cancel_requested)
 
+    def reprice(self, job: ClaimedJob, worker_id: str, audio_seconds: float, *, now: datetime | None = None) -> None:
+        """Record the seconds per song once known (the LM chose them). Raises JobLost."""
+        self._fenced("reprice_job", job, worker_id, now, audio_seconds=float(audio_seconds))
+
     def complete_many(
         self,
-        results: Sequence[tuple[ClaimedJob, dict[str, Any]]],
+        results: Sequence[tuple[ClaimedJob, dict[str, Any]] | tuple[ClaimedJob, dict[str, Any], dict[str, Any] | None]],
         worker_id: str,
         *,
         now: datetime | None = None,
     ) -> set[UUID]:
-        """Write results; returns the ids written. A missing id means that job was lost and its result dropped."""
+        """Write results, each (job, result) or (job, result, timings); returns the ids written. A
+        missing id means that job was lost and its result dropped. `timings`: what its stages cost
+        ({"stages": {stage: seconds}, "audio_seconds": seconds per song made, "batch_jobs": n})."""
         if not results:
             return set()
-        done = [{"id": str(job.id), "attempt": job.attempt, "result": result} for job, result in results]
+        done = [{"id": str(entry[0].id), "attempt": entry[0].attempt, "result": entry[1],
+                 "timings": entry[2] if len(entry) > 2 else None} for entry in results]
         rows = self._run("complete_jobs", now, worker_id=worker_id, done=Jsonb(done))
         return set(rows[0].ids)
 
-    def complete(self, job: ClaimedJob, worker_id: str, result: dict[str, Any], *, now: datetime | None = None) -> None:
-        """Mark one job succeeded. Raises JobLost if this attempt no longer owns it."""
-        if job.id not in self.complete_many([(job, result)], worker_id, now=now):
+    def complete(
+        self, job: ClaimedJob, worker_id: str, result: dict[str, Any], *,
+        timings: dict[str, Any] | None = None, now: datetime | None = None,
+    ) -> None:
+        """Mark one job succeeded (with what its stages cost, if known). Raises JobLost if this
+        attempt no longer owns it."""
+        if job.id not in self.complete_many([(job, result, timings)], worker_id, now=now):
             raise JobLost(f"job {job.id} attempt {job.attempt} is no longer held by {worker_id}; result dropped")
 
     def fail(

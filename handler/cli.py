@@ -1,6 +1,7 @@
 """`acestep-serverless`: the command line of the whole system."""
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -12,9 +13,13 @@ import httpx
 from pydantic import ValidationError
 
 from db.server import start_embedded
+from handler.logs import configure_logging, install_access_log_filter
 from handler.settings import DEFAULT_PIPELINE, Settings
 
 log = logging.getLogger("acestep_serverless")
+
+# `dev` on tiny random checkpoints: the random LM would plan songs of any length up to 600 s.
+TINY_LM_MAX_DURATION = 30
 
 
 def _settings() -> Settings:
@@ -36,7 +41,32 @@ def _variable(loc: tuple) -> str:
 def _database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
-    return start_embedded(settings.data_dir.resolve() / "postgres")
+    pgdata = settings.data_dir.resolve() / "postgres"
+    _forget_dead_handles(pgdata)
+    return start_embedded(pgdata)
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop the ids of processes that died without saying so (SIGKILL, a crash) from pgserver's list
+    of the embedded server's users: it stops the server when its last user exits, and a dead id
+    would keep it running for ever."""
+    handles = pgdata / ".handle_pids.json"
+    if not handles.exists():
+        return
+    pids = json.loads(handles.read_text() or "[]")
+    alive = [pid for pid in pids if _process_exists(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -64,6 +94,7 @@ def _serve_http(settings: Settings, database_url: str) -> None:
             "or set ACESTEP_ALLOW_OPEN=true to serve without keys"
         )
     app = create_app(services)
+    install_access_log_filter()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 
@@ -80,32 +111,85 @@ def cmd_dev(args: argparse.Namespace) -> int:
     """Embedded Postgres (or ACESTEP_DATABASE_URL), migrated, local storage, the HTTP API and one worker."""
     from migrations import upgrade
 
-    settings = _settings()
+    # SIGTERM and SIGHUP stop dev as Ctrl-C does: the worker and the embedded Postgres stop with it
+    # (uvicorn hands a signal it caught back to the handler found, which by default kills us outright).
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # as under nohup
+            signal.signal(sig, _exit_on_signal)
+    settings = _dev_settings(_settings())
     url = _database_url(settings)
     upgrade(url)
     print(f"job store ready: {url}", flush=True)
-    env = {**os.environ, "ACESTEP_DATABASE_URL": url, "ACESTEP_DATA_DIR": str(settings.data_dir.resolve())}
-    if settings.pipeline == DEFAULT_PIPELINE and settings.checkpoint_dir is None:
-        env["ACESTEP_CHECKPOINT_DIR"] = str(_tiny_checkpoints(settings.data_dir.resolve() / "tiny-checkpoints"))
-    worker = subprocess.Popen([sys.executable, "-m", "handler.cli", "worker"], env=env)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "handler.cli", "worker"], env=_dev_worker_env(settings, url, os.environ),
+        process_group=0,  # a terminal's Ctrl-C reaches dev alone; dev gives the worker one soft stop
+    )
     try:
         _serve_http(settings, url)
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)  # soft stop: a running job finishes or goes back to the queue
-            worker.wait(timeout=settings.shutdown_grace_seconds + 30)
-    if worker.returncode not in (0, None):
-        print(f"the worker exited with code {worker.returncode} (see its log above); jobs stayed queued", flush=True)
-    print("stopped", flush=True)
+        _stop_worker(worker, settings.shutdown_grace_seconds + 30)
     return 0
 
 
-def _tiny_checkpoints(folder: Path) -> Path:
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _dev_settings(settings: Settings) -> Settings:
+    """With tiny checkpoints, the ETA starts from what tiny jobs cost on a CPU (unless ACESTEP_ETA_PRIOR says)."""
+    if _uses_tiny_checkpoints(settings) and "eta_prior" not in settings.model_fields_set:
+        return settings.model_copy(update={"eta_prior": "cpu-tiny"})
+    return settings
+
+
+def _uses_tiny_checkpoints(settings: Settings) -> bool:
+    """`dev` without checkpoints builds tiny random ones."""
+    return settings.pipeline == DEFAULT_PIPELINE and settings.checkpoint_dir is None
+
+
+def _dev_worker_env(settings: Settings, database_url: str, environ: dict[str, str]) -> dict[str, str]:
+    """The worker's environment under `dev`: dev's database and data dir; without ACESTEP_CHECKPOINT_DIR
+    the tiny checkpoints, with the LM's songs kept short unless ACESTEP_LM_MAX_DURATION says otherwise."""
+    env = {**environ, "ACESTEP_DATABASE_URL": database_url, "ACESTEP_DATA_DIR": str(settings.data_dir.resolve())}
+    if _uses_tiny_checkpoints(settings):
+        lm_cap = settings.lm_max_duration if "lm_max_duration" in settings.model_fields_set else TINY_LM_MAX_DURATION
+        env["ACESTEP_LM_MAX_DURATION"] = str(lm_cap)
+        env["ACESTEP_CHECKPOINT_DIR"] = str(_tiny_checkpoints(settings.data_dir.resolve() / "tiny-checkpoints", lm_cap))
+    return env
+
+
+def _stop_worker(worker: subprocess.Popen, timeout: float) -> None:
+    """Soft-stop dev's worker (a running job finishes or goes back to the queue) and wait for it; a
+    second Ctrl-C or SIGTERM meanwhile is passed on, which makes the worker hurry (hard stop)."""
+
+    def hurry(signum: int, frame) -> None:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, hurry)
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"the worker did not stop within {timeout:.0f} s; killed (its job goes back to the queue when its "
+              "lease expires)", flush=True)
+        worker.kill()
+        worker.wait()
+    if worker.returncode != 0:
+        print(f"the worker exited with code {worker.returncode} (see its log above); jobs stayed queued", flush=True)
+    print("stopped", flush=True)
+
+
+def _tiny_checkpoints(folder: Path, lm_max_duration: int) -> Path:
     """Tiny random checkpoints for `dev` without ACESTEP_CHECKPOINT_DIR, built once, with a loud warning."""
     banner = "=" * 78
     print(f"{banner}\nWARNING: ACESTEP_CHECKPOINT_DIR is not set, so the worker uses TINY RANDOM checkpoints in\n"
           f"  {folder}\nThe API works end to end, but THE AUDIO IS NOISE. For music: acestep-serverless\n"
-          f"download-models DIR, then ACESTEP_CHECKPOINT_DIR=DIR.\n{banner}", flush=True)
+          f"download-models DIR, then ACESTEP_CHECKPOINT_DIR=DIR.\n"
+          f"Songs whose length the LM picks last at most {lm_max_duration} s (ACESTEP_LM_MAX_DURATION).\n{banner}",
+          flush=True)
     marker = folder / ".complete"
     if not marker.exists():
         from pipeline.tiny import build_tiny_checkpoints
@@ -143,10 +227,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a job to the API, show its place in the queue and progress, download the audio."""
-    import json
+    from handler.client import ClientError, param_value, submit_and_wait
 
-    from handler.client import ClientError, submit_and_wait
-
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per poll
     settings = _settings()
     fields: dict = {"caption": args.caption, "lyrics": args.lyrics, "audio_format": args.format, "task_type": args.task}
     if args.duration is not None:
@@ -155,10 +238,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         fields["thinking"] = True
     for item in args.param:
         name, _, raw = item.partition("=")
-        try:
-            fields[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            fields[name] = raw
+        fields[name] = param_value(name, raw)
     url = args.url or settings.public_url or f"http://{settings.host}:{settings.port}"
     try:
         paths = submit_and_wait(url, fields, out_dir=Path(args.out), api_key=args.key, src_audio=args.src)
@@ -189,9 +269,19 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     from handler.webhooks import owner_webhook_secret
 
     settings = _settings()
-    if not settings.database_url:
-        raise SystemExit("ACESTEP_DATABASE_URL is not set: create-key needs the job database")
-    store = JobStore(make_engine(settings.database_url, pool_size=1))
+    secret_file = settings.data_dir / "secret-key"
+    if not settings.secret_key and not secret_file.exists():
+        raise SystemExit(
+            f"ACESTEP_SECRET_KEY is not set and {secret_file} does not exist, so the webhook secret printed would "
+            "not match the server's. Run create-key with the server's settings: its ACESTEP_SECRET_KEY, or (for "
+            "`dev` and a server keeping its secret in its data dir) the same ACESTEP_DATA_DIR, after the server "
+            "has started once"
+        )
+    dev_database = settings.data_dir / "postgres" / "PG_VERSION"
+    if not settings.database_url and not dev_database.exists():
+        raise SystemExit(f"ACESTEP_DATABASE_URL is not set and {settings.data_dir} holds no `dev` database: "
+                         "create-key needs the job database")
+    store = JobStore(make_engine(_database_url(settings), pool_size=1))
     key_id, key = create_api_key(store, args.name, max_queued=args.max_queued)
     print(f"key id:         {key_id}")
     print(f"API key:        {key}   (shown once; send as Authorization: Bearer <key>)")
@@ -247,9 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("alembic.runtime.plugins", "pgserver"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    configure_logging()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,6 +1,7 @@
 """`acestep-serverless submit`: a client of the API. Submits a job, shows where it stands until it
 finishes, downloads the audio."""
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -8,12 +9,39 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
+
+from pipeline.contract import GenerationRequest
 
 FINISHED = ("succeeded", "failed", "canceled")
 
 
 class ClientError(Exception):
     """The API refused the request or the job did not succeed."""
+
+
+def param_value(name: str, raw: str) -> Any:
+    """A `--param NAME=VALUE` value: JSON (numbers, booleans, lists, null) where the field takes such a
+    value, the raw text where the field is a string (`time_signature=4` stays "4")."""
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    field = GenerationRequest.model_fields.get(name)
+    if field is None or isinstance(parsed, str):
+        return parsed
+    accepts = TypeAdapter(field.annotation)
+    if _accepts(accepts, parsed) or not _accepts(accepts, raw):
+        return parsed
+    return raw
+
+
+def _accepts(adapter: TypeAdapter, value: Any) -> bool:
+    try:
+        adapter.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
 
 
 def submit_and_wait(

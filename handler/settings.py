@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(50, gt=0, le=2048, description="largest accepted audio upload")
     max_queued_per_key: int = Field(100, ge=1, description="queued jobs one API key may have at once")
     default_batch_size: int = Field(2, ge=1, le=8, description="batch_size when a request has none")
+    eta_prior: Literal["gpu", "cpu-tiny"] = Field(
+        "gpu", description="device class whose benchmarked stage costs price jobs until finished jobs teach the ETA"
+    )
     checkpoint_dir: Path | None = Field(None, description="the checkpoints in the Hugging Face layout")
     pipeline: str = Field(DEFAULT_PIPELINE, description="module:callable that loads the pipeline")
     # What the pipeline loads and runs on (handed to it as PipelineOptions; the pipeline reads no environment).

@@ -54,3 +54,23 @@ def encode_audio(audio: np.ndarray, sample_rate: int, fmt: str, path: Path) -> N
     samples = (audio / peak if peak > 1.0 else audio).T.astype(np.float32)
     container, subtype = FORMATS[fmt]
     soundfile.write(str(path), samples, sample_rate, format=container, subtype=subtype)
+    if container == "WAV":
+        _clear_peak_timestamp(path)
+
+
+def _clear_peak_timestamp(path: Path) -> None:
+    """Zero the time of writing that libsndfile stamps into a float WAV's PEAK chunk, so the same
+    audio always encodes to the same bytes (reruns and retried attempts upload identical files).
+    The RIFF chunks follow the 12-byte header; PEAK (before `data`) holds a version, then the stamp."""
+    with path.open("r+b") as wav:
+        header = wav.read(4096)
+        offset = 12
+        while offset + 8 <= len(header):
+            chunk, size = header[offset:offset + 4], int.from_bytes(header[offset + 4:offset + 8], "little")
+            if chunk == b"PEAK" and size >= 8:
+                wav.seek(offset + 12)
+                wav.write(bytes(4))
+                return
+            if chunk == b"data":
+                return
+            offset += 8 + size + (size & 1)

@@ -39,6 +39,7 @@ DURATION_MIN, DURATION_MAX = 10, 600  # seconds a request (or the LM) may ask fo
 MAX_BATCH_SIZE = 8
 MAX_SEED = 2**32 - 1
 MAX_INFERENCE_STEPS = 200
+TURBO_STEPS = 8  # the turbo schedule's steps, whatever inference_steps says
 API_TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
 SOURCE_TASK_TYPES = ("cover", "repaint", "lego", "extract", "complete")  # tasks that read src audio
 BASE_MODEL_TASK_TYPES = ("lego", "extract", "complete")  # only the base DiT was trained for these
@@ -61,6 +62,36 @@ _TIME_SIGNATURE = re.compile(rf"^({'|'.join(TIME_SIGNATURE_BEATS)})(/({'|'.join(
 # The optional keys a job result carries beside audio_keys, generation_info, status_message and
 # seed_value: what the LM decided and which models made the audio.
 RESULT_INFO_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model")
+
+
+# Where each pipeline stage sits on the 0..1 `progress` a poll shows. The pipeline reports through
+# `stage_progress(stage, within)`; the ETA reads a running job's place in its stage back with
+# `within_stage`, so a running job's remaining work comes from its stage and progress.
+STAGE_SPANS = {
+    "claimed": (0.0, 0.0),
+    "preparing": (0.0, 0.03),
+    "lm": (0.03, 0.30),
+    "conditioning": (0.30, 0.35),
+    "dit": (0.35, 0.80),
+    "vae": (0.80, 0.95),
+    "encoding": (0.95, 0.98),
+    "uploading": (0.98, 1.0),
+}
+STAGES = tuple(STAGE_SPANS)
+
+
+def stage_progress(stage: str, within: float) -> float:
+    """The overall progress of a run `within` (0..1) of the way through `stage`."""
+    lo, hi = STAGE_SPANS[stage]
+    return lo + (hi - lo) * min(max(float(within), 0.0), 1.0)
+
+
+def within_stage(stage: str | None, progress: float | None) -> float:
+    """How far (0..1) into `stage` an overall `progress` lies (0 for an unknown stage)."""
+    lo, hi = STAGE_SPANS.get(stage or "", (0.0, 0.0))
+    if hi <= lo:
+        return 0.0
+    return min(max(((progress or 0.0) - lo) / (hi - lo), 0.0), 1.0)
 
 
 # ---- the request -------------------------------------------------------------------------------

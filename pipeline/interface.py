@@ -3,8 +3,10 @@ nothing from the service (no HTTP, no SQL). The request itself is `pipeline.cont
 
 A pipeline object has `run(request: GenerationRequest, progress) -> GeneratedAudio` and optionally
 `run_batch(requests: list[GenerationRequest], progress) -> list[GeneratedAudio]`. `progress(stage,
-fraction)` reports where it stands and raises `Canceled` when the job should stop, so cancellation takes
-effect between stages. Failures are `PipelineError`s; `retryable=False` for faults of the input.
+fraction, **facts)` reports where it stands (`pipeline.contract.stage_progress`; facts such as
+`audio_seconds`, the seconds per song once known) and raises `Canceled` when the job should stop, so
+cancellation takes effect at the next report (a DiT step, an LM token chunk, a VAE decoder block).
+Failures are `PipelineError`s; `retryable=False` for faults of the input.
 A pipeline returns raw audio; the worker's child encodes it (`pipeline.audio_io.encode_audio`: the one
 place that refuses non-finite or silent output and scales down what would clip)."""
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from pipeline.contract import SAMPLE_RATE
 
-Progress = Callable[[str, float], None]
+Progress = Callable[..., None]  # progress(stage, fraction, **facts)
 
 
 class Canceled(Exception):

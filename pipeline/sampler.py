@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.contract import TURBO_STEPS
 from pipeline.dit.model import AceStepDiT, CrossAttentionCache
 
 TURBO_SHIFTS = (1.0, 2.0, 3.0)
-TURBO_STEPS = 8
 MAX_CUSTOM_TIMESTEPS = 20
 
 
@@ -235,6 +235,8 @@ def sample(
         non_cover = non_cover.with_unconditional(null) if non_cover is not None else None
     momentum = _Momentum(guidance.apg_momentum if guidance else 0.0)
     condition = cover
+    if progress is not None:
+        progress(0, steps)  # the conditions are ready: a report (and a cancel point) before the first step
     for step in range(steps):
         t, t_next = timesteps[step], timesteps[step + 1]
         if step >= cover_steps and non_cover is not None:

@@ -45,12 +45,15 @@ from pipeline.contract import (
     MAX_SEED,
     SAMPLE_RATE,
     SOURCE_TASK_TYPES,
+    STAGE_SPANS,
     GenerationRequest,
     PipelineOptions,
+    stage_progress,
 )
 from pipeline.dit.load import load_dit, load_silence_latent
 from pipeline.dit.model import AceStepDiT
 from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError, Progress
+from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest, TextRequest, TokenReport
 from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.lm import tasks as lm_tasks
@@ -63,6 +66,8 @@ log = logging.getLogger(__name__)
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, float(DURATION_MAX)  # codes may make songs under DURATION_MIN
 MIN_SOURCE_SECONDS = 1.0
 TIMBRE_SECONDS, TIMBRE_SLICE_SECONDS = 30.0, 10.0
+LM_INPUTS_SHARE = 0.3  # of the "lm" stage, for sample mode / format ahead of the plan's LM calls
+METADATA_SHARE = 0.4  # of the plan's part of the "lm" stage, for the metadata call (codes: the rest)
 
 
 def pick_device(name: str | None = None) -> tuple[torch.device, torch.dtype]:
@@ -87,6 +92,54 @@ class Components:
     default_lm: str | None = None
     engines: VllmEngines | None = None
     lm_limits: LMLimits = field(default_factory=LMLimits)
+
+
+class Stages:
+    """The pipeline's progress calls: how far (0..1) it is within a stage, reported as the overall
+    progress of `pipeline.contract.STAGE_SPANS`, so a poll's stage and progress always agree.
+    `facts` go along as keywords (`audio_seconds`: the seconds per song, once known)."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+
+    def __call__(self, stage: str, within: float = 0.0, **facts: Any) -> None:
+        # capped at the span's end: lo + (hi - lo) x 1 may round past it, past the next stage's start
+        self.progress(stage, min(stage_progress(stage, within), STAGE_SPANS[stage][1]), **facts)
+
+    def steps(self, stage: str, lo: float = 0.0, hi: float = 1.0):
+        """A `(done, total)` callback for a loop that runs the [lo, hi] part of `stage`."""
+        return lambda done, total: self(stage, lo + (hi - lo) * done / max(total, 1))
+
+
+class ReportingLM:
+    """An LM backend whose calls report their tokens as the [lo, hi] part of the "lm" stage (a
+    metadata call the first METADATA_SHARE of it, a codes call the rest, an LM task all of it).
+    Every call starts with a report, so the stage begins when the LM does."""
+
+    def __init__(self, lm: LMBackend, stages: Stages, lo: float = 0.0, hi: float = 1.0):
+        self.lm, self.stages, self.lo, self.hi = lm, stages, lo, hi
+        self.mid = lo + (hi - lo) * METADATA_SHARE
+
+    @property
+    def name(self) -> str:
+        return self.lm.name
+
+    @property
+    def backend(self) -> str:
+        return self.lm.backend  # read after the calls: "pt" when vllm had to fall back
+
+    def _report(self, lo: float, hi: float) -> TokenReport:
+        self.stages("lm", lo)
+        return self.stages.steps("lm", lo, hi)
+
+    def generate_metadata(self, request: MetadataRequest) -> str:
+        return self.lm.generate_metadata(request, self._report(self.lo, self.mid))
+
+    def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
+        return self.lm.generate_codes(requests, self._report(self.mid, self.hi))
+
+    def generate_text(self, request: TextRequest) -> str:
+        return self.lm.generate_text(request, self._report(self.lo, self.hi))
 
 
 @dataclass
@@ -200,13 +253,16 @@ class AceStepPipeline:
             raise PipelineError(f"source audio is {samples / SAMPLE_RATE:.2f} s long; at least {MIN_SOURCE_SECONDS:g} s is needed")
         return src, samples
 
-    def text_plan(self, request: GenerationRequest, batch: int, seeds: list[int], src_samples: int) -> tuple[GenerationPlan, Any]:
-        """The LM stage (when the request asks for it) and every string the DiT's text side reads;
-        with the LM backend that was available to it (None without an LM)."""
+    def text_plan(self, request: GenerationRequest, batch: int, seeds: list[int], src_samples: int,
+                  stages: Stages, lm_from: float = 0.0) -> tuple[GenerationPlan, Any]:
+        """The LM stage (when the request asks for it; its calls report from `lm_from` of the "lm"
+        stage on) and every string the DiT's text side reads; with the LM backend that was
+        available to it (None without an LM)."""
         params = params_from_request(request)
         lm = None
         if self.lms:
             lm = select_lm(self.lms, request.lm_model_path or self.default_lm, request.lm_backend, self.engines)
+            lm = ReportingLM(lm, stages, lm_from)
         try:
             plan = plan_generation(params, lm, batch_size=batch, seeds=seeds, limits=self.lm_limits,
                                    src_audio_duration=src_samples / SAMPLE_RATE if src_samples else None,
@@ -279,16 +335,15 @@ class AceStepPipeline:
             raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
 
     def _run(self, request: GenerationRequest, batch: int, progress: Progress) -> GeneratedAudio:
+        stages = Stages(progress)
         self.check_task_type(request.task_type)
-        progress("preparing", 0.02)
+        stages("preparing")
         seeds = self.seeds(request, batch)
         src, src_samples = self.source(request)
-        request, prepared = self.apply_lm_inputs(request, seeds[0], progress)
-        if self.lms and request.thinking:
-            progress("lm", 0.05)
-        text, lm = self.text_plan(request, batch, seeds, src_samples)
+        request, prepared = self.apply_lm_inputs(request, seeds[0], stages)
+        text, lm = self.text_plan(request, batch, seeds, src_samples, stages, LM_INPUTS_SHARE if prepared else 0.0)
         plan = self.latents(request, text, src)
-        progress("conditioning", 0.3)
+        stages("conditioning", audio_seconds=plan.samples / SAMPLE_RATE)
         captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])
         lyrics, lyric_mask = self.text.embed_lyrics([item.lyric_prompt for item in text.items])
         timbre = self.timbre_latents(request.reference_audio_path, seeds)
@@ -296,7 +351,7 @@ class AceStepPipeline:
         strength = request.audio_cover_strength if plan.is_cover else 1.0
         if strength < 1.0:
             non_cover_text, non_cover_mask = self.text.encode_text([item.non_cover_caption_prompt for item in text.items])
-        progress("dit", 0.35)
+        stages("dit")
         noise = torch.cat([
             torch.randn((1, plan.frames, self.silence.shape[2]), generator=torch.Generator(self.device).manual_seed(s),
                         device=self.device, dtype=self.dtype)
@@ -322,11 +377,10 @@ class AceStepPipeline:
             repaint_mask=expand(plan.repaint_mask), clean_src_latents=expand(plan.clean_src),
             guidance=guidance, steps=request.inference_steps,
             generator=torch.Generator(self.device).manual_seed(seeds[0]),
-            progress=lambda step, steps: progress("dit", 0.35 + 0.45 * step / steps),
+            progress=stages.steps("dit"),
         )
-        progress("vae", 0.82)
-        audio = self.vae.decode(latents)[:, :, : plan.samples].float().numpy()
-        progress("vae", 0.95)
+        stages("vae")
+        audio = self.vae.decode(latents, progress=stages.steps("vae"))[:, :, : plan.samples].float().numpy()
         info = self.result_info(text, plan, seeds, lm)
         if prepared is not None:
             info = self.lm_inputs_info(info, request, prepared)
@@ -351,16 +405,19 @@ class AceStepPipeline:
         return select_lm(self.lms, name or self.default_lm, backend or "vllm", self.engines)
 
     def apply_lm_inputs(self, request: GenerationRequest, seed: int,
-                        progress: Progress) -> tuple[GenerationRequest, lm_tasks.PreparedLlmInputs | None]:
+                        stages: Stages) -> tuple[GenerationRequest, lm_tasks.PreparedLlmInputs | None]:
         """sample_mode / sample_query / use_format, as the reference's API applies them: the LM's
         caption, lyrics, bpm, key, time signature and duration replace the request's (the request's
         vocal_language stays); use_cot_* are turned off without an LM. The request unchanged (and
-        None) when none of the three is asked for."""
+        None) when none of the three is asked for. Its LM calls report the first LM_INPUTS_SHARE of
+        the "lm" stage."""
         fields = lm_tasks.lm_input_fields(request)
         if not lm_tasks.uses_lm_inputs(fields):
             return request, None
-        progress("lm", 0.03)
+        stages("lm")
         lm = self.lm_for(request.lm_model_path, request.lm_backend)
+        if lm is not None:
+            lm = ReportingLM(lm, stages, 0.0, LM_INPUTS_SHARE)
         try:
             prepared = lm_tasks.prepare_llm_inputs(fields, lm, seed=seed, max_duration=self.lm_limits.max_duration)
         except lm_tasks.LMUnavailableError as exc:
@@ -422,7 +479,8 @@ class AceStepPipeline:
         options = {key: values.pop(key) for key in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")
                    if key in values}
         options["max_duration"] = self.lm_limits.max_duration
-        progress("lm", 0.05)
+        stages = Stages(progress)
+        lm = ReportingLM(lm, stages)
         try:
             with torch.inference_mode():
                 if task == "format":
@@ -446,7 +504,7 @@ class AceStepPipeline:
             raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
         if not result.success:
             raise PipelineError(f"the LM task {task} failed: {result.error or result.status_message}")
-        progress("lm", 0.95)
+        stages("lm", 1.0)
         answer = {
             "caption": result.caption, "lyrics": result.lyrics, "bpm": result.bpm, "duration": result.duration,
             "key_scale": result.keyscale, "time_signature": result.timesignature, "vocal_language": result.language,

@@ -13,7 +13,7 @@ the single-pass ones."""
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,21 +152,41 @@ class Vae:
                 latents[:, tile.core_in_whole()].copy_(mean[:, :, tile.core_in_window()].transpose(1, 2))
         return latents
 
-    def decode(self, latents: torch.Tensor, *, chunk_frames: int = 512, overlap_frames: int = 64) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, chunk_frames: int = 512, overlap_frames: int = 64,
+               progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Latents [B, T, latent_dim], on any device, to audio [B, channels, T * hop] float32 on the
         CPU. Each window's core is copied to the CPU as soon as it is decoded, so the model's device
-        holds one window of audio at a time."""
+        holds one window of audio at a time. `progress(done, total)` after each upsampling block of
+        each tile (a forward hook: the computation is untouched; what it raises stops the decode there)."""
         if latents.dim() != 3 or latents.shape[2] != self.latent_dim or latents.numel() == 0:
             raise ValueError(f"latents must be a non-empty [B, frames, {self.latent_dim}] tensor, got {tuple(latents.shape)}")
         batch, frames, _ = latents.shape
         hop = self.hop_length
         audio = torch.empty(batch, self.audio_channels, frames * hop, dtype=torch.float32)
-        for tile in tiles(frames, chunk_frames, overlap_frames):
-            with torch.inference_mode():
-                window = latents[:, tile.window_start : tile.window_end].transpose(1, 2).to(self.device, self.dtype)
-                decoded = self.model.decoder(window)
-                audio[:, :, tile.core_in_whole(hop)].copy_(decoded[:, :, tile.core_in_window(hop)])
+        windows = list(tiles(frames, chunk_frames, overlap_frames))
+        hooks = self._report_blocks(progress, len(windows)) if progress is not None else []
+        try:
+            for tile in windows:
+                with torch.inference_mode():
+                    window = latents[:, tile.window_start : tile.window_end].transpose(1, 2).to(self.device, self.dtype)
+                    decoded = self.model.decoder(window)
+                    audio[:, :, tile.core_in_whole(hop)].copy_(decoded[:, :, tile.core_in_window(hop)])
+        finally:
+            for hook in hooks:
+                hook.remove()
         return audio
+
+    def _report_blocks(self, progress: Callable[[int, int], None], tiles_count: int) -> list:
+        """Forward hooks that call `progress(blocks run, blocks in all tiles)` after each decoder block."""
+        blocks = list(self.model.decoder.block)
+        total, done = tiles_count * len(blocks), 0
+
+        def after_block(*_) -> None:
+            nonlocal done
+            done += 1
+            progress(done, total)
+
+        return [block.register_forward_hook(after_block) for block in blocks]
 
     def _audio_window(self, audio: torch.Tensor, start_frame: int, end_frame: int) -> torch.Tensor:
         """Samples of frames [start_frame, end_frame) on the model's device and dtype; the last

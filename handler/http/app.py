@@ -1,21 +1,18 @@
 """The HTTP function: a stateless FastAPI app over the job store and object storage."""
 
-import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
 
-from db import DatabaseUnavailable, StoreError
-from handler.http import audio_links, routes_chat, routes_jobs, routes_lm, routes_models, routes_release, routes_system
+from handler.http import (audio_links, routes_chat, routes_files, routes_jobs, routes_lm, routes_models, routes_release,
+                          routes_system)
+from handler.http.errors import install_error_handlers
 from pipeline.contract import GenerationRequest
 from handler.http.services import Services, build_services
+from handler.logs import install_access_log_filter
 from handler.maintenance import Maintenance
 from handler.settings import Settings
-from handler.storage import StorageError, StorageUnavailable
-
-log = logging.getLogger(__name__)
 
 # The reference server's browser origins (its route_setup.py): pages served from localhost or
 # 127.0.0.1 on any port, and `null` (a page opened from a file, e.g. its ui/studio.html).
@@ -70,20 +67,12 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(routes_system.router)
     app.include_router(routes_models.router)
     app.include_router(audio_links.router)
+    app.include_router(routes_files.router)
     app.include_router(routes_release.router)
     app.include_router(routes_lm.router)
     app.include_router(routes_chat.router)
 
-    @app.exception_handler(DatabaseUnavailable)
-    @app.exception_handler(StorageUnavailable)
-    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": "service temporarily unavailable; retry shortly"}, 503, {"Retry-After": "5"})
-
-    @app.exception_handler(StoreError)
-    @app.exception_handler(StorageError)
-    async def failed(request: Request, exc: Exception) -> JSONResponse:
-        log.error("request failed", exc_info=exc, extra={"action": "http_error", "path": request.url.path})
-        return JSONResponse({"detail": "internal error in the job service"}, 500)
+    install_error_handlers(app)
 
     schema = app.openapi()
     schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = GenerationRequest.model_json_schema(
@@ -98,4 +87,5 @@ def app_from_environment() -> FastAPI:
     settings = Settings()
     if not settings.database_url:
         raise RuntimeError("ACESTEP_DATABASE_URL is not set: the HTTP function needs the job database")
+    install_access_log_filter()
     return create_app(build_services(settings, settings.database_url))

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from handler.backends import secret_key
-from handler.http.envelope import error_envelope
+from handler.http.envelope import EnvelopeRoute
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, StorageError, checked_key
 
 AUDIO_ROUTE = "/v1/audio"
@@ -35,7 +35,7 @@ _EXTENSION = re.compile(r"[A-Za-z0-9]{1,5}")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 CHUNK_BYTES = 256 * 1024
 
-router = APIRouter()
+router = APIRouter(route_class=EnvelopeRoute)
 
 
 class LinkRefused(Exception):
@@ -77,8 +77,9 @@ def audio_link(svc, key: str, *, now: float | None = None) -> str:
     return f"{AUDIO_ROUTE}?path={audio_token(svc.settings, key, now=now)}"
 
 
-def verify_token(settings, token: str, *, now: float | None = None) -> str:
-    """The storage key a token names; LinkRefused if it is malformed, forged or expired."""
+def verify_token(settings, token: str, *, now: float | None = None, expiry: bool = True) -> str:
+    """The storage key a token names; LinkRefused if it is malformed, forged or (unless `expiry` is
+    off: a caller naming a file of their own by its old link) expired."""
     parts = token.split(".")
     if len(parts) not in (3, 4) or not parts[1].isdigit() or len(parts[1]) > 12:
         raise LinkRefused("this audio link is not one this server made")
@@ -93,7 +94,7 @@ def verify_token(settings, token: str, *, now: float | None = None) -> str:
         raise LinkRefused("this audio link's signature is invalid")
     if len(parts) == 4 and parts[3] != _extension(key):
         raise LinkRefused("this audio link's signature is invalid")
-    if (time.time() if now is None else now) > expires:
+    if expiry and (time.time() if now is None else now) > expires:
         raise LinkRefused("this audio link has expired; query the task again for a fresh one")
     return key
 
@@ -151,6 +152,37 @@ def _chunks(body):
         body.close()
 
 
+def serve_object(request: Request, storage, key: str, range_header: str | None) -> Response:
+    """GET or HEAD of object `key`: Content-Type, Content-Length and Accept-Ranges always, one byte
+    range as 206 with Content-Range, 416 for a range past the end. Both download routes (these
+    links and the local backend's signed /v1/files URLs) answer through here; refusals are
+    HTTPExceptions, answered in each route's own shape."""
+    gone = "audio file not found (it may have been deleted after its retention time)"
+    try:
+        size = storage.size(key)
+    except ObjectNotFound:
+        raise HTTPException(404, gone) from None
+    headers = {"Accept-Ranges": "bytes", "Content-Type": content_type(key), "Cache-Control": "private, max-age=60"}
+    try:
+        wanted = parse_range(range_header, size)
+    except RangeNotSatisfiable:
+        raise HTTPException(416, [{"field": "Range", "message": f"{range_header!r} is outside the file ({size} bytes)"}],
+                            {"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"}) from None
+    status = 200
+    if wanted is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
+    length = wanted.length if wanted is not None else size
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD" or length == 0:
+        return Response(status_code=status, headers=headers)
+    try:
+        body = storage.open(key) if wanted is None else storage.open_range(key, wanted.start, wanted.end)
+    except ObjectNotFound:
+        raise HTTPException(404, gone) from None
+    return StreamingResponse(_chunks(body), status_code=status, headers=headers)
+
+
 @router.get(AUDIO_ROUTE, operation_id="download_audio", summary="Download a result file (the reference's signed link; ranges allowed)",
             responses={206: {}, 403: {}, 404: {}, 416: {}})
 @router.head(AUDIO_ROUTE, operation_id="head_audio", summary="A result file's headers (size, type, ranges)",
@@ -164,30 +196,5 @@ def audio(
     try:
         key = verify_token(svc.settings, path)
     except LinkRefused as refused:
-        return error_envelope(403, str(refused))
-    try:
-        size = svc.storage.size(key)
-    except ObjectNotFound:
-        return error_envelope(404, "audio file not found (it may have been deleted after its retention time)")
-    headers = {"Accept-Ranges": "bytes", "Content-Type": content_type(key), "Cache-Control": "private, max-age=60"}
-    try:
-        wanted = parse_range(range, size)
-    except RangeNotSatisfiable:
-        return error_envelope(416, f"range {range!r} is outside the file ({size} bytes)",
-                              {"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"})
-    status = 200
-    if wanted is not None:
-        status = 206
-        headers["Content-Range"] = f"bytes {wanted.start}-{wanted.end}/{size}"
-    length = wanted.length if wanted is not None else size
-    headers["Content-Length"] = str(length)
-    if request.method == "HEAD" or length == 0:
-        return Response(status_code=status, headers=headers)
-    try:
-        if wanted is None:
-            body = svc.storage.open(key)
-        else:
-            body = svc.storage.open_range(key, wanted.start, wanted.end)
-    except ObjectNotFound:
-        return error_envelope(404, "audio file not found (it may have been deleted after its retention time)")
-    return StreamingResponse(_chunks(body), status_code=status, headers=headers)
+        raise HTTPException(403, str(refused)) from None
+    return serve_object(request, svc.storage, key, range)

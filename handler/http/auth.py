@@ -5,9 +5,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from fastapi import HTTPException
-
 from db import JobStore
+from handler.http.errors import refusal
 
 KEY_PREFIX = "ace_"
 
@@ -48,10 +47,10 @@ class Authenticator:
             return Caller(owner="", max_queued=self._default_max_queued)
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
-            raise HTTPException(401, "missing API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
+            raise refusal(401, "Authorization", "missing API key: send Authorization: Bearer <key>", {"WWW-Authenticate": "Bearer"})
         found = self._lookup(hash_key(key.strip()))
         if found is None:
-            raise HTTPException(401, "invalid API key", {"WWW-Authenticate": "Bearer"})
+            raise refusal(401, "Authorization", "invalid API key", {"WWW-Authenticate": "Bearer"})
         return found
 
     def _lookup(self, key_hash: str) -> Caller | None:

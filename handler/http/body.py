@@ -3,7 +3,9 @@
 import json
 from typing import Any
 
-from fastapi import HTTPException, Request, UploadFile
+from fastapi import Request, UploadFile
+
+from handler.http.errors import refusal
 
 ACCEPTED = ("application/json", "application/x-www-form-urlencoded", "multipart/form-data")
 # Form fields whose "no value" is null: an empty form value means "not given".
@@ -21,10 +23,10 @@ async def read_body(request: Request, max_bytes: int) -> tuple[dict[str, Any], d
     """(fields, file uploads) of a JSON, urlencoded or multipart body; 415 for anything else."""
     kind = content_type(request)
     if kind not in ACCEPTED:
-        raise HTTPException(415, f"Content-Type must be one of {', '.join(ACCEPTED)}; got {kind or 'none'}")
+        raise refusal(415, "Content-Type", f"must be one of {', '.join(ACCEPTED)}; got {kind or 'none'}")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"request body is larger than {max_bytes // (1024 * 1024)} MB")
+        raise refusal(413, "body", f"request body is larger than {max_bytes // (1024 * 1024)} MB")
     if kind == "application/json":
         return await _json_fields(request, max_bytes), {}
     if kind == "application/x-www-form-urlencoded" and (await _limited_body(request, max_bytes)).lstrip().startswith(b"{"):
@@ -53,7 +55,7 @@ async def _limited_body(request: Request, max_bytes: int) -> bytes:
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_bytes:
-                raise HTTPException(413, f"request body is larger than {max_bytes // (1024 * 1024)} MB")
+                raise refusal(413, "body", f"request body is larger than {max_bytes // (1024 * 1024)} MB")
         request._body = bytes(body)
     return request._body
 
@@ -63,7 +65,7 @@ async def _json_fields(request: Request, max_bytes: int) -> dict[str, Any]:
     try:
         fields = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"malformed JSON body: {exc}") from None
+        raise refusal(400, "body", f"malformed JSON body: {exc}") from None
     if not isinstance(fields, dict):
-        raise HTTPException(400, "the JSON body must be an object of parameters")
+        raise refusal(400, "body", "the JSON body must be an object of parameters")
     return fields

@@ -96,7 +96,9 @@ def work_of(request: GenerationRequest, model: str, *, source_seconds: float | N
         seconds = source_seconds  # the source's length; None: unknown until the worker reads it
     else:
         seconds = None if request.thinking else NO_DURATION_SECONDS
-    lm_text = request.use_format or request.sample_mode  # the LM writes text, no codes
+    # Without thinking the LM still writes text: formatting, a sample, or the metas a request lacks.
+    metas_missing = request.bpm is None or not request.key_scale or not request.time_signature or request.audio_duration is None
+    lm_text = request.use_format or request.sample_mode or metas_missing
     return Work(
         model=model, task_type=request.task_type, items=request.items, audio_seconds=seconds,
         dit_steps=TURBO_STEPS if "turbo" in model else request.inference_steps,
@@ -171,15 +173,16 @@ def _prior(stages: dict[str, tuple[float, float]], expected_seconds: float) -> C
 
 # Priors per device class, from benchmark runs (benchmarks/README.md): `gpu` from the full-size
 # DiT+VAE and 1.7B LM (pt backend) on an H200 at 60 s (DiT 8 steps 0.250 s, VAE 0.138 s, LM 7.6 s);
-# `cpu-tiny` from the stage timings of tiny-checkpoint jobs in `dev` on a 2-core CPU.
+# `cpu-tiny` from `benchmarks/stage_costs.py` (tiny random checkpoints on this project's 2-core CPU).
+# A worker reads the source audio in `preparing`: priced as a VAE pass over it.
 PRIORS: dict[str, Coefficients] = {
     "gpu": _prior({
         "claimed": (0.05, 0.0), "preparing": (0.05, 0.003), "lm": (1.0, 0.127), "conditioning": (0.05, 0.01),
         "dit": (0.02, 0.00052), "vae": (0.02, 0.0023), "encoding": (0.02, 0.004), "uploading": (0.05, 0.02),
     }, expected_seconds=120.0),
     "cpu-tiny": _prior({
-        "claimed": (0.05, 0.0), "preparing": (0.05, 0.004), "lm": (0.3, 0.008), "conditioning": (0.03, 0.01),
-        "dit": (0.02, 0.00006), "vae": (0.02, 0.004), "encoding": (0.02, 0.002), "uploading": (0.02, 0.01),
+        "claimed": (0.05, 0.0), "preparing": (0.05, 0.2), "lm": (2.0, 0.15), "conditioning": (0.03, 0.02),
+        "dit": (0.2, 0.009), "vae": (0.2, 0.2), "encoding": (0.3, 0.05), "uploading": (0.02, 0.02),
     }, expected_seconds=30.0),
 }
 

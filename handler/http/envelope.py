@@ -8,6 +8,12 @@ import time
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+
+class EnvelopeRoute(APIRoute):
+    """A route of the reference server (`APIRouter(route_class=EnvelopeRoute)`): whatever refusal
+    leaves it answers in the envelope (handler/http/errors.py)."""
 
 
 def now_ms() -> int:

@@ -1,24 +1,27 @@
 """Audio inputs of a request: uploads (size-capped, checked to be decodable audio, stored under the
-job's keys) and `*_path` references (files under the input root, or this caller's own objects)."""
+job's keys) and `*_path` references (files under the input root, or the files of this caller's own
+jobs: a previous result named by its download URL, its /v1/audio link, its key or its s3:// URI)."""
 
 import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 from uuid import UUID
 
 from fastapi import UploadFile
 
 from db import JobNotFound, JobStore
-from handler.storage import AUDIO_CONTENT_TYPES, S3Storage
+from handler.http.audio_links import AUDIO_ROUTE, LinkRefused, verify_token
+from handler.storage import AUDIO_CONTENT_TYPES, LOCAL_FILES_ROUTE, ObjectNotFound, S3Storage, StorageError, checked_key
 from pipeline.contract import INPUT_PATH_FIELDS
 
 # role -> (upload field, path field)
 # role -> (upload field, path field): an upload `src_audio` stands for the path field `src_audio_path`.
 ROLES = {role: (path_field.removesuffix("_path"), path_field) for role, path_field in INPUT_PATH_FIELDS.items()}
 UPLOAD_FIELDS = {upload: role for role, (upload, _) in ROLES.items()}
-_JOB_KEY = re.compile(r"^jobs/([0-9a-fA-F-]{36})/[^/]+$")
+_JOB_KEY = re.compile(r"^jobs/([0-9a-fA-F-]{36})/.+$")
+YOUR_FILES = "one of your results (its download URL, or its key jobs/<job_id>/attempt-N/output-I.ext)"
 
 
 class InputError(Exception):
@@ -34,6 +37,7 @@ class Upload:
     role: str
     data: bytes
     ext: str
+    seconds: float | None = None  # its length, as its header says
 
 
 @dataclass
@@ -58,43 +62,93 @@ async def read_upload(name: str, upload: UploadFile, max_bytes: int) -> Upload:
     ext = info.format.lower()
     if ext not in AUDIO_CONTENT_TYPES or info.frames <= 0:
         raise InputError(400, name, "is not decodable audio (wav, flac, mp3 or ogg)")
-    return Upload(role=UPLOAD_FIELDS[name], data=data, ext=ext)
+    return Upload(role=UPLOAD_FIELDS[name], data=data, ext=ext, seconds=info.frames / info.samplerate)
 
 
-def resolve_reference(
-    field_name: str, value: str, *, owner: str, store: JobStore, storage, input_root: Path | None
-) -> dict:
-    """A `*_path` value to {"path": ...} or {"key": ...}; anything outside what the caller may read is a 400."""
-    refused = InputError(
-        400,
-        field_name,
-        "must name a file under the server's input directory, or a key or s3:// URI of one of your jobs' files",
-    )
-    if value.startswith("/"):
-        if input_root is None:
-            raise refused
-        root = input_root.resolve()
-        path = Path(value).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
-            raise refused
-        return {"path": str(path)}
-    key = value
-    if value.startswith("s3://"):
-        parsed = urlparse(value)
-        prefix = f"{storage.prefix}/" if isinstance(storage, S3Storage) and storage.prefix else ""
-        if not isinstance(storage, S3Storage) or parsed.netloc != storage.bucket:
-            raise refused
-        key = parsed.path.lstrip("/")
-        if not key.startswith(prefix):
-            raise refused
-        key = key[len(prefix) :]
-    match = _JOB_KEY.match(key)
-    if not match:
-        raise refused
+def resolve_reference(field_name: str, value: str, *, owner: str, store: JobStore, storage, settings) -> dict:
+    """A `*_path` value to {"path": ...} (a file under ACESTEP_INPUT_ROOT) or {"key": ...} (a file
+    of one of the caller's jobs); anything else is a 400 that says why."""
+    key = object_key(field_name, value, storage, settings)
+    if key is None:
+        return {"path": input_file(field_name, value, settings.input_root)}
+    return {"key": owned_key(field_name, key, owner=owner, store=store, storage=storage)}
+
+
+def object_key(field_name: str, value: str, storage, settings) -> str | None:
+    """The storage key a value names: a key, an s3:// URI in this server's bucket, a result's
+    download URL (a signed /v1/files URL, a /v1/audio link, an S3 presigned URL), absolute or
+    relative. None for a server path."""
     try:
-        job = store.get(UUID(match.group(1)))
-    except (JobNotFound, ValueError):
-        raise refused from None
-    if job["owner"] != owner:
-        raise refused
-    return {"key": key}
+        parsed = urlparse(value)
+    except ValueError:  # e.g. an unclosed [IPv6] host
+        raise InputError(400, field_name, "is not a valid URL; it must be " + YOUR_FILES) from None
+    if parsed.scheme == "s3":
+        if not isinstance(storage, S3Storage) or parsed.netloc != storage.bucket:
+            raise InputError(400, field_name, "is an s3:// URI outside this server's bucket; it must be " + YOUR_FILES)
+        return _under_prefix(field_name, parsed.path, storage)
+    path = unquote(parsed.path)
+    if parsed.scheme in ("http", "https") or path.startswith(f"{LOCAL_FILES_ROUTE}/") or path == AUDIO_ROUTE:
+        if path.startswith(f"{LOCAL_FILES_ROUTE}/"):
+            return path.removeprefix(f"{LOCAL_FILES_ROUTE}/")
+        if path == AUDIO_ROUTE:
+            try:
+                return verify_token(settings, parse_qs(parsed.query).get("path", [""])[0], expiry=False)
+            except LinkRefused:
+                raise InputError(400, field_name, "is an audio link this server did not make") from None
+        if isinstance(storage, S3Storage):  # a presigned URL, path-style or virtual-hosted
+            return _under_prefix(field_name, path.lstrip("/").removeprefix(f"{storage.bucket}/"), storage)
+        raise InputError(400, field_name, "is a URL but not a download link of this server; it must be " + YOUR_FILES)
+    return None if value.startswith("/") else value
+
+
+def _under_prefix(field_name: str, path: str, storage: S3Storage) -> str:
+    prefix = f"{storage.prefix}/" if storage.prefix else ""
+    path = path.lstrip("/")
+    if not path.startswith(prefix):
+        raise InputError(400, field_name, "is outside this server's part of the bucket; it must be " + YOUR_FILES)
+    return path.removeprefix(prefix)
+
+
+def input_file(field_name: str, value: str, input_root: Path | None) -> str:
+    """A server path under the input root, resolved (links followed)."""
+    upload = field_name.removesuffix("_path")
+    if input_root is None:
+        raise InputError(400, field_name, "names a server path, but server paths are off: ACESTEP_INPUT_ROOT is not "
+                         f"set. Upload the file as `{upload}`, or name " + YOUR_FILES)
+    path = Path(value).resolve()
+    if not path.is_relative_to(input_root.resolve()):
+        raise InputError(400, field_name, "is outside the server's input directory (ACESTEP_INPUT_ROOT); "
+                         f"upload the file as `{upload}`, or name " + YOUR_FILES)
+    try:
+        found = path.is_file()
+    except OSError:  # a name too long for the filesystem, say
+        found = False
+    if not found:
+        raise InputError(400, field_name, "names no file in the server's input directory (ACESTEP_INPUT_ROOT)")
+    return str(path)
+
+
+def owned_key(field_name: str, key: str, *, owner: str, store: JobStore, storage) -> str:
+    """`key` if it names an existing file of one of `owner`'s jobs; a 400 saying why otherwise (a job
+    of someone else answers as one that does not exist)."""
+    match = _JOB_KEY.match(key)
+    try:
+        job_id = UUID(match.group(1)) if match else None
+        checked_key(key)
+    except (ValueError, StorageError):
+        job_id = None
+    if job_id is None:
+        raise InputError(400, field_name, "must be " + YOUR_FILES + ", an s3:// URI of one, or a file under the "
+                         "server's input directory (ACESTEP_INPUT_ROOT)")
+    try:
+        job = store.get(job_id)
+    except JobNotFound:
+        job = None
+    if job is None or job["owner"] != owner:
+        raise InputError(400, field_name, f"names a file of job {job_id}, which is not one of your jobs (or no longer exists)")
+    try:
+        storage.size(key)
+    except ObjectNotFound:
+        raise InputError(400, field_name, f"job {job_id} has no file {key.split('/', 2)[2]!r} (files are deleted "
+                         "with their job after the retention time)") from None
+    return key

@@ -51,4 +51,6 @@ def job_response(job: dict[str, Any], *, position: int, eta: float | None, url_f
         "stage": job["stage"],
         "result": render_result(job["result"], url_for) if status == JobStatus.SUCCEEDED and job["result"] else None,
         "error": error,
+        # A cancel of a running job is pending until its worker stops it (within about a second).
+        "cancel_requested": bool(job.get("cancel_requested")) if status in (JobStatus.QUEUED, JobStatus.RUNNING) else None,
     }

@@ -26,6 +26,7 @@ from starlette.datastructures import UploadFile
 from db import JobStatus
 from db.states import FINISHED_STATUSES
 from handler.http.body import read_body
+from handler.http.errors import refusal
 from handler.http.reference_request import as_bool
 from handler.http.routes_jobs import services, submit_generation
 from handler.http.routes_lm import wait_for_job, watch_job
@@ -59,7 +60,7 @@ def looks_like_lyrics(text: str) -> bool:
 def read_messages(messages: Any) -> tuple[str, str, list[tuple[bytes, str]]]:
     """(caption, lyrics, [(audio bytes, format)]) from the last user message."""
     if not isinstance(messages, list):
-        raise HTTPException(400, "messages must be a list of chat messages")
+        raise refusal(400, "messages", "must be a list of chat messages")
     for message in reversed(messages):
         if not isinstance(message, dict) or message.get("role") != "user" or not message.get("content"):
             continue
@@ -76,7 +77,7 @@ def read_messages(messages: Any) -> tuple[str, str, list[tuple[bytes, str]]]:
                     try:
                         audio.append((base64.b64decode(data, validate=True), str(part["input_audio"].get("format", "mp3"))))
                     except ValueError:
-                        raise HTTPException(400, "input_audio.data is not valid base64") from None
+                        raise refusal(400, "messages.input_audio.data", "is not valid base64") from None
             content = "\n".join(texts)
         text = str(content).strip()
         tagged = {name: pattern.search(text) for name, pattern in _TAG.items()}
@@ -101,10 +102,10 @@ def generation_request(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     if sample_mode:  # the message is what to make
         fields |= {"caption": "", "lyrics": "", "sample_query": caption or lyrics}
     if not (fields["caption"] or fields["lyrics"] or sample_mode or audio):
-        raise HTTPException(400, "no prompt, lyrics, sample query or input audio in the last user message")
+        raise refusal(400, "messages", "no prompt, lyrics, sample query or input audio in the last user message")
     config = body.get("audio_config") or {}
     if not isinstance(config, dict):
-        raise HTTPException(400, "audio_config must be an object")
+        raise refusal(400, "audio_config", "must be an object")
     for key, field in AUDIO_CONFIG_FIELDS.items():
         if config.get(key) not in (None, ""):
             fields[field] = config[key]

@@ -1,5 +1,7 @@
 """The seed API: submit a generation, poll it, list and cancel jobs."""
 
+import base64
+import binascii
 import io
 import math
 import uuid
@@ -15,14 +17,14 @@ from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
 from db.states import JobStatus as State
 from db.ids import new_job_id
 from handler.http.auth import Caller
+from handler.http.cost_model import work_of
 from handler.http.body import read_body
+from handler.http.errors import REQUEST, refusal
 from handler.http.inputs import ROLES, AudioInputs, InputError, read_upload, resolve_reference
 from handler.http.job_view import epoch, job_response
 from handler.http.services import Services
 from handler.storage import AUDIO_CONTENT_TYPES
 from pipeline.contract import LM_PREFIX, GenerationRequest, request_document
-
-UNKNOWN_DURATION_SECONDS = 60.0  # cost-model guess when the LM will pick the duration
 
 router = APIRouter()
 
@@ -71,6 +73,7 @@ class JobStatus(BaseModel):
     stage: str | None
     result: JobResult | None
     error: str | None
+    cancel_requested: bool | None = None  # queued and running jobs: true once a cancel is pending
 
 
 class JobSummary(BaseModel):
@@ -88,7 +91,7 @@ class JobPage(BaseModel):
 def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     """Pydantic errors as {field, message} pairs: the field and the allowed values, nothing internal."""
     return [
-        {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"], "type": err["type"]}
+        {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
         for err in exc.errors(include_url=False, include_context=False, include_input=False)
     ]
 
@@ -99,26 +102,19 @@ def batch_key(params: GenerationRequest, model: str) -> str:
     return f"{model}|{params.task_type}|{params.inference_steps}|{bucket}|{'thinking' if params.thinking else 'dit'}"
 
 
-# What an LM task costs in the queue estimate, in LM units (seconds of planned audio).
-LM_TASK_UNITS = 30.0
-
-
 def new_job(params: GenerationRequest, inputs: AudioInputs, settings, lm_task: dict[str, Any] | None = None) -> NewJob:
+    """The job row of a request: the stored request and its cost features."""
     if lm_task is not None:  # one of the LM's own tasks: never batched, no audio
         request = request_document(params.model_copy(update={"batch_size": 1}), inputs={}, lm_task=lm_task,
                                    batch_key=f"lm|{uuid.uuid4()}")
-        return NewJob(request=request, model=settings.dit_model, task_type=f"lm_{lm_task['task']}", lm_units=LM_TASK_UNITS)
-    batch = params.effective_batch_size(settings.default_batch_size)
-    duration = params.audio_duration or UNKNOWN_DURATION_SECONDS
-    params = params.model_copy(update={"batch_size": batch})
+        work = work_of(params, settings.dit_model, lm_task=True)
+        return NewJob(request=request, model=work.model, task_type=f"lm_{lm_task['task']}", lm_mode=work.lm_mode)
+    params = params.model_copy(update={"batch_size": params.effective_batch_size(settings.default_batch_size)})
     request = request_document(params, inputs=dict(inputs.references), batch_key=batch_key(params, settings.dit_model))
-    return NewJob(
-        request=request,
-        model=settings.dit_model,
-        task_type=params.task_type,
-        dit_units=duration * batch * params.inference_steps,
-        lm_units=duration * batch if params.thinking else 0.0,
-    )
+    source = next((u.seconds for u in inputs.uploads if u.role == "src"), None)
+    work = work_of(params, settings.dit_model, source_seconds=source)
+    return NewJob(request=request, model=work.model, task_type=work.task_type, items=work.items,
+                  audio_seconds=work.audio_seconds, dit_steps=work.dit_steps, lm_mode=work.lm_mode)
 
 
 @router.post(
@@ -146,7 +142,7 @@ async def generate(
 ) -> dict:
     svc = services(request)
     fields, files = await read_body(request, max_bytes=body_limit(svc))
-    return await submit_generation(svc, who, fields, files, idempotency_key)
+    return await submit_generation(svc, who, fields, files, idempotency_key, seed_api=True)
 
 
 def body_limit(svc: Services) -> int:
@@ -156,10 +152,11 @@ def body_limit(svc: Services) -> int:
 
 async def submit_generation(
     svc: Services, who: Caller, fields: dict[str, Any], files: dict, idempotency_key: str | None,
-    lm_task: dict[str, Any] | None = None,
+    lm_task: dict[str, Any] | None = None, *, seed_api: bool = False,
 ) -> dict:
     """Validate, store uploads, insert the row; on any refusal nothing stays behind. The blocking
-    part (database, object storage) runs off the event loop."""
+    part (database, object storage) runs off the event loop. `seed_api`: the request came to
+    /v1/music/generate, whose spec ignores audio codes without thinking (see `spec_codes`)."""
     max_upload = int(svc.settings.max_upload_mb * 1024 * 1024)
     job_id = new_job_id()
     inputs = AudioInputs()
@@ -169,8 +166,10 @@ async def submit_generation(
         for upload in inputs.uploads:  # an uploaded file overrides the matching _path field
             fields[ROLES[upload.role][1]] = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
     except InputError as exc:
-        raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
+        raise refusal(exc.status, exc.field, exc.message) from None
     params = validate_request(fields)
+    if seed_api:
+        params = spec_codes(params)
     return await run_in_threadpool(persist_generation, svc, who, params, inputs, job_id, idempotency_key, lm_task)
 
 
@@ -182,6 +181,18 @@ def validate_request(fields: dict[str, Any]) -> GenerationRequest:
         raise HTTPException(422, validation_detail(exc)) from None
 
 
+def spec_codes(params: GenerationRequest) -> GenerationRequest:
+    """The seed spec's `thinking=false`: DiT runs text2music and ignores any audio_code_string, so
+    the worker never sees them (given codes would otherwise turn the run into a cover, as the
+    reference server's own routes do). A list of codes still sets the batch size it implied. Cover
+    and repaint keep theirs."""
+    codes = params.audio_code_string
+    if params.thinking or params.task_type != "text2music" or not codes:
+        return params
+    batch = params.batch_size if params.batch_size is not None or not isinstance(codes, list) else len(codes)
+    return params.model_copy(update={"audio_code_string": "", "batch_size": batch})
+
+
 def check_lm_model(svc: Services, name: str | None) -> None:
     """An `lm_model_path` must name a 5 Hz LM the registered workers have loaded (what their rows
     report). With no worker registered (scaled to zero) there is nothing to check against, and a
@@ -190,8 +201,7 @@ def check_lm_model(svc: Services, name: str | None) -> None:
         return
     known = sorted({m for w in svc.store.workers() for m in w["models"] if m.startswith(LM_PREFIX)})
     if known and name not in known:
-        raise HTTPException(422, [{"field": "lm_model_path",
-                                   "message": f"unknown 5 Hz LM {name!r}; the workers have loaded: {', '.join(known)}"}])
+        raise refusal(422, "lm_model_path", f"unknown 5 Hz LM {name!r}; the workers have loaded: {', '.join(known)}")
 
 
 def persist_generation(
@@ -206,11 +216,10 @@ def persist_generation(
             value = getattr(params, path_field)
             if value and role not in uploaded:
                 inputs.references[role] = resolve_reference(
-                    path_field, value, owner=who.owner, store=svc.store, storage=svc.storage,
-                    input_root=settings.input_root,
+                    path_field, value, owner=who.owner, store=svc.store, storage=svc.storage, settings=settings,
                 )
     except InputError as exc:
-        raise HTTPException(exc.status, [{"field": exc.field, "message": exc.message}]) from None
+        raise refusal(exc.status, exc.field, exc.message) from None
     try:
         for upload in inputs.uploads:
             key = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
@@ -226,10 +235,10 @@ def persist_generation(
         )
     except QuotaExceeded as exc:
         _drop_uploads(svc, job_id, inputs)
-        raise HTTPException(429, str(exc), {"Retry-After": "30"}) from None
+        raise refusal(429, REQUEST, str(exc), {"Retry-After": "30"}) from None
     except IdempotencyConflict as exc:
         _drop_uploads(svc, job_id, inputs)
-        raise HTTPException(409, "Idempotency-Key was already used with a different request body") from exc
+        raise refusal(409, "Idempotency-Key", "was already used with a different request body") from exc
     except BaseException:
         _drop_uploads(svc, job_id, inputs)
         raise
@@ -255,9 +264,9 @@ def owned_job(svc: Services, job_id: str, who: Caller) -> dict:
     try:
         job = svc.store.get(UUID(job_id))
     except (ValueError, JobNotFound):
-        raise HTTPException(404, "Job not found") from None
+        raise refusal(404, "job_id", "Job not found") from None
     if job["owner"] != who.owner:
-        raise HTTPException(404, "Job not found")
+        raise refusal(404, "job_id", "Job not found")
     return job
 
 
@@ -274,16 +283,37 @@ def list_jobs(
     request: Request,
     who: Annotated[Caller, Depends(caller)],
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    before: Annotated[datetime | None, Query(description="next_before of the previous page")] = None,
+    before: Annotated[str | None, Query(max_length=200, description="next_before of the previous page (opaque)")] = None,
 ) -> dict:
-    rows = services(request).store.list_jobs(who.owner, limit=limit, before=before)
+    after = parse_cursor(before) if before else None
+    rows = services(request).store.list_jobs(who.owner, limit=limit, before=after)
     jobs = [
         {"job_id": str(r["id"]), "status": r["status"], "created_at": epoch(r["created_at"]),
          "finished_at": epoch(r["finished_at"])}
         for r in rows
     ]
-    next_before = rows[-1]["created_at"].isoformat() if len(rows) == limit else None
+    next_before = page_cursor(rows[-1]["created_at"], rows[-1]["id"]) if len(rows) == limit else None
     return {"jobs": jobs, "next_before": next_before}
+
+
+def page_cursor(created_at: datetime, job_id: UUID) -> str:
+    """An opaque, URL-safe `next_before`: the last row's (created_at, id), so it pastes into a URL
+    unencoded and jobs created in the same instant page correctly."""
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).rstrip(b"=").decode()
+
+
+def parse_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """(created_at, id) of a `page_cursor`; 422 naming `before` for anything else."""
+    refused = refusal(422, "before", "is not a next_before this server gave; pass the previous page's value as is")
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created_at, job_id = text.split("|")
+        after = datetime.fromisoformat(created_at), UUID(job_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise refused from None
+    if after[0].tzinfo is None:
+        raise refused
+    return after
 
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobStatus, summary="Cancel a job", responses={401: {}, 404: {}})

@@ -15,18 +15,20 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 
 from db import JobStatus
 from db.states import FINISHED_STATUSES
 from db.ids import new_job_id
 from handler.http.body import read_body
+from handler.http.envelope import EnvelopeRoute
 from handler.http.inputs import AudioInputs
 from handler.http.reference_request import ReferenceParams, as_bool, generation_fields
 from handler.http.routes_jobs import persist_generation, services, submit_generation, validate_request
 from handler.http.routes_release import enveloped, envelope, reference_caller, submit_reference
 from pipeline.contract import GenerationRequest
 
-router = APIRouter()
+router = APIRouter(route_class=EnvelopeRoute)
 
 EXAMPLES = Path(__file__).with_name("examples.json")
 SAMPLE_TYPES = ("simple_mode", "custom_mode")
@@ -134,8 +136,6 @@ async def create_random_sample(request: Request, authorization: Annotated[str | 
     return await enveloped(run())
 
 
-@router.post("/v1/music/random", summary="Submit a sample-mode generation (the older API)",
-             responses={401: {}, 415: {}, 422: {}, 429: {}})
 async def music_random(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
@@ -149,3 +149,8 @@ async def music_random(
         return submitted
     who = await reference_caller(request, {}, authorization)
     return await submit_generation(services(request), who, {"sample_mode": True, "thinking": True}, {}, idempotency_key)
+
+
+# The older API answers like /v1/music/generate, refusals included (not in the envelope).
+router.add_api_route("/v1/music/random", music_random, methods=["POST"], route_class_override=APIRoute,
+                     summary="Submit a sample-mode generation (the older API)", responses={401: {}, 415: {}, 422: {}, 429: {}})

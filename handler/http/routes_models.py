@@ -23,12 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from db import DatabaseUnavailable, StoreError
 from db.states import SERVING_STATES
 from handler.http.auth import Caller
-from handler.http.envelope import envelope, error_envelope
+from handler.http.envelope import EnvelopeRoute, envelope, error_envelope
 from handler.http.routes_jobs import caller, services
 from handler.storage import StorageUnavailable
 from pipeline.contract import API_TASK_TYPES, BASE_MODEL_TASK_TYPES, DURATION_MAX, LM_PREFIX
 
-router = APIRouter()
+router = APIRouter(route_class=EnvelopeRoute)
 WORKER_STALE_SECONDS = 30.0
 OPENROUTER_PREFIX = "acestep"  # the reference's OpenRouter ids: acestep/<model folder>
 TASK_ORDER = ("text2music", "repaint", "cover", "extract", "lego", "complete")  # the reference's order

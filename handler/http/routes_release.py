@@ -13,11 +13,11 @@ from handler.http.job_view import epoch
 from handler.http.routes_jobs import body_limit, services, submit_generation
 from handler.http.body import read_body
 from handler.http.audio_links import audio_link
-from handler.http.envelope import envelope, error_envelope
+from handler.http.envelope import EnvelopeRoute, envelope, error_envelope
 from handler.http.reference_request import generation_fields
 from handler.http.routes_models import model_name
 
-router = APIRouter()
+router = APIRouter(route_class=EnvelopeRoute)
 
 STATUS_CODES = {JobStatus.QUEUED: 0, JobStatus.RUNNING: 0, JobStatus.SUCCEEDED: 1, JobStatus.FAILED: 2, JobStatus.CANCELED: 2}
 UPLOAD_ALIASES = {"ctx_audio": "src_audio", "ref_audio": "reference_audio"}

@@ -1,30 +1,28 @@
-"""Health and stats in the reference API server's envelope (`acestep/api/http/model_service_routes.py`),
-and the signed file URLs of the local storage backend."""
+"""Health and stats in the reference API server's envelope (`acestep/api/http/model_service_routes.py`)."""
 
 import logging
-import mimetypes
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
 
 from db import StoreError
+from db.states import WorkerState
 from handler.http.auth import Caller
-from handler.http.envelope import envelope, error_envelope
+from handler.http.envelope import EnvelopeRoute, envelope, error_envelope
 from handler.http.eta import DEFAULT_JOB_SECONDS
 from handler.http.routes_jobs import caller, services
 from handler.http.routes_models import WORKER_STALE_SECONDS, live_fleet, unavailable
-from handler.storage import LOCAL_FILES_ROUTE, LocalStorage, ObjectNotFound, StorageError
 
 __all__ = ["router", "WORKER_STALE_SECONDS"]
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=EnvelopeRoute)
 SERVICE_NAME = "ACE-Step API"
 SERVICE_VERSION = "1.0"
 
 
-@router.get("/health", summary="Database reachable, live workers, models they serve (no API key needed)", responses={503: {}})
+@router.get("/health", summary="Database reachable, whether jobs can run now, live workers and their models "
+                               "(no API key needed)", responses={503: {}})
 def health(request: Request) -> Any:
     svc = services(request)
     try:
@@ -37,7 +35,7 @@ def health(request: Request) -> Any:
                                     "database": "unavailable"})
     loaded_lm = fleet.preferred_lm(svc.settings.lm_model)
     return envelope({
-        "status": "ok",
+        "status": "ok",  # this HTTP function is up; whether jobs can run now is `generation`
         "service": SERVICE_NAME,
         "version": SERVICE_VERSION,
         "models_initialized": bool(fleet.dit),
@@ -49,12 +47,24 @@ def health(request: Request) -> Any:
         "device_map": None,
         # ours: the queue's own facts
         "database": "ok",
+        "generation": generation_state(live, fleet.all_workers),
         "default_model": svc.settings.dit_model,
         "live_workers": live,
         "worker_slots": slots,
         "workers": [{"id": w["id"], "state": w["state"], "alive": w["alive"], "models": w["models"]} for w in fleet.all_workers],
         "models_loaded": sorted({*fleet.dit, *fleet.lm}),
     })
+
+
+def generation_state(live_workers: int, workers: list[dict[str, Any]]) -> str:
+    """Whether a job can start now: "ready" (a live worker takes work), "starting" (live workers are
+    still loading their models) or "no_live_worker" (jobs wait in the queue until a worker starts,
+    as they do on a deployment that scales to zero)."""
+    if live_workers:
+        return "ready"
+    if any(w["alive"] and w["state"] == WorkerState.STARTING for w in workers):
+        return "starting"
+    return "no_live_worker"
 
 
 @router.get("/v1/stats", summary="Jobs per status, queue size, live workers, average job time", responses={401: {}, 503: {}})
@@ -75,27 +85,3 @@ def stats(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
         "avg_job_seconds": avg if avg is not None else DEFAULT_JOB_SECONDS,
         "live_workers": raw["live_workers"],
     })
-
-
-@router.get(LOCAL_FILES_ROUTE + "/{key:path}", summary="Download an audio file (signed URL)", responses={403: {}, 404: {}})
-def download(
-    key: str,
-    request: Request,
-    expires: Annotated[int, Query()],
-    signature: Annotated[str, Query(max_length=128)],
-) -> StreamingResponse:
-    storage = services(request).storage
-    if not isinstance(storage, LocalStorage):
-        raise HTTPException(404, "files are served by the object store")
-    try:
-        valid = storage.verify(key, expires, signature)
-    except StorageError:
-        valid = False
-    if not valid:
-        raise HTTPException(403, "this file URL is invalid or has expired; poll the job for a fresh one")
-    try:
-        body = storage.open(key)
-    except (ObjectNotFound, StorageError):
-        raise HTTPException(404, "file not found") from None
-    media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    return StreamingResponse(body, media_type=media_type)

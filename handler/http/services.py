@@ -49,4 +49,4 @@ def build_services(settings: Settings, database_url: str) -> Services:
         max_attempts=settings.webhook_max_attempts,
         retry=RetryPolicy(settings.webhook_retry_base_seconds, settings.webhook_retry_max_seconds),
     )
-    return Services(settings, store, storage, auth, QueueEstimator(store), webhooks)
+    return Services(settings, store, storage, auth, QueueEstimator(store, prior=settings.eta_prior), webhooks)

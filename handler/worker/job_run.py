@@ -12,7 +12,7 @@ from db import DatabaseUnavailable, JobLost, JobStatus, JobStore, StoreError
 from db.store import ClaimedJob
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
 from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
-from pipeline.contract import INPUT_PATH_FIELDS, RESULT_INFO_FIELDS, GenerationRequest, StoredRequestError, request_from_row
+from pipeline.contract import INPUT_PATH_FIELDS, RESULT_INFO_FIELDS, GenerationRequest, StoredRequestError, request_from_row, stage_progress
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,29 @@ def storable(value: Any) -> Any:
 
 
 def result_document(request: GenerationRequest, keys: list[str], info: dict[str, Any]) -> dict[str, Any]:
-    """The result contract rendered by handler/http/job_view.py (storable: see `storable`)."""
+    """The result contract rendered by handler/http/job_view.py (storable: see `storable`), in the
+    spec's example form: generation_info "Steps: 8, Scale: 7.0, Seeds: ..., <what the pipeline says
+    it ran>" and status_message "✅ Generation completed successfully!". `genres` comes from the
+    pipeline's info, else from the LM's metadata under `metas`."""
     info = storable(info)
+    seeds = str(info.get("seed_value", ""))
+    details = [f"Steps: {request.inference_steps}", f"Scale: {float(request.guidance_scale)}"]
+    if seeds:
+        details.append(f"Seeds: {seeds}")
+    if info.get("generation_info"):
+        details.append(str(info["generation_info"]))
     result = {
         "audio_keys": keys,
-        "generation_info": info.get(
-            "generation_info", f"Steps: {request.inference_steps}, Scale: {request.guidance_scale}"
-        ),
-        "status_message": "Generation completed successfully!",
-        "seed_value": str(info.get("seed_value", "")),
+        "generation_info": ", ".join(details),
+        "status_message": "✅ Generation completed successfully!",
+        "seed_value": seeds,
     }
     for name in RESULT_INFO_FIELDS:
         if info.get(name) is not None:
             result[name] = info[name]
+    genres = (info.get("metas") or {}).get("genres") if isinstance(info.get("metas"), dict) else None
+    if "genres" not in result and genres not in (None, "", "N/A"):
+        result["genres"] = genres
     return result
 
 
@@ -66,7 +76,15 @@ def with_db_retries(call, *args, **kwargs):
 
 
 class JobRun:
-    """One claimed job, or several that share one GPU batch; each ends on its own, fenced."""
+    """One claimed job, or several that share one GPU batch; each ends on its own, fenced.
+
+    While the pipeline runs, a beat thread writes its progress to the rows as it changes (at most
+    every PROGRESS_SECONDS) and otherwise extends the leases every `heartbeat_seconds`; a cancel
+    request (returned by those writes, or announced by the worker's listener through
+    `request_cancel`) stops the pipeline at its next report once no job of the run is wanted. The
+    stage reports also time the stages; each job's completion stores its share of them."""
+
+    PROGRESS_SECONDS = 0.5
 
     def __init__(
         self,
@@ -88,39 +106,133 @@ class JobRun:
         self._worker_id = worker_id
         self._heartbeat_seconds = heartbeat_seconds
         self._timeout = timeout_seconds
-        self._stage, self._progress = "claimed", 0.0
+        self._where = ("claimed", 0.0)  # (stage, progress), replaced whole: the beat thread reads it
         self._done = threading.Event()
+        self._changed = threading.Event()  # wakes the beat thread: new progress, a duration to re-price, the end
+        self._lock = threading.Lock()  # the two sets below are written by three threads
         self._lost: set = set()
         self._cancel_requested: set = set()
+        self._audio_seconds: float | None = None  # per song, once the pipeline says
+        self._reprice_to: float | None = None
+        self._restart_clock()
 
-    def _on_progress(self, stage: str, fraction: float) -> None:
-        self._stage, self._progress = stage, min(max(fraction, 0.0), 1.0)
+    # ---- progress, cancel and re-pricing (pipe-reading thread -> beat thread) -------------------
 
-    def _heartbeat(self) -> None:
-        while not self._done.wait(self._heartbeat_seconds):
-            for job in self.jobs:
-                if job.id in self._lost:
-                    continue
-                try:
-                    if self._store.heartbeat(job, self._worker_id, stage=self._stage, progress=self._progress):
+    def _on_progress(self, stage: str, fraction: float, **facts: Any) -> None:
+        self._time_stage(stage)
+        self._where = (stage, min(max(fraction, 0.0), 1.0))
+        seconds = facts.get("audio_seconds")
+        if seconds is not None:
+            self._audio_seconds = float(seconds)
+            if any(self._requested_seconds(job) != self._audio_seconds for job in self.jobs):
+                self._reprice_to = self._audio_seconds
+        self._changed.set()
+
+    @staticmethod
+    def _requested_seconds(job: ClaimedJob) -> float | None:
+        seconds = job.request.get("audio_duration")
+        return float(seconds) if seconds is not None else None
+
+    def request_cancel(self, job_id) -> None:
+        """A client asked to cancel `job_id` (the worker's listener heard it, or a write returned it)."""
+        if any(job.id == job_id for job in self.jobs):
+            with self._lock:
+                self._cancel_requested.add(job_id)
+            self._cancel_if_unwanted()
+
+    def _cancel_if_unwanted(self) -> None:
+        with self._lock:
+            unwanted = all(job.id in self._lost or job.id in self._cancel_requested for job in self.jobs)
+        if unwanted:
+            self._process.cancel()  # nobody waits for this run any more
+
+    def _marked(self, job: ClaimedJob, kind: set) -> bool:
+        with self._lock:
+            return job.id in kind
+
+    def _beat(self) -> None:
+        written, last = None, time.monotonic() - self.PROGRESS_SECONDS  # the first report goes out at once
+        while True:
+            self._changed.wait(max(0.0, last + self._heartbeat_seconds - time.monotonic()))
+            if self._done.wait(max(0.0, last + self.PROGRESS_SECONDS - time.monotonic())):
+                return
+            self._changed.clear()
+            self._reprice()
+            where = self._where
+            if where != written or time.monotonic() - last >= self._heartbeat_seconds:
+                self._write_progress(*where)
+                written, last = where, time.monotonic()
+
+    def _write_progress(self, stage: str, progress: float) -> None:
+        """Progress to every row still ours, extending their leases; records cancel requests."""
+        for job in self.jobs:
+            if self._marked(job, self._lost):
+                continue
+            try:
+                if self._store.heartbeat(job, self._worker_id, stage=stage, progress=progress):
+                    with self._lock:
                         self._cancel_requested.add(job.id)
-                except DatabaseUnavailable:
-                    break  # the lease outlasts a few missed beats; the next round reconnects
-                except JobLost:
+            except JobLost:
+                with self._lock:
                     self._lost.add(job.id)
-            if all(job.id in self._lost | self._cancel_requested for job in self.jobs):
-                self._process.cancel()  # nobody waits for this batch any more
+            except StoreError as exc:  # the lease outlasts a few missed writes; the next round retries
+                log.warning("progress write failed: %s", exc, extra={"action": "heartbeat_failed", "job_id": str(job.id)})
+                break
+        self._cancel_if_unwanted()
+
+    def _reprice(self) -> None:
+        """The seconds per song the pipeline learned, on the rows whose request said otherwise. A
+        failed re-price only leaves the estimate on the old duration; it never fails the job."""
+        seconds, self._reprice_to = self._reprice_to, None
+        if seconds is None:
+            return
+        for job in self.jobs:
+            if self._marked(job, self._lost) or self._requested_seconds(job) == seconds:
+                continue
+            try:
+                self._store.reprice(job, self._worker_id, seconds)
+            except JobLost:
+                with self._lock:
+                    self._lost.add(job.id)
+            except StoreError as exc:
+                log.warning("re-pricing job %s failed: %s", job.id, exc, extra={"action": "reprice_failed", "job_id": str(job.id)})
+
+    # ---- stage timings --------------------------------------------------------------------------
+
+    def _restart_clock(self) -> None:
+        """Time from now on as "claimed" until the first stage report."""
+        self._stage_seconds: dict[str, float] = {}
+        self._timed_stage, self._stage_since = "claimed", time.monotonic()
+
+    def _time_stage(self, stage: str) -> None:
+        """A stage runs from its first report to the first report of another stage."""
+        if stage != self._timed_stage:
+            now = time.monotonic()
+            self._stage_seconds[self._timed_stage] = self._stage_seconds.get(self._timed_stage, 0.0) + now - self._stage_since
+            self._timed_stage, self._stage_since = stage, now
+
+    def _timings(self, job: ClaimedJob, share: int) -> dict[str, Any]:
+        """What the run cost this job: each stage so far (the current one up to now) split over the
+        `share` jobs that ran together, and the seconds per song made."""
+        stages = dict(self._stage_seconds)
+        stages[self._timed_stage] = stages.get(self._timed_stage, 0.0) + time.monotonic() - self._stage_since
+        seconds = self._audio_seconds if self._audio_seconds is not None else self._requested_seconds(job)
+        return {"stages": {stage: round(spent / share, 4) for stage, spent in stages.items()},
+                "audio_seconds": seconds, "batch_jobs": share}
+
+    # ---- the run --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, str]:
         """Run to an outcome per job id: the JobStatus it left the job in (succeeded, failed, queued,
         canceled), or LOST."""
-        beat = threading.Thread(target=self._heartbeat, daemon=True)
+        beat = threading.Thread(target=self._beat, daemon=True)
         beat.start()
         out_dir = Path(tempfile.mkdtemp(prefix="acestep-job-"))
         try:
             return self._run(self.jobs, out_dir)
         finally:
             self._done.set()
+            self._changed.set()
             beat.join(timeout=5)
             shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -138,10 +250,19 @@ class JobRun:
             files[INPUT_PATH_FIELDS[role]] = str(target)
         return request.model_copy(update=files)
 
+    def _one_after_another(self, jobs: list[ClaimedJob], out_dir: Path) -> dict[str, str]:
+        """Each job on its own run of the pipeline, timed on its own (the first from the claim)."""
+        outcomes: dict[str, str] = {}
+        for index, job in enumerate(jobs):
+            if index:
+                self._restart_clock()
+            task = job.request.get("lm_task")
+            outcomes |= {str(job.id): self._run_lm_task(job, task)} if task else self._run([job], out_dir)
+        return outcomes
+
     def _run(self, jobs: list[ClaimedJob], out_dir: Path) -> dict[str, str]:
         if any(job.request.get("lm_task") for job in jobs):  # never batched; one after another
-            return {str(job.id): self._run_lm_task(job, job.request["lm_task"]) if job.request.get("lm_task")
-                    else self._run([job], out_dir)[str(job.id)] for job in jobs}
+            return self._one_after_another(jobs, out_dir)
         requests = []
         for job in jobs:
             try:
@@ -161,10 +282,7 @@ class JobRun:
                 return {str(job.id): self._end_canceled(job) for job in jobs}
             except OutOfMemory as exc:
                 if len(jobs) > 1:  # too big together: one job at a time
-                    outcomes: dict[str, str] = {}
-                    for job in jobs:
-                        outcomes |= self._run([job], out_dir)
-                    return outcomes
+                    return self._one_after_another(jobs, out_dir)
                 if requests[0].items <= 1:
                     return {str(jobs[0].id): self._fail(jobs[0], f"out of memory even with one song per batch: {exc}", retryable=True)}
                 requests[0] = requests[0].model_copy(update={"batch_size": max(1, requests[0].items // 2)})
@@ -172,9 +290,9 @@ class JobRun:
                             extra={"action": "oom_retry", "job_id": str(jobs[0].id), "batch_size": requests[0].items})
             except PipelineError as exc:
                 return {str(job.id): self._fail(job, str(exc), retryable=exc.retryable) for job in jobs}
-        self._on_progress("uploading", 0.98)
+        self._on_progress("uploading", stage_progress("uploading", 0.0))
         return {
-            str(job.id): self._finish(job, request, result)
+            str(job.id): self._finish(job, request, result, share=len(jobs))
             for job, request, result in zip(jobs, requests, finished, strict=True)
         }
 
@@ -189,24 +307,24 @@ class JobRun:
             return self._end_canceled(job)
         except PipelineError as exc:
             return self._fail(job, str(exc), retryable=exc.retryable)
-        if job.id in self._lost:
+        if self._marked(job, self._lost):
             return LOST
-        if job.id in self._cancel_requested:
+        if self._marked(job, self._cancel_requested):
             return self._end_canceled(job)
         result = {"audio_keys": [], "generation_info": f"LM task {task}", "status_message": "", "seed_value": "",
                   "lm_result": storable(answer)}
-        return self._complete(job, result)
+        return self._complete(job, result, self._timings(job, 1))
 
-    def _finish(self, job: ClaimedJob, request: GenerationRequest, finished) -> str:
-        if job.id in self._lost:
+    def _finish(self, job: ClaimedJob, request: GenerationRequest, finished, *, share: int) -> str:
+        if self._marked(job, self._lost):
             return LOST
-        if job.id in self._cancel_requested:
+        if self._marked(job, self._cancel_requested):
             return self._end_canceled(job)
         try:
             keys = self._upload(job, finished.files, request.audio_format)
         except StorageError as exc:
             return self._fail(job, f"could not store the audio: {exc}", retryable=True)
-        return self._complete(job, result_document(request, keys, finished.info))
+        return self._complete(job, result_document(request, keys, finished.info), self._timings(job, share))
 
     def _upload(self, job: ClaimedJob, files: list[Path], fmt: str) -> list[str]:
         keys = []
@@ -234,9 +352,9 @@ class JobRun:
         with self._storage.open(key) as source, target.open("wb") as sink:
             shutil.copyfileobj(source, sink)
 
-    def _complete(self, job: ClaimedJob, result: dict[str, Any]) -> str:
+    def _complete(self, job: ClaimedJob, result: dict[str, Any], timings: dict[str, Any]) -> str:
         try:
-            with_db_retries(self._store.complete, job, self._worker_id, result)
+            with_db_retries(self._store.complete, job, self._worker_id, result, timings=timings)
             return JobStatus.SUCCEEDED
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.

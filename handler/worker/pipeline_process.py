@@ -6,9 +6,11 @@ parent turns that into a job error naming what happened and starts a fresh child
 The pipeline is loaded from a factory `module:callable` (ACESTEP_PIPELINE), called with the
 checkpoint directory (ACESTEP_CHECKPOINT_DIR, or None) and the PipelineOptions (from Settings),
 returning an object with
-`run(request: GenerationRequest, progress: Callable[[str, float], None]) -> GeneratedAudio` and optionally
+`run(request: GenerationRequest, progress) -> GeneratedAudio` and optionally
 `run_batch(requests: list[GenerationRequest], progress) -> list[GeneratedAudio]` for jobs that share one GPU
-batch; `progress` raises `Canceled` once the run should stop, so cancellation is between stages.
+batch. `progress(stage, fraction, **facts)` is forwarded to the parent's `on_progress` (facts such as
+`audio_seconds`); it raises `Canceled` once the run should stop, so a cancel takes effect at the
+pipeline's next report (a DiT step, an LM token chunk, a VAE decoder block).
 """
 
 import importlib
@@ -25,7 +27,7 @@ import numpy as np
 from handler.worker import protocol as msg
 from handler.worker.protocol import ProcessState
 from pipeline.audio_io import AudioError, encode_audio
-from pipeline.contract import GenerationRequest, PipelineOptions
+from pipeline.contract import GenerationRequest, PipelineOptions, stage_progress
 from pipeline.interface import Canceled, GeneratedAudio, OutOfMemory, PipelineError
 
 __all__ = ["Canceled", "Finished", "OutOfMemory", "PipelineError", "PipelineProcess", "ProcessState"]
@@ -54,6 +56,8 @@ def load_factory(spec: str) -> Callable[..., Any]:
 
 def _child_main(spec: str, checkpoint_dir: str | None, options: PipelineOptions, conn, cancel_flag) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
+    from handler.logs import quiet_known_warnings  # a fresh (spawned) interpreter: the CLI's filters are not here
+    quiet_known_warnings()
     try:
         pipeline = load_factory(spec)(Path(checkpoint_dir) if checkpoint_dir else None, options)
     except Exception as exc:  # any failure to load is reported as SETUP_FAILED, not a crash
@@ -65,10 +69,10 @@ def _child_main(spec: str, checkpoint_dir: str | None, options: PipelineOptions,
         if isinstance(message, msg.Stop):
             return
 
-        def progress(stage: str, fraction: float) -> None:
+        def progress(stage: str, fraction: float, **facts: Any) -> None:
             if cancel_flag.is_set():
                 raise Canceled()
-            conn.send(msg.Progress(stage, float(fraction)))
+            conn.send(msg.Progress(stage, float(fraction), facts))
 
         conn.send(answer(pipeline, message, progress))
 
@@ -93,7 +97,7 @@ def run_jobs(pipeline, message: msg.RunJobs, progress) -> msg.Done | msg.RunCanc
 
     def generate() -> msg.Done:
         generated = _generate(pipeline, message.requests, progress)
-        progress("encoding", 0.97)
+        progress("encoding", stage_progress("encoding", 0.0))
         return msg.Done([
             msg.JobFiles(_encode(audio, request, Path(message.out_dir) / str(index)), audio.info)
             for index, (request, audio) in enumerate(zip(message.requests, generated, strict=True))
@@ -218,18 +222,18 @@ class PipelineProcess:
         requests: list[GenerationRequest],
         *,
         deadline: float,
-        on_progress: Callable[[str, float], None],
+        on_progress: Callable[..., None],
         out_dir: Path,
     ) -> list[Finished]:
         """Run jobs that share one batch; one Finished per request, in order.
         Raises Canceled, PipelineError (incl. crash and timeout); restarts the child after a death."""
         return self._run(msg.RunJobs(list(requests), str(out_dir)), deadline, on_progress)
 
-    def run_lm_task(self, task: str, params: dict, *, deadline: float, on_progress: Callable[[str, float], None]) -> dict:
+    def run_lm_task(self, task: str, params: dict, *, deadline: float, on_progress: Callable[..., None]) -> dict:
         """Run one LM task; its result. Raises as `run` does."""
         return self._run(msg.RunLmTask(task, dict(params)), deadline, on_progress)
 
-    def _run(self, message, deadline: float, on_progress: Callable[[str, float], None]):
+    def _run(self, message, deadline: float, on_progress: Callable[..., None]):
         self.ensure_started()
         self._cancel.clear()
         self._conn.send(message)
@@ -238,7 +242,7 @@ class PipelineProcess:
             while True:
                 message = self._receive(deadline)
                 if isinstance(message, msg.Progress):
-                    on_progress(message.stage, message.fraction)
+                    on_progress(message.stage, message.fraction, **message.facts)
                     continue
                 self.state = ProcessState.READY
                 return finished(message)
@@ -247,7 +251,7 @@ class PipelineProcess:
             raise
 
     def cancel(self) -> None:
-        """Ask the running job to stop at its next stage boundary."""
+        """Ask the running job to stop at the pipeline's next progress report."""
         self._cancel.set()
 
     def _kill(self) -> None:

@@ -60,6 +60,7 @@ class SetupFailed:
 class Progress:
     stage: str
     fraction: float
+    facts: dict[str, Any] = field(default_factory=dict)  # what the run learned, e.g. audio_seconds
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError, WorkerState
+from db.cancel_notices import CancelNotices
 from db.store import ClaimedJob
 from handler.backends import build_storage, build_store
 from handler.maintenance import Maintenance
@@ -25,6 +26,7 @@ from pipeline.contract import PipelineOptions
 log = logging.getLogger(__name__)
 
 RESCUE_EVERY_SECONDS = 5.0
+CANCEL_WAIT_SECONDS = 1.0  # how long the cancel listener blocks before it looks at its stop flag
 
 
 @dataclass
@@ -151,13 +153,29 @@ class Worker:
         log.info("worker %s ready", self.worker_id, extra={"action": "worker_ready", "worker_id": self.worker_id})
         beat = threading.Thread(target=self._worker_heartbeat, daemon=True)
         beat.start()
+        stop_listening = threading.Event()
+        listener = threading.Thread(target=self._forward_cancels, args=(stop_listening,), daemon=True)
+        listener.start()
         self._maintenance.start(only=("prune",))  # retention off the claim path
         try:
             with JobWakeups(self._wakeups_url) as wakeups:
                 self._loop(wakeups)
         finally:
             self._shutdown()
+            stop_listening.set()
+            listener.join(timeout=CANCEL_WAIT_SECONDS + 1)
         return 0
+
+    def _forward_cancels(self, stop: threading.Event) -> None:
+        """A client's cancel of a running job, heard on the database (NOTIFY), reaches the run that
+        holds the job at once; the runs' progress writes see it too, a little later."""
+        with CancelNotices(self._wakeups_url) as notices:
+            while not stop.is_set():
+                for job_id in notices.wait(CANCEL_WAIT_SECONDS):
+                    for slot in self._slots:
+                        run = slot.run
+                        if run is not None:
+                            run.request_cancel(job_id)
 
     def _loop(self, wakeups: JobWakeups) -> None:
         opts = self._options

@@ -14,12 +14,13 @@ import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from pipeline.checkpoints import Checkpoints
-from pipeline.interface import PipelineError
-from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest
+from pipeline.interface import Canceled, PipelineError
+from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest, TextRequest, TokenReport
 from pipeline.lm.prompts import MAX_MODEL_LEN
 from pipeline.lm.pt_backend import PtBackend
 from pipeline.lm.vllm_backend import VllmBackend
@@ -58,32 +59,33 @@ def start_vllm(pt: PtBackend, gpu_memory_utilization: float = 0.3) -> VllmBacken
 
 
 class _VllmWithFallback:
-    """A vllm backend that redoes a failed call on pt and retires itself (one warning)."""
+    """A vllm backend that redoes a failed call on pt and retires itself (one warning). A canceled
+    call is not a failure: `Canceled` passes through."""
 
     def __init__(self, vllm: VllmBackend, pt: PtBackend, retire: Callable[[Exception], None]):
         self.name = pt.name
         self.backend = vllm.backend  # "pt" once a call had to be redone there
         self.vllm, self.pt, self.retire = vllm, pt, retire
 
-    def _fallback(self, exc: Exception) -> None:
-        self.retire(exc)
-        self.backend = self.pt.backend
-
-    def generate_metadata(self, request: MetadataRequest) -> str:
+    def _call(self, method: str, request: Any, report: TokenReport | None) -> Any:
         if self.backend == self.vllm.backend:
             try:
-                return self.vllm.generate_metadata(request)
+                return getattr(self.vllm, method)(request, report)
+            except Canceled:
+                raise
             except Exception as exc:  # noqa: BLE001 - any engine fault: the pt backend still answers
-                self._fallback(exc)
-        return self.pt.generate_metadata(request)
+                self.retire(exc)
+                self.backend = self.pt.backend
+        return getattr(self.pt, method)(request, report)
 
-    def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
-        if self.backend == self.vllm.backend:
-            try:
-                return self.vllm.generate_codes(requests)
-            except Exception as exc:  # noqa: BLE001
-                self._fallback(exc)
-        return self.pt.generate_codes(requests)
+    def generate_metadata(self, request: MetadataRequest, report: TokenReport | None = None) -> str:
+        return self._call("generate_metadata", request, report)
+
+    def generate_codes(self, requests: list[CodesRequest], report: TokenReport | None = None) -> list[str]:
+        return self._call("generate_codes", requests, report)
+
+    def generate_text(self, request: TextRequest, report: TokenReport | None = None) -> str:
+        return self._call("generate_text", request, report)
 
 
 class VllmEngines:

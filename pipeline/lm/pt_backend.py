@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from pipeline.lm.backend import CodesRequest, MetadataRequest, TextRequest
+from pipeline.lm.backend import CodesRequest, MetadataRequest, TextRequest, TokenProgress, TokenReport, most_tokens
 from pipeline.lm.constrained import Vocabulary, load_vocabulary
 from pipeline.lm.decoding import Decoder, guided
 
@@ -72,29 +72,32 @@ class PtBackend:
         return Session(self.model, [self.vocabulary.encode(t) for t in texts], self.pad_id)
 
     @torch.inference_mode()
-    def generate_metadata(self, request: MetadataRequest) -> str:
-        return self._decode_one(request, request.unconditional_prompt, request.cfg_scale)
+    def generate_metadata(self, request: MetadataRequest, report: TokenReport | None = None) -> str:
+        return self._decode_one(request, request.unconditional_prompt, request.cfg_scale, report)
 
     @torch.inference_mode()
-    def generate_text(self, request: TextRequest) -> str:
+    def generate_text(self, request: TextRequest, report: TokenReport | None = None) -> str:
         """The LM's tasks: one sequence, no CFG."""
-        return self._decode_one(request, "", 1.0)
+        return self._decode_one(request, "", 1.0, report)
 
-    def _decode_one(self, request: MetadataRequest | TextRequest, unconditional: str, cfg_scale: float) -> str:
+    def _decode_one(self, request: MetadataRequest | TextRequest, unconditional: str, cfg_scale: float,
+                    report: TokenReport | None) -> str:
         session = self._session([request.prompt], [unconditional], cfg_scale)
         rows = session.last.shape[0]
         decoder = Decoder.for_request(self.vocabulary, request)
+        progress = TokenProgress(report, most_tokens(request))
         while not decoder.done:
             run = decoder.forced_run()  # field names and user values: one forward for the whole run
             if run:
                 session.feed(torch.tensor([run] * rows))
-                continue
-            token = decoder.decide(guided(session.last, 1, cfg_scale)[0])
-            session.feed(torch.tensor([[token]] * rows))
+            else:
+                token = decoder.decide(guided(session.last, 1, cfg_scale)[0])
+                session.feed(torch.tensor([[token]] * rows))
+            progress.update(len(decoder.tokens))
         return self.tokenizer.decode(decoder.tokens, skip_special_tokens=False)
 
     @torch.inference_mode()
-    def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
+    def generate_codes(self, requests: list[CodesRequest], report: TokenReport | None = None) -> list[str]:
         """Every item's codes in one batch (plus the unconditional rows when CFG is on)."""
         if not requests:
             return []
@@ -104,8 +107,10 @@ class PtBackend:
         session = self._session([r.prompt for r in requests], [r.unconditional_prompt for r in requests], cfg)
         items = len(requests)
         decoders = [Decoder.for_request(self.vocabulary, r) for r in requests]
+        progress = TokenProgress(report, max(most_tokens(r) for r in requests))
         while not all(d.done for d in decoders):
             logits = guided(session.last, items, cfg)
             step = [self.pad_id if d.done else d.decide(logits[i]) for i, d in enumerate(decoders)]
             session.feed(torch.tensor(step * (session.last.shape[0] // items))[:, None])
+            progress.update(max(len(d.tokens) for d in decoders))
         return [self.tokenizer.decode(d.tokens, skip_special_tokens=False) for d in decoders]

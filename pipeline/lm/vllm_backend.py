@@ -18,6 +18,12 @@ pressure), the leading row's tokens are decided from its own logits alone, the l
 given the same tokens (the sequences never differ and every constraint holds), and the number of
 unguided tokens is logged.
 
+Progress and stopping: the engine runs in this process, so the processor sees each step. It
+counts the tokens of every `generate` call with a `report` (`_CALLS`, keyed by the call's pair-key
+prefix) and reports every chunk; once a report raises (the job was canceled), the processor
+writes the end token into every row of that call, so its requests finish at the next step and
+leave the engine clean, and the call then raises what the report raised.
+
 vllm needs CUDA and is an optional (GPU extra) dependency; this module imports it only when an
 engine starts. `loading` falls back to the pt backend with one warning when it cannot start."""
 
@@ -34,7 +40,7 @@ from typing import Any
 
 import torch
 
-from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling, TextRequest
+from pipeline.lm.backend import CodesRequest, MetadataRequest, Sampling, TextRequest, TokenProgress, TokenReport, most_tokens
 from pipeline.lm.constrained import Vocabulary, load_vocabulary
 from pipeline.lm.decoding import Decoder
 
@@ -79,6 +85,30 @@ def request_from_args(args: dict[str, Any]) -> LMRequest:
         body["unconditional_prompt"] = ""
     body["sampling"] = Sampling(**body["sampling"])
     return cls(**body)
+
+
+@dataclass
+class _CallProgress:
+    """One `generate` call's token count, reported as it grows; `stop` is what a report raised."""
+
+    tokens: TokenProgress
+    stop: Exception | None = None
+
+    def update(self, done: int) -> None:
+        if self.stop is not None:
+            return
+        try:
+            self.tokens.update(done)
+        except Exception as exc:  # noqa: BLE001 - re-raised by the call once its requests have ended
+            self.stop = exc
+
+
+_CALLS: dict[str, _CallProgress] = {}  # a generate call's key -> its progress, read by the processor
+
+
+def _call_of(pair: str) -> str:
+    """The generate call a pair key belongs to (pair keys are "<call>-<item>")."""
+    return pair.rpartition("-")[0]
 
 
 @dataclass
@@ -172,8 +202,13 @@ class PairedCfgLogitsProcessor(_ProcessorBase):
             if index < logits.shape[0]:
                 present[row.pair][row.role] = (index, len(row.output))
         chosen: dict[int, int] = {}
+        counts: dict[str, int] = {}  # generate call -> the most tokens any of its pairs has decided
         for key, members in present.items():
             pair = self.batch.pairs[key]
+            call = _CALLS.get(_call_of(key))
+            if call is not None and call.stop is not None:  # stopping: every row ends now
+                chosen.update({index: self.vocabulary.end_id for index, _ in members.values()})
+                continue
             tokens = pair.decoder.tokens
             for position in sorted({p for _, p in members.values()}):
                 here = {role: index for role, (index, p) in members.items() if p == position}
@@ -191,6 +226,10 @@ class PairedCfgLogitsProcessor(_ProcessorBase):
                     token = tokens[position]
                 for index in here.values():
                     chosen[index] = token
+            if call is not None:
+                counts[_call_of(key)] = max(counts.get(_call_of(key), 0), len(tokens))
+        for name, done in counts.items():
+            _CALLS[name].update(done)
         if chosen:
             rows = torch.tensor(list(chosen), device=logits.device)
             logits[rows] = float("-inf")
@@ -242,20 +281,21 @@ class VllmBackend:
         )
         return cls(Path(path).name, llm, load_vocabulary(str(path)))
 
-    def generate_metadata(self, request: MetadataRequest) -> str:
-        return self._run([request])[0]
+    def generate_metadata(self, request: MetadataRequest, report: TokenReport | None = None) -> str:
+        return self._run([request], report)[0]
 
-    def generate_codes(self, requests: list[CodesRequest]) -> list[str]:
-        return self._run(requests)
+    def generate_codes(self, requests: list[CodesRequest], report: TokenReport | None = None) -> list[str]:
+        return self._run(requests, report)
 
-    def generate_text(self, request: TextRequest) -> str:
-        return self._run([request])[0]
+    def generate_text(self, request: TextRequest, report: TokenReport | None = None) -> str:
+        return self._run([request], report)[0]
 
-    def _run(self, requests: list[LMRequest]) -> list[str]:
+    def _run(self, requests: list[LMRequest], report: TokenReport | None) -> list[str]:
         """Each request as its row(s); calls sized so that every prompt of one call is prefilled in
-        its first step (see the module doc)."""
+        its first step (see the module doc). Calls split this way report one after another."""
         texts: list[str] = []
         chunk: list[tuple[LMRequest, list[tuple[list[int], str]]]] = []
+        chunks = []
         tokens = 0
         for request in requests:
             rows = [(self.vocabulary.encode(request.prompt), COND)]
@@ -263,15 +303,20 @@ class VllmBackend:
                 rows.append((self.vocabulary.encode(request.unconditional_prompt), UNCOND))
             size = sum(len(ids) for ids, _ in rows)
             if chunk and tokens + size > self.step_tokens:
-                texts += self._generate(chunk)
+                chunks.append(chunk)
                 chunk, tokens = [], 0
             chunk.append((request, rows))
             tokens += size
         if chunk:
-            texts += self._generate(chunk)
+            chunks.append(chunk)
+        total = sum(max(most_tokens(request) for request, _ in c) for c in chunks)
+        before = 0
+        for c in chunks:
+            texts += self._generate(c, _shifted(report, before, total))
+            before += max(most_tokens(request) for request, _ in c)
         return texts
 
-    def _generate(self, chunk) -> list[str]:
+    def _generate(self, chunk, report: TokenReport | None) -> list[str]:
         prompts, params = [], []
         batch = uuid.uuid4().hex
         for i, (request, rows) in enumerate(chunk):
@@ -282,8 +327,16 @@ class VllmBackend:
                     stop_token_ids=[self.vocabulary.end_id], skip_special_tokens=False,
                     extra_args=request_to_args(request, f"{batch}-{i}", role),
                 ))
-        with self._lock:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        call = _CallProgress(TokenProgress(report, max(most_tokens(request) for request, _ in chunk)))
+        if report is not None:
+            _CALLS[batch] = call
+        try:
+            with self._lock:
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            _CALLS.pop(batch, None)
+        if call.stop is not None:
+            raise call.stop
         texts, position = [], 0
         for _request, rows in chunk:
             out = outputs[position].outputs[0]  # the conditional row's
@@ -293,3 +346,11 @@ class VllmBackend:
                 ids.append(self.vocabulary.end_id)  # a stop token vllm left out of the ids
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=False))
         return texts
+
+
+def _shifted(report: TokenReport | None, before: int, total: int) -> TokenReport | None:
+    """`report` for one of the calls a request list was split into: its tokens counted after the
+    `before` tokens of the calls ahead of it, out of the `total` of them all."""
+    if report is None:
+        return None
+    return lambda done, _most: report(before + done, total)

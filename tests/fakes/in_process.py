@@ -46,12 +46,12 @@ class InProcessPipeline:
         self._cancel.clear()
         self.received.append(message)
 
-        def progress(stage: str, fraction: float) -> None:
+        def progress(stage: str, fraction: float, **facts) -> None:
             if self._cancel.is_set():
                 raise Canceled()
             if time.monotonic() > deadline:
                 raise PipelineTimeout("the pipeline ran past its deadline and was stopped")
-            on_progress(stage, fraction)
+            on_progress(stage, fraction, **facts)
 
         self.state = ProcessState.BUSY
         try:

@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from pipeline.audio_io import SAMPLE_RATE
+from pipeline.contract import stage_progress
 from pipeline.interface import GeneratedAudio, OutOfMemory
 
 STAGES = ("lm", "dit", "vae", "done")
@@ -29,8 +30,8 @@ class Fake:
     def run(self, request, progress):
         caption = request.caption
         self.behaviour = caption.removeprefix("fake:") if caption.startswith("fake:") else self.default
-        for i, stage in enumerate(STAGES[:-1]):
-            progress(stage, i / len(STAGES))
+        for stage in STAGES[:-1]:
+            progress(stage, stage_progress(stage, 0.0))
             if self.behaviour == "raise" and stage == "dit":
                 raise ValueError("the DiT exploded")
             if self.behaviour == "exit" and stage == "dit":
@@ -56,7 +57,7 @@ class Fake:
 
         if task not in ("format", "create_sample", "understand"):
             raise PipelineError(f"unknown LM task {task!r}")
-        progress("lm", 0.5)
+        progress("lm", stage_progress("lm", 0.5))
         time.sleep(self.stage_seconds)
         if task == "format":
             caption = params.get("caption") or params.get("prompt") or ""

@@ -62,5 +62,6 @@ def test_a_field_added_to_the_contract_reaches_the_pipeline(tmp_path, db_url):
     assert out["worker_exit"] == 0
     for job, expected in ((out["given"], 7), (out["default"], 3)):
         assert job["status"] == "succeeded", job
-        ran = json.loads(job["result"]["generation_info"])  # what the pipeline in the child received
+        info = job["result"]["generation_info"]  # "Steps: .., Scale: .., Seeds: .., <what the pipeline said>"
+        ran = json.loads(info[info.index("{"):])  # what the pipeline in the child received
         assert ran["probe_level"] == expected

@@ -164,7 +164,9 @@ def test_spec_upload_example_stores_the_source_before_the_row(api, client, setti
 def test_other_content_types_get_415_naming_the_accepted_ones(client, engine):
     response = client.post("/v1/music/generate", content="caption: x", headers={"Content-Type": "text/plain"})
     assert response.status_code == 415
-    assert "application/json" in response.json()["detail"] and "multipart/form-data" in response.json()["detail"]
+    [problem] = response.json()["detail"]
+    assert problem["field"] == "Content-Type"
+    assert "application/json" in problem["message"] and "multipart/form-data" in problem["message"]
     assert job_rows(engine) == 0
 
 
@@ -232,6 +234,7 @@ def test_source_paths_only_under_the_input_root_or_own_objects(api, client, sett
         assert refused.status_code == 400, bad
         assert refused.json()["detail"][0]["field"] == "src_audio_path"
     own_key = f"jobs/{job_id}/input-src.wav"
+    api.services.storage.put(own_key, io.BytesIO(audio_bytes()), "audio/wav")  # a file the job holds
     reuse = client.post("/v1/music/generate", json={"task_type": "cover", "src_audio_path": own_key})
     assert reuse.status_code == 200
     assert job_rows(engine) == 2

@@ -147,7 +147,7 @@ def request(**overrides):
 def test_sample_mode_generation_uses_what_the_lm_wrote(pipe_with_lm):
     stages = []
     out = pipe_with_lm.run(request(sample_mode=True, sample_query="a quiet ballad", audio_duration=None, caption="",
-                                   lyrics=""), lambda stage, fraction: stages.append(stage))
+                                   lyrics=""), lambda stage, fraction, **facts: stages.append(stage))
     metas = out.info["metas"]
     assert metas["lm_tasks"] == ["create_sample"] and metas["caption"] and metas["lyrics"]
     assert 30 <= out.info["bpm"] <= 300 and out.info["keyscale"] and out.info["timesignature"]
@@ -159,7 +159,7 @@ def test_sample_mode_generation_uses_what_the_lm_wrote(pipe_with_lm):
 
 def test_use_format_keeps_the_users_metas(pipe_with_lm):
     out = pipe_with_lm.run(request(use_format=True, bpm=88, key_scale="D minor", time_signature="4", audio_duration=3.0),
-                           lambda *_: None)
+                           lambda *_, **facts: None)
     metas = out.info["metas"]
     assert metas["lm_tasks"] == ["format"]
     assert metas["caption"] != "a calm piano piece"  # the LM's caption replaced the request's
@@ -169,7 +169,7 @@ def test_use_format_keeps_the_users_metas(pipe_with_lm):
 
 def test_sample_mode_keeps_a_duration_and_bpm_the_user_gave(pipe_with_lm):
     out = pipe_with_lm.run(request(sample_query="a quiet ballad", audio_duration=4.0, bpm=70, caption="", lyrics=""),
-                           lambda *_: None)
+                           lambda *_, **facts: None)
     assert out.info["metas"]["lm_tasks"] == ["create_sample"]
     assert out.audios[0].shape == (2, 4 * SAMPLE_RATE) and out.info["bpm"] == 70
 

@@ -32,7 +32,7 @@ def tone_file(path, seconds: float, rate: int = 44100):
 
 def run(pipe, **overrides):
     stages = []
-    out = pipe.run(request(**overrides), lambda stage, fraction: stages.append((stage, fraction)))
+    out = pipe.run(request(**overrides), lambda stage, fraction, **facts: stages.append((stage, fraction)))
     return out, stages
 
 
@@ -130,7 +130,7 @@ def test_base_checkpoint_samples_with_guidance(tmp_path, tiny_checkpoints):
     base = load_pipeline(root, PipelineOptions(dit_model="acestep-v15-base"))
     assert not base.dit.config.turbo
     calls = []
-    out = base.run(request(inference_steps=5), lambda s, f: calls.append(f))
+    out = base.run(request(inference_steps=5), lambda s, f, **facts: calls.append(f))
     assert out.audios[0].shape == (2, 3 * SAMPLE_RATE) and out.info["dit_model"] == "acestep-v15-base"
     assert len(calls) >= 5
 
@@ -235,6 +235,6 @@ def test_parts_are_injected_without_checkpoints_on_disk():
     text = RecordingText(TEXT_HIDDEN)
     pipe = AceStepPipeline(Components(dit_name="in-memory", dit=dit, silence=torch.zeros(1, 10, vae.latent_dim), vae=vae,
                                       text=text, device=torch.device("cpu"), dtype=torch.float32))
-    out = pipe.run(request(caption="injected", audio_duration=2.0, batch_size=1), lambda stage, fraction: None)
+    out = pipe.run(request(caption="injected", audio_duration=2.0, batch_size=1), lambda stage, fraction, **facts: None)
     assert out.audios[0].shape == (2, 2 * SAMPLE_RATE) and out.info["dit_model"] == "in-memory"
     assert "injected" in text.prompts[0] and "[inst]" in text.prompts[1]  # caption prompt, then lyric prompt

@@ -128,7 +128,7 @@ class _Engine:
     def __init__(self, fail: bool = False):
         self.fail, self.calls = fail, 0
 
-    def generate_codes(self, requests):
+    def generate_codes(self, requests, report=None):
         self.calls += 1
         if self.fail:
             raise RuntimeError("engine died")

@@ -92,6 +92,9 @@ def test_the_features_follow_what_drives_each_stage():
     assert work_of(GenerationRequest(thinking=True), turbo).lm_mode == 2
     assert work_of(GenerationRequest(), turbo).audio_seconds == 30.0  # no duration, no LM: 30 s
     assert work_of(GenerationRequest(use_format=True), turbo).lm_mode == 1
+    assert work_of(GenerationRequest(audio_duration=30), turbo).lm_mode == 1  # the LM fills bpm, key, metre
+    every_meta = GenerationRequest(audio_duration=30, bpm=120, key_scale="C major", time_signature="4")
+    assert work_of(every_meta, turbo).lm_mode == 0
     cover = GenerationRequest(task_type="cover", src_audio_path="/x.wav")
     assert work_of(cover, turbo, source_seconds=12.5).audio_seconds == 12.5
     assert work_of(cover, turbo).audio_seconds is None
