@@ -20,6 +20,7 @@ Goals: progress visible within 1 s, a cancel effective in under 2 s.
 """
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -173,7 +174,8 @@ def main() -> None:
     if args.url:
         run(args.url.rstrip("/"), args)
     else:
-        env = {"ACESTEP_DEFAULT_BATCH_SIZE": "1"}
+        # dev caps the tiny LM's songs at 30 s; thinking needs codes for the whole song
+        env = {"ACESTEP_DEFAULT_BATCH_SIZE": "1", "ACESTEP_LM_MAX_DURATION": str(max(30, math.ceil(args.duration)))}
         with dev_deployment(workers=1, env=env, postgres=args.postgres, checkpoint_dir=args.checkpoint_dir,
                             keep=args.keep) as deployment:
             run(deployment["url"], args)
