@@ -136,10 +136,13 @@ def run(base: str, args) -> None:
         print("  claim -> first poll showing a stage (upper bound of the first report's delay): "
               + ", ".join(f"{v:.3f} s" for v in visible))
         for index, seen in enumerate(stage_seconds):
-            print(f"  job {index + 1}: stage seen for " + ", ".join(f"{s} {t:.2f} s" for s, t in seen.items()))
-        results = [cancel_in(http, stage, args.duration, args.steps, 100 + i, args.poll, args.timeout)
-                   for i in range(args.cancels) for stage in CANCEL_STAGES]
-        print(f"cancel: {args.cancels} per stage, sent at the first poll showing the stage")
+            print(f"  job {index + 1}: stage seen for " + ", ".join(f"{s} {t:.2f} s" for s, t in seen.items()), flush=True)
+        print(f"cancel: {args.cancels} per stage, sent at the first poll showing the stage", flush=True)
+        results = []
+        for i in range(args.cancels):
+            for stage in CANCEL_STAGES:
+                results.append(cancel_in(http, stage, args.duration, args.steps, 100 + i, args.poll, args.timeout))
+                print(f"    {results[-1]}", flush=True)
         for stage in CANCEL_STAGES:
             mine = [r for r in results if r["stage"] == stage]
             hits = [r for r in mine if "latency" in r]
