@@ -66,15 +66,17 @@ SELECT count(*) AS inserted FROM inserted;
 
 -- name: claim_jobs
 -- Take up to :limit claimable jobs in claim order; never more than the caller's free slots. Without
--- :batch_key (NULL) they are the first claimable jobs, skipping those another claimer has locked.
--- With it, only jobs of that batch key (request->>'batch_key') among the next :lookahead in claim
--- order, to share one GPU batch with a job the worker already holds. Exactly one of the two pickers
--- runs (the other's condition on :batch_key is a one-time filter); both share the claim below.
+-- :batch_key and :job_id (NULL) they are the first claimable jobs, skipping those another claimer
+-- has locked. With :batch_key, only jobs of that batch key (request->>'batch_key') among the next
+-- :lookahead in claim order, to share one GPU batch with a job the worker already holds. With
+-- :job_id, that job alone if it is claimable (a platform invocation that carries its own job).
+-- Exactly one of the three pickers runs (the others' conditions are one-time filters); all share
+-- the claim below.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 next_jobs AS (
     SELECT j.id
     FROM jobs AS j
-    WHERE CAST(:batch_key AS text) IS NULL
+    WHERE CAST(:batch_key AS text) IS NULL AND CAST(:job_id AS uuid) IS NULL
       AND j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
     ORDER BY j.priority, j.created_at, j.id
     LIMIT :limit
@@ -96,10 +98,19 @@ batch_mates AS (
     LIMIT :limit
     FOR UPDATE OF j SKIP LOCKED
 ),
+this_job AS (
+    SELECT j.id
+    FROM jobs AS j
+    WHERE CAST(:job_id AS uuid) IS NOT NULL AND j.id = CAST(:job_id AS uuid)
+      AND j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+    FOR UPDATE OF j SKIP LOCKED
+),
 picked AS (
     SELECT id FROM next_jobs
     UNION ALL
     SELECT id FROM batch_mates
+    UNION ALL
+    SELECT id FROM this_job
 )
 UPDATE jobs AS j
 SET status = 'running',
@@ -348,6 +359,7 @@ SELECT
     (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
      FROM (SELECT status, count(*) AS n FROM jobs GROUP BY status) AS per_status) AS counts,
     (SELECT count(*) FROM jobs WHERE status = 'queued') AS queue_depth,
+    (SELECT count(*) FROM jobs, clock WHERE lease_expires_at < clock.now) AS expired_leases,  -- running only (a CHECK)
     (SELECT count(*) FROM workers AS w, clock
      WHERE w.heartbeat_at > clock.now - make_interval(secs => CAST(:stale_seconds AS float8))) AS live_workers,
     (SELECT avg(EXTRACT(EPOCH FROM r.finished_at - r.started_at))

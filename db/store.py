@@ -289,6 +289,7 @@ class JobStore:
         return {
             "counts": dict(row.counts),
             "queue_depth": row.queue_depth,
+            "expired_leases": row.expired_leases,  # running jobs whose worker stopped heartbeating
             "live_workers": row.live_workers,
             "avg_job_seconds": float(avg) if avg is not None else None,
         }
@@ -307,6 +308,11 @@ class JobStore:
         """Claim up to `limit` jobs (the caller's free slots), in priority order."""
         return self._claim(worker_id, limit, batch_key=None, lookahead=None, now=now)
 
+    def claim_job(self, worker_id: str, job_id: UUID, *, now: datetime | None = None) -> ClaimedJob | None:
+        """Claim this one job if it is claimable now (queued and due); None otherwise."""
+        jobs = self._claim(worker_id, 1, batch_key=None, lookahead=None, job_id=job_id, now=now)
+        return jobs[0] if jobs else None
+
     def claim_batch(
         self, worker_id: str, batch_key: str, limit: int, *, lookahead: int = 200, now: datetime | None = None
     ) -> list[ClaimedJob]:
@@ -314,13 +320,14 @@ class JobStore:
         return self._claim(worker_id, limit, batch_key=batch_key, lookahead=lookahead, now=now)
 
     def _claim(
-        self, worker_id: str, limit: int, *, batch_key: str | None, lookahead: int | None, now: datetime | None
+        self, worker_id: str, limit: int, *, batch_key: str | None, lookahead: int | None, now: datetime | None,
+        job_id: UUID | None = None,
     ) -> list[ClaimedJob]:
         if limit <= 0:
             return []
         rows = self._run(
             "claim_jobs", now, worker_id=worker_id, limit=limit, batch_key=batch_key, lookahead=lookahead,
-            lease_seconds=self.lease_seconds,
+            job_id=job_id, lease_seconds=self.lease_seconds,
         )
         return sorted((ClaimedJob(**row._asdict()) for row in rows), key=lambda j: (j.priority, j.created_at, j.id))
 

@@ -23,7 +23,10 @@ class JobWakeups:
         self._conn: psycopg.Connection | None = None
 
     def __enter__(self) -> "JobWakeups":
-        self._connect()
+        try:
+            self._connect()
+        except DatabaseUnavailable as exc:  # `wait` connects again; until then it only sleeps
+            log.warning("%s; polling until the database is back", exc, extra={"action": "listen_lost"})
         return self
 
     def __exit__(self, *exc_info) -> None:

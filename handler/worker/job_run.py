@@ -17,6 +17,9 @@ from pipeline.contract import INPUT_PATH_FIELDS, RESULT_INFO_FIELDS, GenerationR
 log = logging.getLogger(__name__)
 
 DB_RETRIES = 5
+# A finished job's outcome waits this long for the database to come back: the fenced write stays
+# valid until the job is rescued, so a result made during a database restart is kept.
+OUTCOME_PATIENCE_SECONDS = 60.0
 LOST = "lost"  # an outcome beside the JobStatus a run ends a job in: the job was no longer ours
 
 
@@ -64,15 +67,19 @@ def result_document(request: GenerationRequest, keys: list[str], info: dict[str,
     return result
 
 
-def with_db_retries(call, *args, **kwargs):
-    """Retry a store call through a dropped connection (the pool reconnects on the next try)."""
-    for attempt in range(DB_RETRIES):
+def with_db_retries(call, *args, patience: float = 0.0, **kwargs):
+    """Retry a store call through a dropped connection (the pool reconnects on the next try):
+    DB_RETRIES times, and on for `patience` seconds in all (a database restart)."""
+    give_up = time.monotonic() + patience
+    attempt = 0
+    while True:
         try:
             return call(*args, **kwargs)
         except DatabaseUnavailable:
-            if attempt == DB_RETRIES - 1:
+            attempt += 1
+            if attempt >= DB_RETRIES and time.monotonic() >= give_up:
                 raise
-            time.sleep(min(0.2 * 2**attempt, 3.0))
+            time.sleep(min(0.2 * 2 ** min(attempt - 1, 4), 3.0))
 
 
 class JobRun:
@@ -139,6 +146,13 @@ class JobRun:
             with self._lock:
                 self._cancel_requested.add(job_id)
             self._cancel_if_unwanted()
+
+    def abandon(self) -> None:
+        """The worker handed these jobs back (shutdown): write nothing more to their rows and stop
+        the pipeline at its next report."""
+        with self._lock:
+            self._lost.update(job.id for job in self.jobs)
+        self._cancel_if_unwanted()
 
     def _cancel_if_unwanted(self) -> None:
         with self._lock:
@@ -354,7 +368,8 @@ class JobRun:
 
     def _complete(self, job: ClaimedJob, result: dict[str, Any], timings: dict[str, Any]) -> str:
         try:
-            with_db_retries(self._store.complete, job, self._worker_id, result, timings=timings)
+            with_db_retries(self._store.complete, job, self._worker_id, result, timings=timings,
+                            patience=OUTCOME_PATIENCE_SECONDS)
             return JobStatus.SUCCEEDED
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.
@@ -372,7 +387,8 @@ class JobRun:
 
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> str:
         try:
-            return with_db_retries(self._store.fail, job, self._worker_id, error, retryable=retryable)
+            return with_db_retries(self._store.fail, job, self._worker_id, error, retryable=retryable,
+                                   patience=OUTCOME_PATIENCE_SECONDS)
         except JobLost:
             return LOST
 

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from uuid import UUID
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 RESCUE_EVERY_SECONDS = 5.0
 CANCEL_WAIT_SECONDS = 1.0  # how long the cancel listener blocks before it looks at its stop flag
+BUDGET_RESERVE_SECONDS = 15.0  # of a time budget: kept for handing running jobs back and returning
+DB_OUTAGE_SECONDS = 30.0  # a run with nothing to do that cannot reach the database gives up after this
 
 
 @dataclass
@@ -96,9 +99,18 @@ class Worker:
         self._claimed = 0
         self._maintenance = Maintenance(store, storage, retention_seconds=options.retention_seconds,
                                         rescue_every=RESCUE_EVERY_SECONDS)
-        self._time_budget: float | None = None
+        self._deadline: float | None = None  # time.monotonic() by which a budgeted run returns
+        self._reserve = 0.0
         self._started_at = time.monotonic()
+        self._loader: threading.Thread | None = None  # loads the models; may outlive a budgeted run
+        self._load_error: PipelineError | None = None
+        self._only: UUID | None = None  # the one job this run may claim
+        self._only_tried = False
+        self._db_down_since: float | None = None
+        self._job_seconds: float | None = None  # mean wall time of the runs this worker finished
+        self._runs_timed = 0
         self.outcomes: Counter[str] = Counter()
+        self.errors: list[str] = []
         self.stop_reason = ""
 
     # --- signals ---------------------------------------------------------------------------
@@ -108,18 +120,27 @@ class Worker:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Soft stop (SIGTERM, a platform's stop signal): claim nothing more, give running jobs the
+        grace period, then hand them back to the queue. A second request stops at once."""
         if self._stopping.is_set():
             self._hard_stop.set()
         self._stopping.set()
         self._slot_freed.set()
 
     def summary(self) -> dict:
+        """What the last `run` did; `error` is set when it ended for a reason other than running
+        out of work, time or a stop request (the jobs it could not finish are back in the queue, or
+        return there when their lease expires)."""
         return {
             "worker_id": self.worker_id,
             "claimed": self._claimed,
-            "outcomes": dict(self.outcomes),
+            "outcomes": {getattr(outcome, "value", outcome): n for outcome, n in self.outcomes.items()},
             "seconds": round(time.monotonic() - self._started_at, 1),
             "stopped_because": self.stop_reason or "stopped",
+            "error": "; ".join(self.errors) or None,
         }
 
     def close(self) -> None:
@@ -128,28 +149,51 @@ class Worker:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def run(self, *, time_budget_seconds: float | None = None) -> int:
+    def run(self, *, time_budget_seconds: float | None = None, job_id: UUID | None = None) -> int:
         """0 after a clean stop; 1 when the models could not be loaded (SETUP_FAILED).
-        With a time budget, claiming stops once it is spent (a serverless invocation's limit)."""
-        self._time_budget = time_budget_seconds
+
+        With a time budget (a serverless invocation's limit) the run returns within it, loading the
+        models included: it claims no job that would not end before the last BUDGET_RESERVE_SECONDS
+        (judged by how long this worker's runs took), and jobs still running then go back to the
+        queue. A load that outlasts the budget goes on for the next run of this worker. With
+        `job_id`, the run claims that job only, if it is claimable, and returns once it is done."""
         opts = self._options
-        with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
-                        capacity=opts.concurrency, models=list(opts.model_names), state=WorkerState.STARTING)
+        self._started_at = time.monotonic()
+        budget = time_budget_seconds
+        self._deadline = None if budget is None else self._started_at + budget
+        self._reserve = 0.0 if budget is None else min(BUDGET_RESERVE_SECONDS, 0.2 * budget)
+        self._only, self._only_tried, self._db_down_since = job_id, False, None
         self._stopping.clear()
         self._hard_stop.clear()
-        self._claimed, self._started_at, self.outcomes, self.stop_reason = 0, time.monotonic(), Counter(), ""
+        self._claimed, self.outcomes, self.errors, self.stop_reason = 0, Counter(), [], ""
         try:
-            for slot in self._slots:
-                slot.process.ensure_started()
+            with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
+                            capacity=opts.concurrency, models=list(opts.model_names), state=WorkerState.STARTING)
+        except DatabaseUnavailable as exc:
+            self.stop_reason = "database unavailable"
+            self.errors.append(f"the job database is unreachable: {exc}")
+            return 0
+        try:
+            if not self._load_models():
+                self.stop_reason = "time budget spent loading the models"
+                return 0
         except PipelineError as exc:
             log.error("%s; this worker takes no jobs (check ACESTEP_PIPELINE and ACESTEP_CHECKPOINT_DIR)", exc,
                       extra={"action": "setup_failed", "error": str(exc)})
-            with_db_retries(self._store.touch_worker, self.worker_id, state=WorkerState.SETUP_FAILED)
+            self.stop_reason = "setup failed"
+            self.errors.append(str(exc))
+            try:
+                with_db_retries(self._store.touch_worker, self.worker_id, state=WorkerState.SETUP_FAILED)
+            except DatabaseUnavailable:
+                pass
             self._stop_processes()
             return 1
         loaded = sorted({m for slot in self._slots for m in slot.process.models}) or list(opts.model_names)
-        with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
-                        capacity=opts.concurrency, models=loaded, state=WorkerState.READY)
+        try:
+            with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
+                            capacity=opts.concurrency, models=loaded, state=WorkerState.READY)
+        except DatabaseUnavailable as exc:  # the claims below find out whether it lasts
+            log.warning("could not register as ready: %s", exc, extra={"action": "register_failed"})
         log.info("worker %s ready", self.worker_id, extra={"action": "worker_ready", "worker_id": self.worker_id})
         beat = threading.Thread(target=self._worker_heartbeat, daemon=True)
         beat.start()
@@ -166,6 +210,29 @@ class Worker:
             listener.join(timeout=CANCEL_WAIT_SECONDS + 1)
         return 0
 
+    def _load_models(self) -> bool:
+        """Start every slot's pipeline process (loading the models) on a thread of its own; True
+        once all are ready, False if the budget ran out first (the load goes on). Raises the load's
+        PipelineError."""
+        if self._loader is None:
+            self._load_error = None
+            self._loader = threading.Thread(target=self._start_processes, daemon=True, name="model-loader")
+            self._loader.start()
+        self._loader.join(None if self._deadline is None else max(0.0, self._release_at() - time.monotonic()))
+        if self._loader.is_alive():
+            return False
+        self._loader = None
+        if self._load_error is not None:
+            raise self._load_error
+        return True
+
+    def _start_processes(self) -> None:
+        try:
+            for slot in self._slots:
+                slot.process.ensure_started()
+        except PipelineError as exc:
+            self._load_error = exc
+
     def _forward_cancels(self, stop: threading.Event) -> None:
         """A client's cancel of a running job, heard on the database (NOTIFY), reaches the run that
         holds the job at once; the runs' progress writes see it too, a little later."""
@@ -181,6 +248,9 @@ class Worker:
         opts = self._options
         idle_since = time.monotonic()
         while not self._stopping.is_set():
+            if self._deadline is not None and time.monotonic() >= self._release_at():
+                self.stop_reason = "time budget spent"
+                return
             free = [s for s in self._slots if s.run is None]
             jobs = self._claim(len(free))
             for slot, job in zip(free, jobs, strict=False):
@@ -189,8 +259,18 @@ class Worker:
             if not busy and self._out_of_time():
                 self.stop_reason = "time budget spent"
                 return
+            if not busy and self._only is not None and self._only_tried:
+                self.stop_reason = "job done" if self._claimed else "job not claimable"
+                return
             if busy:
                 idle_since = time.monotonic()
+            elif self._db_down_since is not None and (opts.once or self._deadline is not None):
+                # a failed claim says nothing about the queue: keep trying, within limits
+                if time.monotonic() - self._db_down_since >= DB_OUTAGE_SECONDS:
+                    self.stop_reason = "database unavailable"
+                    self.errors.append(f"the job database was unreachable for {DB_OUTAGE_SECONDS:.0f} s")
+                    return
+                continue
             elif opts.once or self._reached_max_jobs():
                 self.stop_reason = "queue empty" if opts.once else "max jobs reached"
                 return
@@ -201,14 +281,27 @@ class Worker:
             if jobs and len(jobs) == len(free):
                 continue  # every free slot got a job: there may be more, once a slot frees
             if len(jobs) == len(free):  # no free slot: wait for one
-                self._slot_freed.wait(opts.poll_seconds)
+                self._slot_freed.wait(self._capped(opts.poll_seconds))
                 self._slot_freed.clear()
             else:  # a free slot and nothing to claim: wait for a new job (NOTIFY) or the poll
-                wakeups.wait(min(opts.poll_seconds, opts.exit_when_idle or opts.poll_seconds, 0.25 if busy else opts.poll_seconds))
+                wakeups.wait(self._capped(min(opts.poll_seconds, opts.exit_when_idle or opts.poll_seconds,
+                                              0.25 if busy else opts.poll_seconds)))
+
+    def _release_at(self) -> float:
+        """When a budgeted run hands its running jobs back and returns."""
+        return self._deadline - self._reserve
+
+    def _capped(self, seconds: float) -> float:
+        """A wait that ends by the release time of a budgeted run."""
+        if self._deadline is None:
+            return seconds
+        return max(0.0, min(seconds, self._release_at() - time.monotonic()))
 
     def _out_of_time(self) -> bool:
-        budget = self._time_budget
-        return budget is not None and time.monotonic() - self._started_at >= budget
+        """No time left in the budget for another job as long as this worker's runs take."""
+        if self._deadline is None:
+            return False
+        return time.monotonic() + (self._job_seconds or 0.0) >= self._release_at()
 
     def _reached_max_jobs(self) -> bool:
         return self._options.max_jobs is not None and self._claimed >= self._options.max_jobs
@@ -216,15 +309,23 @@ class Worker:
     def _claim(self, free: int) -> list[ClaimedJob]:
         if self._options.max_jobs is not None:
             free = min(free, self._options.max_jobs - self._claimed)
-        if free <= 0 or self._out_of_time():
+        if free <= 0 or self._out_of_time() or (self._only is not None and self._only_tried):
             return []
         self._maintenance.tick(only=("rescue",))  # expired leases back in the queue before we look; failures are its own
         try:
-            jobs = self._store.claim(self.worker_id, free)
+            if self._only is not None:
+                job = self._store.claim_job(self.worker_id, self._only)
+                self._only_tried = True
+                jobs = [job] if job is not None else []
+            else:
+                jobs = self._store.claim(self.worker_id, free)
         except StoreError as exc:
             log.warning("claim failed, retrying: %s", exc, extra={"action": "claim_failed", "error": str(exc)})
-            time.sleep(1.0)
+            if self._db_down_since is None:
+                self._db_down_since = time.monotonic()
+            time.sleep(self._capped(1.0))
             return []
+        self._db_down_since = None
         self._claimed += len(jobs)
         return jobs
 
@@ -253,12 +354,18 @@ class Worker:
 
     def _run_slot(self, slot: Slot) -> None:
         run = slot.run
+        began = time.monotonic()
         try:
             for job_id, outcome in run.run().items():
                 self.outcomes[outcome] += 1
                 log.info("job %s: %s", job_id, outcome, extra={"action": "job_done", "job_id": job_id, "outcome": outcome})
-        except Exception:  # a bug here must not kill the worker; the leases return the jobs
+            self._runs_timed += 1
+            spent = time.monotonic() - began
+            self._job_seconds = spent if self._job_seconds is None else self._job_seconds + (spent - self._job_seconds) / self._runs_timed
+        except Exception as exc:  # a bug or an outage must not kill the worker; the leases return the jobs
             log.exception("job run crashed", extra={"action": "job_crashed", "job_ids": [str(j.id) for j in run.jobs]})
+            self.errors.append(f"a run of job(s) {', '.join(str(j.id) for j in run.jobs)} could not finish "
+                               f"({exc}); the job goes back to the queue when its lease expires")
         finally:
             slot.run = None
             self._slot_freed.set()
@@ -272,19 +379,26 @@ class Worker:
                 continue
 
     def _shutdown(self) -> None:
-        """Soft stop: running jobs get the grace period, then go back to the queue with their attempt."""
+        """Soft stop: running jobs get the grace period (within a budget: half its reserve), then go
+        back to the queue with their attempt, and their pipeline runs stop."""
         self._maintenance.stop()
-        deadline = time.monotonic() + self._options.shutdown_grace_seconds
+        grace = self._options.shutdown_grace_seconds
+        if self._deadline is not None:
+            grace = max(0.0, min(grace, self._deadline - self._reserve / 2 - time.monotonic()))
+        deadline = time.monotonic() + grace
         while any(s.run is not None for s in self._slots) and time.monotonic() < deadline:
             if self._hard_stop.wait(0.1):
                 break
         for slot in self._slots:
-            for job in slot.run.jobs if slot.run is not None else []:
+            run = slot.run
+            for job in run.jobs if run is not None else []:
                 try:
                     with_db_retries(self._store.release, job, self.worker_id, refund=True)
                     log.info("released job %s on shutdown", job.id, extra={"action": "release", "job_id": str(job.id)})
                 except (JobLost, StoreError):
-                    pass  # already finished or taken over: nothing of ours to give back
+                    pass  # already finished or taken over (or the lease brings it back)
+            if run is not None:
+                run.abandon()
         if not self._options.keep_warm:
             self._stop_processes()
         self._hard_stop.set()

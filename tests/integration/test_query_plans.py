@@ -45,9 +45,9 @@ COSTS = PRIORS["gpu"].sql_array()
     "name,params",
     [
         ("claim_jobs", {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
-                        "lookahead": None}),
+                        "lookahead": None, "job_id": None}),
         ("claim_jobs", {"limit": 7, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": "k",
-                        "lookahead": 200}),
+                        "lookahead": 200, "job_id": None}),
         ("queue_position", {"id": "MIDDLE"}),
         ("queue_ahead", {"id": "MIDDLE", "limit": 64}),
         ("queue_ahead_total", {"id": "MIDDLE", "costs": "{}", "default_costs": COSTS}),
@@ -60,6 +60,15 @@ def test_hot_queries_use_the_queue_index(engine, big_queue, name, params):
     seq_scans = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"]
     assert seq_scans == []
     assert "ix_jobs_queue" in {n.get("Index Name") for n in nodes}
+
+
+def test_claiming_one_named_job_reads_only_that_row(engine, big_queue):
+    params = {"limit": 1, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
+              "lookahead": None, "job_id": big_queue}
+    with engine.connect() as conn:
+        nodes = explain(conn, "claim_jobs", params)
+    assert [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"] == []
+    assert "pk_jobs" in {n.get("Index Name") for n in nodes}
 
 
 def test_queue_position_of_a_job_deep_in_the_queue(store, big_queue):
