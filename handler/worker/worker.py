@@ -16,6 +16,7 @@ from pathlib import Path
 from db import DatabaseUnavailable, JobLost, JobStore, JobWakeups, StoreError, WorkerState
 from db.cancel_notices import CancelNotices
 from db.store import ClaimedJob
+from handler import healthcheck
 from handler.backends import build_storage, build_store
 from handler.maintenance import Maintenance
 from handler.settings import Settings
@@ -371,12 +372,14 @@ class Worker:
             self._slot_freed.set()
 
     def _worker_heartbeat(self) -> None:
+        healthcheck.beat()  # the container's health check reads this file
         while not self._hard_stop.wait(self._options.heartbeat_seconds):
             busy = any(s.run is not None for s in self._slots)
             try:
                 self._store.touch_worker(self.worker_id, state=WorkerState.BUSY if busy else WorkerState.READY)
             except DatabaseUnavailable:
                 continue
+            healthcheck.beat()
 
     def _shutdown(self) -> None:
         """Soft stop: running jobs get the grace period (within a budget: half its reserve), then go
