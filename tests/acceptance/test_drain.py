@@ -1,12 +1,14 @@
 """Drain-and-return (the logic behind the RunPod and Modal adapters), without their SDKs."""
 
-import importlib.util
-import sys
-import types
+import threading
+import time
+
+from sqlalchemy.engine import make_url
 
 from handler.drain import Drainer
 from handler.settings import Settings
-from tests.acceptance.worker_harness import ROOT, submit, worker_env
+from tests.acceptance.worker_harness import submit, wait_for, worker_env
+from tests.tcp_proxy import TcpProxy
 
 
 def drain_settings(db_url, tmp_path, monkeypatch, **extra) -> Settings:
@@ -44,15 +46,68 @@ def test_drain_stops_claiming_when_the_budget_is_spent_and_loses_nothing(store, 
     assert statuses.count("succeeded") == summary["claimed"] and statuses.count("queued") == 6 - summary["claimed"]
 
 
-def test_runpod_handler_drains_with_the_requested_budget(store, db_url, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "runpod", types.SimpleNamespace(serverless=None))  # the SDK is not installed here
-    spec = importlib.util.spec_from_file_location("rp_handler", ROOT / "infra" / "runpod" / "rp_handler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    drain_settings(db_url, tmp_path, monkeypatch)
+def test_the_legacy_runpod_input_still_drains(store, db_url, tmp_path, monkeypatch):
+    """{"time_budget_seconds": N} alone (the adapter's old input) is a drain, not a generation request."""
+    import asyncio
+
+    from handler.platforms.runpod import OUTPUT, Runtime, events
+
+    runtime = Runtime(drain_settings(db_url, tmp_path, monkeypatch))
     job_id = submit(store, caption="runpod", batch_size=1)
+
+    async def collect():
+        return [event async for event in events({"id": "legacy", "input": {"time_budget_seconds": 60}}, runtime)]
+
     try:
-        summary = module.handler({"input": {"time_budget_seconds": 60}})
+        (kind, summary), = asyncio.run(collect())
     finally:
-        module._drainer.close()
-    assert summary["outcomes"] == {"succeeded": 1} and store.get(job_id)["status"] == "succeeded"
+        runtime.close()
+    assert kind == OUTPUT and summary["outcomes"] == {"succeeded": 1} and store.get(job_id)["status"] == "succeeded"
+
+
+def test_a_drain_returns_within_its_budget_and_hands_the_running_job_back(store, db_url, tmp_path, monkeypatch):
+    slow = submit(store, caption="slow", batch_size=1)
+    drainer = Drainer(drain_settings(db_url, tmp_path, monkeypatch, FAKE_STAGE_SECONDS="3"))  # a 12 s job
+    try:
+        began = time.monotonic()
+        summary = drainer.drain(time_budget_seconds=4)  # model load included
+        spent = time.monotonic() - began
+    finally:
+        drainer.close()
+    assert spent < 4.0 and summary["stopped_because"] == "time budget spent" and summary["claimed"] == 1
+    row = store.get(slow)
+    assert (row["status"], row["attempt"]) == ("queued", 0)  # back in the queue, its attempt unspent
+
+
+def test_a_database_outage_mid_drain_is_an_error_and_loses_nothing(store, db_url, tmp_path, monkeypatch):
+    from handler.worker import job_run, worker
+
+    monkeypatch.setattr(worker, "DB_OUTAGE_SECONDS", 2.0)
+    monkeypatch.setattr(job_run, "OUTCOME_PATIENCE_SECONDS", 1.0)
+    url = make_url(db_url)
+    proxy = TcpProxy(url.host, url.port)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    ids = [submit(store, caption=str(i), batch_size=1) for i in range(3)]
+    drainer = Drainer(drain_settings(proxied, tmp_path, monkeypatch, FAKE_STAGE_SECONDS="0.5"))
+    try:
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(drainer.drain(time_budget_seconds=60)))
+        thread.start()
+        wait_for(lambda: store.get(ids[0])["stage"] == "dit", timeout=30)
+        proxy.cut()
+        thread.join(timeout=40)
+        assert not thread.is_alive()
+    finally:
+        proxy.restore()
+        drainer.close()
+        proxy.close()
+    assert outcome["stopped_because"] == "database unavailable" and "database" in outcome["error"], outcome
+    rows = [store.get(i) for i in ids]
+    assert {r["status"] for r in rows} <= {"queued", "running"}  # the first job's lease brings it back
+    # Nothing lost: once the leases expire, another drain finishes every job.
+    again = Drainer(drain_settings(db_url, tmp_path, monkeypatch))
+    try:
+        wait_for(lambda: again.drain(time_budget_seconds=30)["claimed"] >= 0
+                 and all(store.get(i)["status"] == "succeeded" for i in ids), timeout=60, interval=0.5)
+    finally:
+        again.close()
