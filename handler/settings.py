@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(10, ge=1, le=100, description="POSTs per webhook before giving up")
     webhook_retry_base_seconds: float = Field(5.0, ge=0, description="backoff after a failed webhook POST; doubles")
     webhook_retry_max_seconds: float = Field(3600.0, ge=0, description="longest backoff between webhook POSTs")
+    # The RunPod trigger (python -m handler.platforms.runpod_trigger): drains started through RunPod's API.
+    runpod_endpoint_id: str | None = Field(None, description="the RunPod serverless endpoint that runs the worker image")
+    runpod_api_key: str | None = Field(None, description="a RunPod API key that may run jobs on that endpoint")
+    runpod_api_url: str = Field("https://api.runpod.ai/v2", description="RunPod's endpoint API")
+    runpod_max_drains: int = Field(2, ge=1, le=100, description="RunPod jobs (drains) in flight at most")
+    runpod_drain_budget_seconds: float = Field(
+        540.0, gt=0, description="each drain's time budget; under the endpoint's execution timeout"
+    )
 
     @field_validator("dit_model")
     @classmethod
