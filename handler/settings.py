@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     runpod_api_key: str | None = Field(None, description="a RunPod API key that may run jobs on that endpoint")
     runpod_api_url: str = Field("https://api.runpod.ai/v2", description="RunPod's endpoint API")
     runpod_max_drains: int = Field(2, ge=1, le=100, description="RunPod jobs (drains) in flight at most")
+    runpod_stream: bool = Field(False, description="RunPod handler: progress and output as stream chunks")
     runpod_drain_budget_seconds: float = Field(
         540.0, gt=0, description="each drain's time budget; under the endpoint's execution timeout"
     )

@@ -368,7 +368,7 @@ def main() -> None:
     import runpod  # the RunPod SDK: the `runpod` extra, present in the worker image
 
     logging.basicConfig(level=logging.INFO)
-    stream = os.environ.get("ACESTEP_RUNPOD_STREAM", "").lower() in ("1", "true", "yes")
+    stream = RUNTIME.settings.runpod_stream
     config: dict[str, Any] = {"handler": stream_handler if stream else handler}
     if stream:
         config["return_aggregate_stream"] = True

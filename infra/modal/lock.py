@@ -20,9 +20,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-# The GPU image's torch: vllm pins torch exactly (vllm 0.33.0 -> torch 2.14.0, torchaudio 2.11.0), so the
+# The GPU image's torch: vllm pins torch exactly (vllm 0.32.0 -> torch 2.13.0, torchaudio 2.11.0), so the
 # three move together. The wheels from PyPI are CUDA builds that carry their CUDA libraries (no CUDA base image).
-GPU_PINS = ["torch==2.14.0", "torchaudio==2.11.0", "vllm==0.33.0"]
+GPU_PINS = ["torch==2.13.0", "torchaudio==2.11.0", "vllm==0.32.0"]
 # What the API, maintenance and kicker functions never import (the HTTP function loads no model;
 # pgserver is the embedded Postgres of `dev`): left out of the API image to keep it small and its start fast.
 API_LEAVES_OUT = {"torch", "transformers", "diffusers", "safetensors", "pgserver", "huggingface-hub"}

@@ -119,3 +119,16 @@ def test_the_stop_signal_cancels_the_native_job_and_the_worker_goes_on(store, db
         out = stop(proc)
     assert nxt is not None and nxt["output"]["status"] == "succeeded", out
     assert standin.final("rp-stop") is None  # a stopped job posts no result
+
+
+def test_streaming_mode_sends_progress_and_the_output_as_chunks(store, db_url, tmp_path, standin):
+    proc = start(standin, db_url, tmp_path, FAKE_STAGE_SECONDS="0.6", ACESTEP_RUNPOD_STREAM="1")
+    try:
+        standin.add_job("rp-stream", {"caption": "rp-stream", "audio_duration": 10, "batch_size": 1})
+        final = wait_for(lambda: standin.final("rp-stream"), timeout=120)
+    finally:
+        out = stop(proc)
+    chunks = [post["output"] for post in standin.streams["rp-stream"]]
+    assert chunks[-1]["status"] == "succeeded" and chunks[-1]["result"]["audio_paths"], out
+    assert "dit" in {c.get("stage") for c in chunks[:-1]}
+    assert final["output"] == chunks  # return_aggregate_stream: /runsync and /status see every chunk

@@ -286,7 +286,7 @@ def test_each_lock_pins_every_requirement_of_its_image_within_pyproject(kind):
 
 def test_the_gpu_lock_has_the_pinned_torch_and_the_api_lock_none():
     gpu, api = lock("requirements-gpu.lock"), lock("requirements-api.lock")
-    assert (gpu["torch"], gpu["torchaudio"], gpu["vllm"]) == ("2.14.0", "2.11.0", "0.33.0")
+    assert (gpu["torch"], gpu["torchaudio"], gpu["vllm"]) == ("2.13.0", "2.11.0", "0.32.0")
     assert not {"torch", "transformers", "diffusers", "vllm", "pgserver"} & set(api)
 
 
