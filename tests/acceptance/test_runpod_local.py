@@ -1,5 +1,6 @@
 """Our RunPod handler through the runpod SDK's own local modes (`--test_input`, `--rp_serve_api`),
-both modes, on the fake pipeline and on the tiny real pipeline."""
+both modes, on the real pipeline with tiny random checkpoints (and on the fake one where a test is
+about the handler's own answers)."""
 
 import json
 import socket
@@ -13,6 +14,16 @@ import pytest
 from tests.acceptance.worker_harness import ROOT, submit, wait_for, worker_env
 
 pytest.importorskip("runpod", reason="the runpod SDK (the `runpod` extra) is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random checkpoints in the real layout (no 5 Hz LM: these requests do not think)."""
+    from pipeline.tiny import build_tiny_checkpoints
+
+    folder = build_tiny_checkpoints(tmp_path_factory.mktemp("tiny"), with_lm=False)
+    return {"ACESTEP_PIPELINE": "pipeline.service:load_pipeline", "ACESTEP_CHECKPOINT_DIR": str(folder),
+            "ACESTEP_DEVICE": "cpu", "ACESTEP_ETA_PRIOR": "cpu-tiny"}
 
 
 def runpod_env(db_url, tmp_path, **extra) -> dict[str, str]:
@@ -37,8 +48,8 @@ def logged_result(output: str) -> dict:
     return ast.literal_eval(line.split("Job result:", 1)[1].strip())
 
 
-def test_native_job_through_test_input(store, db_url, tmp_path):
-    done = run_test_input(runpod_env(db_url, tmp_path),
+def test_native_job_through_test_input(store, db_url, tmp_path, tiny):
+    done = run_test_input(runpod_env(db_url, tmp_path, **tiny),
                       {"id": "rp-native-1", "input": {"caption": "calm piano", "audio_duration": 10, "batch_size": 2}})
     assert done.returncode == 0, done.stdout + done.stderr
     output = logged_result(done.stdout + done.stderr)["output"]
@@ -83,9 +94,9 @@ def test_invalid_native_input_is_an_error_naming_the_field_and_stores_nothing(st
     assert store.stats()["counts"] == {}
 
 
-def test_drain_job_through_test_input(store, db_url, tmp_path):
-    ids = [submit(store, caption=str(i), batch_size=1) for i in range(3)]
-    done = run_test_input(runpod_env(db_url, tmp_path), {"id": "rp-drain", "input": {"mode": "drain", "time_budget_seconds": 60}})
+def test_drain_job_through_test_input(store, db_url, tmp_path, tiny):
+    ids = [submit(store, caption=str(i), batch_size=1, audio_duration=10) for i in range(3)]
+    done = run_test_input(runpod_env(db_url, tmp_path, **tiny), {"id": "rp-drain", "input": {"mode": "drain", "time_budget_seconds": 60}})
     assert done.returncode == 0, done.stdout + done.stderr
     output = logged_result(done.stdout + done.stderr)["output"]
     assert output["claimed"] == 3 and output["outcomes"] == {"succeeded": 3} and output["stopped_because"] == "queue empty"
@@ -112,12 +123,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_both_modes_through_rp_serve_api(store, db_url, tmp_path):
+def test_both_modes_through_rp_serve_api(store, db_url, tmp_path, tiny):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "handler.platforms.runpod", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
          "--rp_api_port", str(port)],
-        cwd=ROOT, env=runpod_env(db_url, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=runpod_env(db_url, tmp_path, **tiny), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -126,7 +137,7 @@ def test_both_modes_through_rp_serve_api(store, db_url, tmp_path):
             native = http.post("/runsync", json={"input": {"caption": "served", "audio_duration": 10, "batch_size": 1}}).json()
             assert native["status"] == "COMPLETED", native
             assert store.get(native["output"]["job_id"])["status"] == "succeeded"
-            queued = submit(store, caption="drained", batch_size=1)
+            queued = submit(store, caption="drained", batch_size=1, audio_duration=10)
             drained = http.post("/runsync", json={"input": {"mode": "drain", "time_budget_seconds": 30}}).json()
             assert drained["status"] == "COMPLETED" and drained["output"]["claimed"] == 1, drained
             assert store.get(queued)["status"] == "succeeded"
