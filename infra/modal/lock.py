@@ -63,8 +63,11 @@ def resolve(requirements: list[str]) -> list[str]:
                    "--target", str(Path(tmp) / "target"), "--report", str(report)]
         for platform in platforms:
             command += ["--platform", platform]
-        # PIP_CONSTRAINT empty: a machine's own pip constraints must not shape the containers' set
-        subprocess.run(command + requirements, check=True, env={**os.environ, "PIP_CONSTRAINT": ""})
+        # PyPI alone: a machine's own pip configuration (constraints, local wheel folders and indexes,
+        # such as a CPU build of torch) must not shape the containers' set
+        env = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_CONSTRAINT": "", "PIP_FIND_LINKS": "",
+               "PIP_EXTRA_INDEX_URL": "", "PIP_INDEX_URL": "https://pypi.org/simple"}
+        subprocess.run(command + requirements, check=True, env=env)
         installs = json.loads(report.read_text())["install"]
     return sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in installs)
 
