@@ -18,12 +18,12 @@ class Drainer:
         """Run until the queue is empty or the budget is spent (the models' load included); a
         summary of what happened, with `error` set when something kept it from its work."""
         code = self._worker.run(time_budget_seconds=time_budget_seconds)
-        return self._worker.summary() | {"setup_failed": code != 0}
+        return self._worker.summary() | {"setup_failed": code == 1}
 
     def run_job(self, job_id: UUID, time_budget_seconds: float | None = None) -> dict:
         """Claim and run this one job if it is claimable; the summary of that run."""
         code = self._worker.run(job_id=job_id, time_budget_seconds=time_budget_seconds)
-        return self._worker.summary() | {"setup_failed": code != 0}
+        return self._worker.summary() | {"setup_failed": code == 1}
 
     def stop(self) -> None:
         """Soft stop of the run in progress (SIGTERM, the platform's stop signal): claim nothing

@@ -151,7 +151,9 @@ class Worker:
     # --- lifecycle -------------------------------------------------------------------------
 
     def run(self, *, time_budget_seconds: float | None = None, job_id: UUID | None = None) -> int:
-        """0 after a clean stop; 1 when the models could not be loaded (SETUP_FAILED).
+        """0 after a clean stop; 1 when the models could not be loaded (SETUP_FAILED); 2 when the
+        job database could not be reached (at the start, or for DB_OUTAGE_SECONDS of a run that
+        drains or has a budget; a long-lived worker waits for it).
 
         With a time budget (a serverless invocation's limit) the run returns within it, loading the
         models included: it claims no job that would not end before the last BUDGET_RESERVE_SECONDS
@@ -173,7 +175,7 @@ class Worker:
         except DatabaseUnavailable as exc:
             self.stop_reason = "database unavailable"
             self.errors.append(f"the job database is unreachable: {exc}")
-            return 0
+            return 2
         try:
             if not self._load_models():
                 self.stop_reason = "time budget spent loading the models"
@@ -209,7 +211,7 @@ class Worker:
             self._shutdown()
             stop_listening.set()
             listener.join(timeout=CANCEL_WAIT_SECONDS + 1)
-        return 0
+        return 2 if self.stop_reason == "database unavailable" else 0
 
     def _load_models(self) -> bool:
         """Start every slot's pipeline process (loading the models) on a thread of its own; True

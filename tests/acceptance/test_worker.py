@@ -1,6 +1,7 @@
 """The worker as a real process: outcomes of good and bad pipelines, kills, signals, reconnects."""
 
 import signal
+import socket
 
 import psycopg
 import pytest
@@ -152,3 +153,12 @@ def test_compatible_jobs_share_a_batch_and_complete_each_on_its_own(store, db_ur
     assert len({r["result"]["audio_keys"][0] for r in rows}) == 3  # each job its own files
     lone = store.get(other_steps)
     assert lone["status"] == "succeeded" and lone["result"]["generation_info"].startswith("Steps: 16, Scale: 7.0, Seeds: ")
+
+
+def test_a_draining_worker_that_cannot_reach_the_database_exits_non_zero(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = start_worker(worker_env(f"postgresql://postgres@127.0.0.1:{port}/none", tmp_path), "--once")
+    output, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 2, output
