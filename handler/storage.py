@@ -2,11 +2,14 @@
 (URLs served by the HTTP function at a signed, expiring path). Rows store keys; URLs are made at
 read time, so nothing expired is ever stored."""
 
+import contextlib
 import hashlib
 import hmac
 import io
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 from urllib.parse import quote, urlencode, urlparse
@@ -45,12 +48,28 @@ def checked_key(key: str) -> str:
     return key
 
 
+FILE_MODE = 0o640  # stored audio: the service's user and group only
+DIR_MODE = 0o750
+
+
+@contextlib.contextmanager
+def _local_faults(key: str) -> Iterator[None]:
+    """A filesystem fault (full, read-only, gone, no permission) as StorageUnavailable: the callers'
+    retries and 503s apply, as they do to an S3 outage."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ObjectNotFound(f"no object {key}") from None
+    except OSError as exc:
+        raise StorageUnavailable(f"local storage failed for {key}: {exc.strerror or exc}") from exc
+
+
 class LocalStorage:
     """Objects as files under `root`; `url` signs `{base}/v1/files/{key}?expires=..&signature=..`."""
 
     def __init__(self, root: Path, *, secret: bytes, public_base_url: str = ""):
         self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         self._secret = secret
         self.public_base_url = public_base_url.rstrip("/")
 
@@ -59,23 +78,26 @@ class LocalStorage:
 
     def put(self, key: str, data: BinaryIO, content_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as out:
-            shutil.copyfileobj(data, out)
-        partial.replace(path)  # readers never see half a file
+        try:
+            with _local_faults(key):
+                path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(data, out)
+                partial.replace(path)  # readers never see half a file
+        except StorageError:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)  # no half file left behind
+            raise
 
     def open(self, key: str) -> BinaryIO:
-        try:
+        with _local_faults(key):
             return self._path(key).open("rb")
-        except FileNotFoundError:
-            raise ObjectNotFound(f"no object {key}") from None
 
     def size(self, key: str) -> int:
-        try:
+        with _local_faults(key):
             return self._path(key).stat().st_size
-        except FileNotFoundError:
-            raise ObjectNotFound(f"no object {key}") from None
 
     def open_range(self, key: str, start: int, end: int) -> BinaryIO:
         """Bytes `start`..`end` (inclusive) of the object."""
@@ -98,7 +120,8 @@ class LocalStorage:
         return hmac.compare_digest(self.signature(key, expires).encode(), signature.encode())
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        with _local_faults(key):
+            self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)

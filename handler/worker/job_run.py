@@ -17,9 +17,10 @@ from pipeline.contract import INPUT_PATH_FIELDS, RESULT_INFO_FIELDS, GenerationR
 log = logging.getLogger(__name__)
 
 DB_RETRIES = 5
-# A finished job's outcome waits this long for the database to come back: the fenced write stays
-# valid until the job is rescued, so a result made during a database restart is kept.
-OUTCOME_PATIENCE_SECONDS = 60.0
+# A finished job's outcome waits for the database to come back as long as the lease allows (at most
+# this long): the fenced write stays valid until the job is rescued, so a result made during a
+# database restart is kept instead of being recomputed.
+OUTCOME_PATIENCE_SECONDS = 3600.0
 LOST = "lost"  # an outcome beside the JobStatus a run ends a job in: the job was no longer ours
 
 
@@ -121,6 +122,7 @@ class JobRun:
         self._cancel_requested: set = set()
         self._audio_seconds: float | None = None  # per song, once the pipeline says
         self._reprice_to: float | None = None
+        self._began = time.monotonic()
         self._restart_clock()
 
     # ---- progress, cancel and re-pricing (pipe-reading thread -> beat thread) -------------------
@@ -344,19 +346,28 @@ class JobRun:
         keys = []
         for index, path in enumerate(files):
             key = output_key(job, index, fmt)
-            self._with_storage_retries(self._put_file, key, path, AUDIO_CONTENT_TYPES[fmt])
+            # The made audio is kept through a storage outage: tried on (the beat keeps the lease) until
+            # the job's own deadline, not only `upload_tries` times.
+            self._with_storage_retries(self._put_file, key, path, AUDIO_CONTENT_TYPES[fmt],
+                                       until=self._began + self._timeout)
             keys.append(key)
         return keys
 
-    def _with_storage_retries(self, call, *args) -> None:
-        """`call(*args)`, retried with doubling backoff while storage is unavailable (upload_tries times)."""
-        for attempt in range(self._upload_tries):
+    def _with_storage_retries(self, call, *args, until: float | None = None) -> None:
+        """`call(*args)`, retried with doubling backoff (at most 10 s apart) while storage is
+        unavailable: `upload_tries` times, and on until `until` (time.monotonic()) if given."""
+        attempt = 0
+        while True:
             try:
                 return call(*args)
-            except StorageUnavailable:
-                if attempt == self._upload_tries - 1:
+            except StorageUnavailable as exc:
+                attempt += 1
+                if attempt >= self._upload_tries and (until is None or time.monotonic() >= until):
                     raise
-                time.sleep(min(0.5 * 2**attempt, 10.0))
+                if attempt == self._upload_tries:
+                    log.warning("storage unavailable; retrying until the job's deadline: %s", exc,
+                                extra={"action": "storage_retry", "job_ids": [str(j.id) for j in self.jobs]})
+                time.sleep(min(0.5 * 2 ** min(attempt - 1, 5), 10.0))
 
     def _put_file(self, key: str, path: Path, content_type: str) -> None:
         with path.open("rb") as data:
@@ -369,7 +380,7 @@ class JobRun:
     def _complete(self, job: ClaimedJob, result: dict[str, Any], timings: dict[str, Any]) -> str:
         try:
             with_db_retries(self._store.complete, job, self._worker_id, result, timings=timings,
-                            patience=OUTCOME_PATIENCE_SECONDS)
+                            patience=self._outcome_patience())
             return JobStatus.SUCCEEDED
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.
@@ -385,10 +396,13 @@ class JobRun:
             self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
             return self._fail(job, f"could not store the result: {exc}", retryable=True)
 
+    def _outcome_patience(self) -> float:
+        return min(OUTCOME_PATIENCE_SECONDS, float(self._store.lease_seconds))
+
     def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> str:
         try:
             return with_db_retries(self._store.fail, job, self._worker_id, error, retryable=retryable,
-                                   patience=OUTCOME_PATIENCE_SECONDS)
+                                   patience=self._outcome_patience())
         except JobLost:
             return LOST
 

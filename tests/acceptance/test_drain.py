@@ -111,3 +111,28 @@ def test_a_database_outage_mid_drain_is_an_error_and_loses_nothing(store, db_url
                  and all(store.get(i)["status"] == "succeeded" for i in ids), timeout=60, interval=0.5)
     finally:
         again.close()
+
+
+def test_a_result_made_during_a_database_blip_is_kept_not_recomputed(store, db_url, tmp_path, monkeypatch):
+    url = make_url(db_url)
+    proxy = TcpProxy(url.host, url.port)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    job_id = submit(store, caption="blip", batch_size=1)
+    # lease 30 s: the completion may wait that long for the database
+    drainer = Drainer(drain_settings(proxied, tmp_path, monkeypatch, FAKE_STAGE_SECONDS="1", ACESTEP_LEASE_SECONDS="30"))
+    try:
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.update(drainer.drain(time_budget_seconds=60)))
+        thread.start()
+        wait_for(lambda: store.get(job_id)["stage"] == "vae", timeout=30)
+        proxy.cut()
+        time.sleep(6)  # longer than the few seconds a completion used to wait
+        proxy.restore()
+        thread.join(timeout=60)
+    finally:
+        proxy.restore()
+        drainer.close()
+        proxy.close()
+    row = store.get(job_id)
+    assert (row["status"], row["attempt"]) == ("succeeded", 1), outcome  # kept: one attempt, not recomputed
+    assert outcome["outcomes"] == {"succeeded": 1}
