@@ -1,6 +1,7 @@
 """The job store and object storage every entry point uses, built from the settings."""
 
 import logging
+import os
 import secrets
 
 from db import JobStore, make_engine
@@ -18,8 +19,13 @@ def secret_key(settings: Settings) -> bytes:
     path = settings.data_dir / "secret-key"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+        try:  # created readable by its owner only, from the first byte
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process of this dev setup made it just now
+            pass
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(32))
     return path.read_text().strip().encode()
 
 

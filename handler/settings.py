@@ -13,6 +13,10 @@ from pipeline.contract import DEFAULT_DIT_MODEL, DIT_PREFIX, DURATION_MAX, DURAT
 DEFAULT_PIPELINE = "pipeline.service:load_pipeline"
 
 
+MIN_SECRET_CHARS = 32
+MIN_SECRET_DISTINCT = 10
+
+
 class Settings(BaseSettings):
     """Configuration of every entry point. Names are a contract: see DESIGN's Configuration table."""
 
@@ -39,10 +43,16 @@ class Settings(BaseSettings):
     )
     storage_url: str | None = Field(None, description="s3://bucket/prefix or file:///path; dev: a local directory")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset = AWS")
-    secret_key: str | None = Field(None, description="signs local file URLs, derives webhook secrets; dev makes one")
+    secret_key: str | None = Field(
+        None, validate_default=True,
+        description="signs local file URLs, derives webhook secrets; dev makes one; production needs a strong shared one",
+    )
     url_expires_seconds: int = Field(3600, ge=60, le=7 * 86400, description="lifetime of audio URLs")
     input_root: Path | None = Field(None, description="directory whose files src/reference_audio_path may name")
     max_upload_mb: float = Field(50, gt=0, le=2048, description="largest accepted audio upload")
+    max_input_audio_seconds: float = Field(
+        600.0, gt=0, le=7200, description="longest audio input (upload or *_path file) a job may name, by its decoded header"
+    )
     max_queued_per_key: int = Field(100, ge=1, description="queued jobs one API key may have at once")
     default_batch_size: int = Field(2, ge=1, le=8, description="batch_size when a request has none")
     eta_prior: Literal["gpu", "cpu-tiny"] = Field(
@@ -72,6 +82,11 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(10, ge=1, le=100, description="POSTs per webhook before giving up")
     webhook_retry_base_seconds: float = Field(5.0, ge=0, description="backoff after a failed webhook POST; doubles")
     webhook_retry_max_seconds: float = Field(3600.0, ge=0, description="longest backoff between webhook POSTs")
+    webhook_allow_networks: str = Field(
+        "", description="comma-separated CIDRs webhooks may reach besides public addresses (e.g. 10.0.0.0/8); "
+                        "empty: public addresses only (loopback, private, link-local and metadata refused)",
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=300, description="total time one webhook POST may take")
     # The RunPod trigger (python -m handler.platforms.runpod_trigger): drains started through RunPod's API.
     runpod_endpoint_id: str | None = Field(None, description="the RunPod serverless endpoint that runs the worker image")
     runpod_api_key: str | None = Field(None, description="a RunPod API key that may run jobs on that endpoint")
@@ -81,6 +96,18 @@ class Settings(BaseSettings):
     runpod_drain_budget_seconds: float = Field(
         540.0, gt=0, description="each drain's time budget; under the endpoint's execution timeout"
     )
+
+    @field_validator("secret_key")
+    @classmethod
+    def _shared_secret(cls, value: str | None, info) -> str | None:
+        """Every API process and worker of a production deployment must sign with one strong key: a
+        secret each replica made for itself would make the others' links and webhook secrets wrong."""
+        if info.data.get("env") == "production" and (
+            value is None or len(value) < MIN_SECRET_CHARS or len(set(value)) < MIN_SECRET_DISTINCT
+        ):
+            raise ValueError(f"production needs a strong secret shared by every API process and worker: at least "
+                             f"{MIN_SECRET_CHARS} characters, not a repeated few (e.g. `openssl rand -hex 32`)")
+        return value
 
     @field_validator("dit_model")
     @classmethod

@@ -7,10 +7,12 @@ import sys
 from handler.http.auth import create_api_key
 from tests.integration.http_harness import free_port
 
+STRONG_SECRET = "7f3a9c0e51b24d68a1e9f0c3b7d2e45a"  # 32 characters, not a repeated few
+
 
 def serve(db_url: str, tmp_path, **extra: str) -> subprocess.Popen:
     env = {**os.environ, "ACESTEP_DATABASE_URL": db_url, "ACESTEP_ENV": "production", "ACESTEP_PORT": str(free_port()),
-           "ACESTEP_DATA_DIR": str(tmp_path), "ACESTEP_SECRET_KEY": "s" * 32, **extra}
+           "ACESTEP_DATA_DIR": str(tmp_path), "ACESTEP_SECRET_KEY": STRONG_SECRET, **extra}
     return subprocess.Popen([sys.executable, "-m", "handler.cli", "serve"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

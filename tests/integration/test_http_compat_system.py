@@ -21,6 +21,9 @@ TURBO, BASE, LM = "acestep-v15-turbo", "acestep-v15-base", "acestep-5Hz-lm-1.7B"
 AUDIO = bytes(range(256)) * 40  # 10 240 bytes, every byte position distinguishable mod 256
 
 
+STRONG_SECRET = "7f3a9c0e51b24d68a1e9f0c3b7d2e45a"
+
+
 def make(tmp_path, db_url, **overrides):
     settings = Settings(database_url=db_url, data_dir=tmp_path / "data", **overrides)
     svc = build_services(settings, db_url)
@@ -241,11 +244,12 @@ def test_cors_dev_default_allows_localhost_and_null_only(api):
 
 
 def test_cors_production_default_is_none_and_the_setting_names_origins(tmp_path, db_url, monkeypatch):
-    _, client = make(tmp_path, db_url, env="production", allow_open=True)
+    _, client = make(tmp_path, db_url, env="production", allow_open=True, secret_key=STRONG_SECRET)
     assert "access-control-allow-origin" not in preflight(client, "http://localhost:5173").headers
 
     monkeypatch.setenv("ACESTEP_CORS_ORIGINS", "https://studio.example.com/, null")
-    settings = Settings(database_url=db_url, data_dir=tmp_path / "data2", env="production", allow_open=True)
+    settings = Settings(database_url=db_url, data_dir=tmp_path / "data2", env="production", allow_open=True,
+                        secret_key=STRONG_SECRET)
     assert settings.cors_origins == "https://studio.example.com,null"
     client = TestClient(create_app(build_services(settings, db_url)))
     allowed = preflight(client, "https://studio.example.com")
