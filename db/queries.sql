@@ -31,7 +31,9 @@
 -- name: submit_job
 -- Insert one job; with an idempotency key, return the existing job instead (locked, so a
 -- concurrent duplicate is seen even if it committed after this statement began). With
--- :max_queued, nothing is inserted (no row returned) while the owner has that many queued.
+-- :max_queued, nothing is inserted (no row returned) while the owner has that many queued or
+-- running (the queued ones through their partial index; running jobs, few as the worker slots,
+-- through the lease index).
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
 INSERT INTO jobs (id, owner, idempotency_key, request_hash, priority, request, model, task_type,
                   items, audio_seconds, dit_steps, lm_mode, max_attempts, created_at, run_after)
@@ -40,7 +42,8 @@ SELECT :id, :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS
 FROM clock
 WHERE CAST(:max_queued AS int) IS NULL
    OR (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE owner = :owner AND status = 'queued'
-                             LIMIT CAST(:max_queued AS int)) AS mine) < CAST(:max_queued AS int)
+                             LIMIT CAST(:max_queued AS int)) AS mine)
+    + (SELECT count(*) FROM jobs WHERE lease_expires_at IS NOT NULL AND owner = :owner) < CAST(:max_queued AS int)
 ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL
 DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
 RETURNING id, request_hash, status, (xmax = 0) AS created;

@@ -179,7 +179,7 @@ class JobStore:
         now: datetime | None = None,
     ) -> Submitted:
         """Queue a job. With an idempotency key, the same key and body return the same job.
-        With `max_queued`, raises QuotaExceeded while the owner has that many jobs queued."""
+        With `max_queued`, raises QuotaExceeded while the owner has that many jobs queued or running."""
         digest = request_hash(job.request)
         rows = self._run(
             "submit_job",
@@ -200,7 +200,7 @@ class JobStore:
             max_queued=max_queued,
         )
         if not rows:
-            raise QuotaExceeded(f"at most {max_queued} queued jobs per caller; wait for some to start")
+            raise QuotaExceeded(f"at most {max_queued} queued or running jobs per caller; wait for some to finish")
         row = rows[0]
         if not row.created and row.request_hash != digest:
             raise IdempotencyConflict()
