@@ -434,6 +434,14 @@ RETURNING id;
 -- name: find_api_key
 SELECT id, name, max_queued FROM api_keys WHERE key_hash = :key_hash AND revoked_at IS NULL;
 
+-- name: revoke_api_key
+-- The key stops working (API processes notice within their cache's few seconds); its jobs stay.
+WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
+UPDATE api_keys SET revoked_at = COALESCE(revoked_at, clock.now)
+FROM clock
+WHERE id = :id
+RETURNING id;
+
 -- name: claim_webhooks
 -- Take due deliveries; each claim pushes next_attempt_at out by the lease, so a dispatcher that dies
 -- mid-POST leaves the delivery to be retried, and two dispatchers never send one at once.

@@ -484,6 +484,10 @@ class JobStore:
     def active_api_keys(self) -> int:
         return int(self._run("count_api_keys", None)[0].active)
 
+    def revoke_api_key(self, key_id: str) -> bool:
+        """Revoke a key by its id; False if no key has that id."""
+        return bool(self._run("revoke_api_key", None, id=key_id))
+
     def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
         rows = self._run("find_api_key", None, key_hash=key_hash)
         return rows[0]._asdict() if rows else None

@@ -289,6 +289,23 @@ def cmd_create_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_revoke_key(args: argparse.Namespace) -> int:
+    """Revoke an API key by its id (as create-key printed it): within seconds it is refused everywhere."""
+    from db import JobStore, make_engine
+
+    settings = _settings()
+    dev_database = settings.data_dir / "postgres" / "PG_VERSION"
+    if not settings.database_url and not dev_database.exists():
+        raise SystemExit(f"ACESTEP_DATABASE_URL is not set and {settings.data_dir} holds no `dev` database: "
+                         "revoke-key needs the job database")
+    store = JobStore(make_engine(_database_url(settings), pool_size=1))
+    if not store.revoke_api_key(args.key_id):
+        print(f"no API key has the id {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}; its jobs and files stay until retention removes them")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acestep-serverless", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     create_key.add_argument("name")
     create_key.add_argument("--max-queued", type=int, default=None)
     create_key.set_defaults(func=cmd_create_key)
+    revoke_key = sub.add_parser("revoke-key", help=cmd_revoke_key.__doc__)
+    revoke_key.add_argument("key_id")
+    revoke_key.set_defaults(func=cmd_revoke_key)
     return parser
 
 

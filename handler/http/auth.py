@@ -2,7 +2,9 @@
 
 import hashlib
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from db import JobStore
@@ -34,13 +36,15 @@ def create_api_key(store: JobStore, name: str, *, max_queued: int | None = None)
 class Authenticator:
     """Resolves the Authorization header to a Caller. Open mode: everyone is the one anonymous owner."""
 
-    CACHE_SECONDS = 30.0
+    CACHE_SECONDS = 5.0  # how long a revoked key may still work in a process that saw it just before
+    CACHE_SIZE = 10_000  # keys remembered at most (least recently used go first); unknown keys are not kept
 
     def __init__(self, store: JobStore, *, open_mode: bool, default_max_queued: int):
         self._store = store
         self.open_mode = open_mode
         self._default_max_queued = default_max_queued
-        self._cache: dict[str, tuple[float, Caller | None]] = {}
+        self._cache: OrderedDict[str, tuple[float, Caller]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def caller(self, authorization: str | None) -> Caller:
         if self.open_mode:
@@ -54,13 +58,23 @@ class Authenticator:
         return found
 
     def _lookup(self, key_hash: str) -> Caller | None:
+        """The key's caller: from the cache of recently seen valid keys, else the database (an
+        indexed lookup). Invalid keys are never cached, so a flood of random keys fills nothing."""
         now = time.monotonic()
-        cached = self._cache.get(key_hash)
-        if cached and cached[0] > now:
-            return cached[1]
+        with self._lock:
+            cached = self._cache.get(key_hash)
+            if cached and cached[0] > now:
+                self._cache.move_to_end(key_hash)
+                return cached[1]
         row = self._store.find_api_key(key_hash)
-        caller = None
-        if row is not None:
-            caller = Caller(owner=row["id"], max_queued=row["max_queued"] or self._default_max_queued)
-        self._cache[key_hash] = (now + self.CACHE_SECONDS, caller)
+        if row is None:
+            with self._lock:
+                self._cache.pop(key_hash, None)
+            return None
+        caller = Caller(owner=row["id"], max_queued=row["max_queued"] or self._default_max_queued)
+        with self._lock:
+            self._cache[key_hash] = (now + self.CACHE_SECONDS, caller)
+            self._cache.move_to_end(key_hash)
+            while len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
         return caller
