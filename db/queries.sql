@@ -360,7 +360,9 @@ WHERE w.heartbeat_at > clock.now - make_interval(secs => CAST(:stale_seconds AS 
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
 SELECT
     (SELECT COALESCE(jsonb_object_agg(status, n), '{}'::jsonb)
-     FROM (SELECT status, count(*) AS n FROM jobs GROUP BY status) AS per_status) AS counts,
+     FROM (SELECT status, count(*) AS n FROM jobs
+           WHERE CAST(:owner AS text) IS NULL OR owner = CAST(:owner AS text)
+           GROUP BY status) AS per_status) AS counts,
     (SELECT count(*) FROM jobs WHERE status = 'queued') AS queue_depth,
     (SELECT count(*) FROM jobs, clock WHERE lease_expires_at < clock.now) AS expired_leases,  -- running only (a CHECK)
     (SELECT count(*) FROM workers AS w, clock

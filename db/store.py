@@ -283,8 +283,9 @@ class JobStore:
         """Recent succeeded jobs with their features and stage timings, newest first."""
         return [r._asdict() for r in self._run("cost_samples", None, limit=limit)]
 
-    def stats(self, *, stale_seconds: float = 30.0, now: datetime | None = None) -> dict[str, Any]:
-        row = self._run("stats", now, stale_seconds=stale_seconds)[0]
+    def stats(self, *, stale_seconds: float = 30.0, now: datetime | None = None, owner: str | None = None) -> dict[str, Any]:
+        """Jobs per status (with `owner`, that caller's only), the queue, live workers, the recent mean job time."""
+        row = self._run("stats", now, stale_seconds=stale_seconds, owner=owner)[0]
         avg = row.avg_job_seconds
         return {
             "counts": dict(row.counts),

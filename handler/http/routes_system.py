@@ -3,7 +3,7 @@
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from db import StoreError
 from db.states import WorkerState
@@ -34,6 +34,7 @@ def health(request: Request) -> Any:
                               data={"status": "unavailable", "service": SERVICE_NAME, "version": SERVICE_VERSION,
                                     "database": "unavailable"})
     loaded_lm = fleet.preferred_lm(svc.settings.lm_model)
+    insider = _has_key(svc, request)
     return envelope({
         "status": "ok",  # this HTTP function is up; whether jobs can run now is `generation`
         "service": SERVICE_NAME,
@@ -51,9 +52,20 @@ def health(request: Request) -> Any:
         "default_model": svc.settings.dit_model,
         "live_workers": live,
         "worker_slots": slots,
-        "workers": [{"id": w["id"], "state": w["state"], "alive": w["alive"], "models": w["models"]} for w in fleet.all_workers],
+        # worker ids carry host names: only for callers with a key (or in open mode)
+        "workers": [({"id": w["id"]} if insider else {}) | {"state": w["state"], "alive": w["alive"], "models": w["models"]}
+                    for w in fleet.all_workers],
         "models_loaded": sorted({*fleet.dit, *fleet.lm}),
     })
+
+
+def _has_key(svc, request: Request) -> bool:
+    """Open mode, or a valid API key on this (unauthenticated) request."""
+    try:
+        svc.auth.caller(request.headers.get("authorization"))
+        return True
+    except HTTPException:
+        return False
 
 
 def generation_state(live_workers: int, workers: list[dict[str, Any]]) -> str:
@@ -71,7 +83,7 @@ def generation_state(live_workers: int, workers: list[dict[str, Any]]) -> str:
 def stats(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
     svc = services(request)
     try:
-        raw = svc.store.stats(stale_seconds=WORKER_STALE_SECONDS)
+        raw = svc.store.stats(stale_seconds=WORKER_STALE_SECONDS, owner=None if svc.auth.open_mode else who.owner)
     except StoreError:
         return unavailable()
     counts = raw["counts"]

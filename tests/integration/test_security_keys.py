@@ -36,3 +36,21 @@ def test_invalid_keys_are_not_remembered(store):
     assert len(auth._cache) == 0
     _, key = create_api_key(store, "bob")
     assert auth.caller(f"Bearer {key}").owner and len(auth._cache) == 1  # a valid key is
+
+
+def test_health_hides_worker_ids_from_callers_without_a_key_and_stats_count_only_the_callers_jobs(tmp_path, db_url):
+    from db import NewJob, WorkerState
+
+    svc = build_services(Settings(database_url=db_url, data_dir=tmp_path / "data", require_keys=True), db_url)
+    svc.store.register_worker("gpu-host-7", host="gpu-host-7", capacity=1, models=["m"], state=WorkerState.READY)
+    _, alice = create_api_key(svc.store, "alice")
+    bob_id, _ = create_api_key(svc.store, "bob")
+    for _ in range(3):
+        svc.store.submit(NewJob(request={}), owner=bob_id)
+    client = TestClient(create_app(svc))
+    anonymous = client.get("/health").json()["data"]
+    assert "gpu-host-7" not in str(anonymous) and anonymous["workers"][0]["state"] == "READY"
+    with_key = client.get("/health", headers={"Authorization": f"Bearer {alice}"}).json()["data"]
+    assert with_key["workers"][0]["id"] == "gpu-host-7"
+    stats = client.get("/v1/stats", headers={"Authorization": f"Bearer {alice}"}).json()["data"]
+    assert stats["jobs"]["total"] == 0 and stats["jobs"]["queued"] == 0  # bob's jobs are not alice's business
