@@ -15,7 +15,9 @@ pipeline's next report (a DiT step, an LM token chunk, a VAE decoder block).
 
 import importlib
 import multiprocessing as mp
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,8 +56,23 @@ def load_factory(spec: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module_name), attribute)
 
 
-def _child_main(spec: str, checkpoint_dir: str | None, options: PipelineOptions, conn, cancel_flag) -> None:
+PARENT_CHECK_SECONDS = 0.5
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Ends this child once its worker is gone, even killed with SIGKILL mid-load: no orphan keeps
+    holding GPU memory. (A thread watching the parent pid: the kernel's parent-death signal would
+    fire when the worker's thread that started the child ends, and workers start children on one.)"""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)
+
+
+def _child_main(spec: str, checkpoint_dir: str | None, options: PipelineOptions, conn, cancel_flag,
+                parent: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
     from handler.logs import quiet_known_warnings  # a fresh (spawned) interpreter: the CLI's filters are not here
     quiet_known_warnings()
     try:
@@ -185,7 +202,8 @@ class PipelineProcess:
         parent, child = self._ctx.Pipe()
         self._cancel = self._ctx.Event()
         self._proc = self._ctx.Process(
-            target=_child_main, args=(self._spec, self._checkpoint_dir, self._options, child, self._cancel), daemon=True
+            target=_child_main, args=(self._spec, self._checkpoint_dir, self._options, child, self._cancel, os.getpid()),
+            daemon=True
         )
         self.state = ProcessState.STARTING
         self._proc.start()

@@ -1,7 +1,9 @@
 """The worker as a real process: outcomes of good and bad pipelines, kills, signals, reconnects."""
 
+import os
 import signal
 import socket
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -162,3 +164,34 @@ def test_a_draining_worker_that_cannot_reach_the_database_exits_non_zero(tmp_pat
     worker = start_worker(worker_env(f"postgresql://postgres@127.0.0.1:{port}/none", tmp_path), "--once")
     output, _ = worker.communicate(timeout=60)
     assert worker.returncode == 2, output
+
+
+def pipeline_children(pid: int) -> set[int]:
+    """The worker's pipeline processes (multiprocessing's own resource tracker left out)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_pipeline_child_ends_when_its_worker_is_killed_mid_load(store, db_url, tmp_path):
+    marker = tmp_path / "loading"
+    worker = start_worker(worker_env(db_url, tmp_path, ACESTEP_PIPELINE="tests.fakes.pipelines:slow_setup",
+                                     FAKE_SETUP_MARKER=str(marker)))
+    try:
+        wait_for(marker.exists, timeout=30)  # the child is loading its models
+        child = next(iter(pipeline_children(worker.pid)))
+        os.kill(worker.pid, signal.SIGKILL)  # the worker alone, as a container runtime's kill of PID 1 may
+        worker.wait(timeout=10)
+        wait_for(lambda: not alive(child), timeout=5)
+    finally:
+        kill_group(worker)

@@ -141,3 +141,11 @@ def oom_when_batched(checkpoint_dir=None, options=None):
 
 def broken_setup(checkpoint_dir=None, options=None):
     raise RuntimeError("no checkpoints in /nowhere")
+
+
+def slow_setup(checkpoint_dir=None, options=None):
+    """A model load that takes FAKE_SETUP_SECONDS (default 60); touches FAKE_SETUP_MARKER when it starts."""
+    if os.environ.get("FAKE_SETUP_MARKER"):
+        open(os.environ["FAKE_SETUP_MARKER"], "w").close()
+    time.sleep(float(os.environ.get("FAKE_SETUP_SECONDS", "60")))
+    return Fake("ok")
