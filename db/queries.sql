@@ -283,6 +283,10 @@ FROM outcome AS o, clock
 WHERE j.id = o.id AND j.status = 'running' AND j.lease_expires_at < clock.now
 RETURNING j.id, j.status, j.attempt;
 
+-- name: find_idempotent_job
+-- The owner's job made with this Idempotency-Key, if any (the unique partial index finds it).
+SELECT id, request FROM jobs WHERE owner = :owner AND idempotency_key = :key;
+
 -- name: get_job
 SELECT id, status, priority, owner, request, model, task_type, items, audio_seconds, dit_steps, lm_mode, attempt,
        max_attempts, worker_id,

@@ -217,6 +217,11 @@ class JobStore:
         self._run("submit_jobs", now, owner=owner, max_attempts=max_attempts, jobs=Jsonb(payload))
         return ids
 
+    def find_idempotent(self, owner: str, idempotency_key: str) -> dict[str, Any] | None:
+        """The owner's job made with this Idempotency-Key (its id and stored request), if any."""
+        rows = self._run("find_idempotent_job", None, owner=owner, key=idempotency_key)
+        return rows[0]._asdict() if rows else None
+
     def get(self, job_id: UUID) -> dict[str, Any]:
         rows = self._run("get_job", None, id=job_id)
         if not rows:

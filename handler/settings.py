@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share each LM's vllm engine takes")
     worker_batch_jobs: int = Field(1, ge=1, le=64, description="jobs one GPU batch may hold (compatible jobs only)")
     job_timeout_seconds: float = Field(1800.0, gt=0, description="a job running longer is stopped and fails")
+    max_job_seconds: float | None = Field(
+        None, gt=0, description="refuse a job the ETA's cost model prices above this; unset: the job timeout"
+    )
     sync_timeout_seconds: float = Field(
         600.0, gt=0, le=3600, description="how long /format_input, /v1/create_sample and /v1/chat/completions wait for their job"
     )

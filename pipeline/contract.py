@@ -13,7 +13,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
 
@@ -105,7 +104,7 @@ class GenerationRequest(BaseModel):
     """One generation as the seed API defines it: every field with its one default and limits.
     Unknown fields and out-of-range values are refused (422 naming the field)."""
 
-    model_config = ConfigDict(extra="forbid", str_max_length=20_000, title="GenerateRequest")
+    model_config = ConfigDict(extra="forbid", str_max_length=20_000, title="GenerateRequest", allow_inf_nan=False)
 
     caption: str = Field("", description="Music description prompt")
     lyrics: str = Field("", description="Lyrics content")
@@ -133,7 +132,7 @@ class GenerationRequest(BaseModel):
     lm_cfg_scale: float = Field(2.0, ge=0, le=20, description="LM CFG scale (>1 enables CFG)")
     lm_negative_prompt: str = Field(DEFAULT_LM_NEGATIVE_PROMPT, description="Negative prompt used by LM CFG")
     lm_top_k: int | None = Field(None, ge=0, description="Top-k (0 or null disables)")
-    lm_top_p: float = Field(0.9, gt=0, description="Top-p (>= 1 disables)")
+    lm_top_p: float = Field(0.9, gt=0, le=1, description="Top-p (0-1; 1 disables)")
     lm_repetition_penalty: float = Field(1.0, gt=0, le=10, description="Repetition penalty")
     use_cot_caption: bool = Field(True, description="Let the LM rewrite the caption in its reasoning (thinking)")
     use_cot_language: bool = Field(True, description="Let the LM detect the vocal language in its reasoning")
@@ -229,12 +228,15 @@ class GenerationRequest(BaseModel):
 
     @field_validator("webhook_url")
     @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
+    def _http_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Syntax always (what the dispatcher could not send to, credentials, `0177.0.0.1`-style
+        addresses); with the API's policy in the validation context (`webhook_allow_networks`) also
+        non-public IP literals and names. Stored rows (no context) are checked for syntax only."""
+        from pipeline.urls import check_webhook_url
+
         if value is None:
             return None
-        parsed = urlparse(value)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError("must be an http:// or https:// URL")
+        check_webhook_url(value, (info.context or {}).get("webhook_allow_networks"))
         return value
 
     @field_validator("audio_code_string")
@@ -282,7 +284,9 @@ class GenerationRequest(BaseModel):
 
 
 # What a job row's `request` document holds beside the request's own fields.
-STORED_KEYS = ("inputs", "batch_key", "lm_task")  # lm_task: {"task", "params"} of an LM-task job
+# input_digests: {role: "sha256:<hex>"} of each uploaded input, so a retried submit (same
+# Idempotency-Key, same files) is recognised although each attempt stores its upload under its own key.
+STORED_KEYS = ("inputs", "batch_key", "lm_task", "input_digests")
 
 
 class StoredRequestError(ValueError):

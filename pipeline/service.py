@@ -216,9 +216,9 @@ class AceStepPipeline:
             silence = silence.repeat(1, -(-frames // silence.shape[1]), 1)
         return silence[:, :frames]
 
-    def encode_file(self, path: str, what: str) -> tuple[torch.Tensor, int]:
-        """Audio file -> (latents [1, T, C], samples at 48 kHz)."""
-        audio = read_audio(path, what)
+    def encode_file(self, path: str, what: str, max_seconds: float | None = None) -> tuple[torch.Tensor, int]:
+        """Audio file -> (latents [1, T, C], samples at 48 kHz); at most `max_seconds` of it decoded."""
+        audio = read_audio(path, what, max_seconds)
         return self.vae.encode(torch.from_numpy(audio)[None].to(self.device, self.dtype)), audio.shape[1]
 
     def timbre_latents(self, path: str | None, seeds: list[int]) -> torch.Tensor:
@@ -248,7 +248,9 @@ class AceStepPipeline:
             return None, 0
         if not request.src_audio_path:
             raise PipelineError(f"{task} needs source audio (src_audio_path or an uploaded src_audio)")
-        src, samples = self.encode_file(request.src_audio_path, "source audio")
+        # No task reads past the longest song a job may make: the rest is never decoded or encoded
+        # (a long or bomb-like source costs what a 600 s one does).
+        src, samples = self.encode_file(request.src_audio_path, "source audio", MAX_DURATION_SECONDS)
         if samples < MIN_SOURCE_SECONDS * SAMPLE_RATE:
             raise PipelineError(f"source audio is {samples / SAMPLE_RATE:.2f} s long; at least {MIN_SOURCE_SECONDS:g} s is needed")
         return src, samples
@@ -609,10 +611,11 @@ def _task_params(task: str, params: dict) -> dict[str, Any]:
     return values
 
 
-def read_audio(path: str, what: str) -> np.ndarray:
-    """An input file as stereo 48 kHz; a file that cannot be read is the job's error, named."""
+def read_audio(path: str, what: str, max_seconds: float | None = None) -> np.ndarray:
+    """An input file as stereo 48 kHz (at most `max_seconds`, else load_audio's own cap); a file
+    that cannot be read is the job's error, named."""
     try:
-        return load_audio(Path(path))
+        return load_audio(Path(path)) if max_seconds is None else load_audio(Path(path), max_seconds=max_seconds)
     except (AudioError, OSError) as exc:
         raise PipelineError(f"{what}: {exc}") from None
 

@@ -2,6 +2,7 @@
 job's keys) and `*_path` references (files under the input root, or the files of this caller's own
 jobs: a previous result named by its download URL, its /v1/audio link, its key or its s3:// URI)."""
 
+import hashlib
 import io
 import re
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from uuid import UUID
 
 from fastapi import UploadFile
+from fastapi.concurrency import run_in_threadpool
 
 from db import JobNotFound, JobStore
 from handler.http.audio_links import AUDIO_ROUTE, LinkRefused, verify_token
@@ -21,6 +23,8 @@ from pipeline.contract import INPUT_PATH_FIELDS
 ROLES = {role: (path_field.removesuffix("_path"), path_field) for role, path_field in INPUT_PATH_FIELDS.items()}
 UPLOAD_FIELDS = {upload: role for role, (upload, _) in ROLES.items()}
 _JOB_KEY = re.compile(r"^jobs/([0-9a-fA-F-]{36})/.+$")
+# The inputs a job holds beside its results (jobs/<id>/input-src.wav, ...).
+_INPUT_FILE = re.compile(rf"input-(?:{'|'.join(ROLES)})\.(?:{'|'.join(AUDIO_CONTENT_TYPES)})")
 YOUR_FILES = "one of your results (its download URL, or its key jobs/<job_id>/attempt-N/output-I.ext)"
 
 
@@ -38,6 +42,7 @@ class Upload:
     data: bytes
     ext: str
     seconds: float | None = None  # its length, as its header says
+    digest: str = ""  # "sha256:<hex>" of its bytes: what an idempotent retry is compared by
 
 
 @dataclass
@@ -46,23 +51,50 @@ class AudioInputs:
     references: dict[str, dict] = field(default_factory=dict)  # role -> {"key": ...} or {"path": ...}
 
 
-async def read_upload(name: str, upload: UploadFile, max_bytes: int) -> Upload:
-    """Read a file field within the cap and check that it decodes as audio."""
+async def read_upload(name: str, upload: UploadFile, max_bytes: int, max_seconds: float | None = None) -> Upload:
+    """Read a file field within the cap and check that it decodes as audio (its start and its end:
+    a truncated file is refused here, not in the worker) no longer than `max_seconds`."""
     if name not in UPLOAD_FIELDS:
         raise InputError(422, name, f"unknown file field; accepted: {', '.join(sorted(UPLOAD_FIELDS))}")
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise InputError(413, name, f"file is larger than the {max_bytes // (1024 * 1024)} MB limit")
+    ext, seconds = await run_in_threadpool(audio_info, name, data, max_seconds)
+    return Upload(role=UPLOAD_FIELDS[name], data=data, ext=ext, seconds=seconds,
+                  digest="sha256:" + hashlib.sha256(data).hexdigest())
+
+
+# What is decoded to check a file: this many frames at its start and at its end.
+CHECK_FRAMES = 4096
+NOT_AUDIO = "is not decodable audio (wav, flac, mp3 or ogg)"
+
+
+def audio_info(name: str, source: bytes | str, max_seconds: float | None) -> tuple[str, float]:
+    """(format, seconds) of audio bytes or a file, from its header, after decoding a little of its
+    start and its end (a truncated or corrupt file fails there); a 400 naming `name` otherwise, a
+    422 when it is longer than `max_seconds` (a bomb: a small file that decodes to hours)."""
     import soundfile  # here: the HTTP function's cold start does not pay for numpy until an upload comes
 
     try:
-        info = soundfile.info(io.BytesIO(data))
-    except (soundfile.LibsndfileError, RuntimeError, TypeError):
-        raise InputError(400, name, "is not decodable audio (wav, flac, mp3 or ogg)") from None
-    ext = info.format.lower()
-    if ext not in AUDIO_CONTENT_TYPES or info.frames <= 0:
-        raise InputError(400, name, "is not decodable audio (wav, flac, mp3 or ogg)")
-    return Upload(role=UPLOAD_FIELDS[name], data=data, ext=ext, seconds=info.frames / info.samplerate)
+        with soundfile.SoundFile(io.BytesIO(source) if isinstance(source, bytes) else source) as audio:
+            ext, frames, rate = audio.format.lower(), audio.frames, audio.samplerate
+            if ext not in AUDIO_CONTENT_TYPES or frames <= 0 or rate <= 0:
+                raise InputError(400, name, NOT_AUDIO)
+            seconds = frames / rate
+            if max_seconds is not None and seconds > max_seconds:
+                raise InputError(422, name, f"is {seconds:.0f} s long by its header; the longest audio input "
+                                 f"accepted is {max_seconds:.0f} s (ACESTEP_MAX_INPUT_AUDIO_SECONDS)")
+            head = audio.read(min(frames, CHECK_FRAMES), dtype="float32", always_2d=True)
+            if len(head) == 0:
+                raise InputError(400, name, NOT_AUDIO + ": no audio data")
+            if frames > CHECK_FRAMES and audio.seekable():
+                audio.seek(frames - CHECK_FRAMES)
+                tail = audio.read(CHECK_FRAMES, dtype="float32", always_2d=True)
+                if len(tail) < CHECK_FRAMES:
+                    raise InputError(400, name, NOT_AUDIO + ": the file is truncated (it ends before its header says)")
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError, EOFError):
+        raise InputError(400, name, NOT_AUDIO + ": corrupt or truncated") from None
+    return ext, seconds
 
 
 def resolve_reference(field_name: str, value: str, *, owner: str, store: JobStore, storage, settings) -> dict:
@@ -129,8 +161,10 @@ def input_file(field_name: str, value: str, input_root: Path | None) -> str:
 
 
 def owned_key(field_name: str, key: str, *, owner: str, store: JobStore, storage) -> str:
-    """`key` if it names an existing file of one of `owner`'s jobs; a 400 saying why otherwise (a job
-    of someone else answers as one that does not exist)."""
+    """`key`, normalised, if it names an existing result (a finished job's audio_keys) or uploaded
+    input (jobs/<id>/input-<role>.<ext>) of one of `owner`'s jobs; a 400 saying why otherwise (a job
+    of someone else answers as one that does not exist; other files of a job, such as an unfinished
+    attempt's output, are no input)."""
     match = _JOB_KEY.match(key)
     try:
         job_id = UUID(match.group(1)) if match else None
@@ -146,9 +180,13 @@ def owned_key(field_name: str, key: str, *, owner: str, store: JobStore, storage
         job = None
     if job is None or job["owner"] != owner:
         raise InputError(400, field_name, f"names a file of job {job_id}, which is not one of your jobs (or no longer exists)")
+    key = f"jobs/{job_id}/{key.split('/', 2)[2]}"  # the id as the job's keys spell it
     try:
         storage.size(key)
     except ObjectNotFound:
         raise InputError(400, field_name, f"job {job_id} has no file {key.split('/', 2)[2]!r} (files are deleted "
                          "with their job after the retention time)") from None
+    if not _INPUT_FILE.fullmatch(key.split("/", 2)[2]) and key not in ((job.get("result") or {}).get("audio_keys") or []):
+        raise InputError(400, field_name, f"names no result of job {job_id}: it must be " + YOUR_FILES +
+                         " (of a finished job), or an input of one (jobs/<job_id>/input-src.ext)")
     return key

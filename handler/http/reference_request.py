@@ -14,10 +14,10 @@ the reference accepts that this server does not act on yet: those are returned, 
 the caller can list them back to the client.
 """
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from handler.http.body import parse_json
 from pipeline.contract import GenerationRequest
 
 # canonical name -> the names a client may use for it, in precedence order.
@@ -103,8 +103,8 @@ def parse_json_object(value: Any) -> dict[str, Any]:
         return dict(value)
     if isinstance(value, str) and value.strip():
         try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
+            parsed = parse_json(value)
+        except ValueError:
             return {}
         return parsed if isinstance(parsed, dict) else {}
     return {}
@@ -206,7 +206,7 @@ def generation_fields(body: Mapping[str, Any]) -> tuple[dict[str, Any], str | No
 def parse_json_list(value: str) -> list[str]:
     """`track_classes` as text: a JSON list, or one name."""
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
+        parsed = parse_json(value)
+    except ValueError:
         return [value]
     return [str(v) for v in parsed] if isinstance(parsed, list) else [value]

@@ -25,12 +25,11 @@ from starlette.datastructures import UploadFile
 
 from db import JobStatus
 from db.states import FINISHED_STATUSES
-from handler.http.body import read_body
 from handler.http.errors import refusal
 from handler.http.reference_request import as_bool
 from handler.http.routes_jobs import services, submit_generation
 from handler.http.routes_lm import wait_for_job, watch_job
-from handler.http.routes_release import check_model, reference_caller
+from handler.http.routes_release import check_model, reference_body
 from handler.storage import AUDIO_CONTENT_TYPES
 from pipeline.contract import SOURCE_TASK_TYPES
 
@@ -167,8 +166,8 @@ async def chat_completions(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Any:
     svc = services(request)
-    body, _ = await read_body(request, max_bytes=int(2 * svc.settings.max_upload_mb * 1.4 * 1024 * 1024) + 1024 * 1024)
-    who = await reference_caller(request, body, authorization)
+    who, body, _ = await reference_body(
+        request, authorization, int(2 * svc.settings.max_upload_mb * 1.4 * 1024 * 1024) + 1024 * 1024)
     fields, uploads, model_id = generation_request(body)
     check_model(svc, model_id or None)
     submitted = await submit_generation(svc, who, fields, uploads, idempotency_key)

@@ -14,13 +14,14 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 
 from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
+from db.store import request_hash
 from db.states import JobStatus as State
 from db.ids import new_job_id
 from handler.http.auth import Caller
-from handler.http.cost_model import work_of
+from handler.http.cost_model import Work, work_of
 from handler.http.body import read_body
 from handler.http.errors import REQUEST, refusal
-from handler.http.inputs import ROLES, AudioInputs, InputError, read_upload, resolve_reference
+from handler.http.inputs import ROLES, AudioInputs, InputError, audio_info, read_upload, resolve_reference
 from handler.http.job_view import epoch, job_response
 from handler.http.services import Services
 from handler.storage import AUDIO_CONTENT_TYPES
@@ -110,7 +111,9 @@ def new_job(params: GenerationRequest, inputs: AudioInputs, settings, lm_task: d
         work = work_of(params, settings.dit_model, lm_task=True)
         return NewJob(request=request, model=work.model, task_type=f"lm_{lm_task['task']}", lm_mode=work.lm_mode)
     params = params.model_copy(update={"batch_size": params.effective_batch_size(settings.default_batch_size)})
-    request = request_document(params, inputs=dict(inputs.references), batch_key=batch_key(params, settings.dit_model))
+    digests = {"input_digests": {u.role: u.digest for u in inputs.uploads}} if inputs.uploads else {}
+    request = request_document(params, inputs=dict(inputs.references), batch_key=batch_key(params, settings.dit_model),
+                               **digests)
     source = next((u.seconds for u in inputs.uploads if u.role == "src"), None)
     work = work_of(params, settings.dit_model, source_seconds=source)
     return NewJob(request=request, model=work.model, task_type=work.task_type, items=work.items,
@@ -162,21 +165,22 @@ async def submit_generation(
     inputs = AudioInputs()
     try:
         for name, upload in files.items():
-            inputs.uploads.append(await read_upload(name, upload, max_upload))
+            inputs.uploads.append(await read_upload(name, upload, max_upload, svc.settings.max_input_audio_seconds))
         for upload in inputs.uploads:  # an uploaded file overrides the matching _path field
             fields[ROLES[upload.role][1]] = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
     except InputError as exc:
         raise refusal(exc.status, exc.field, exc.message) from None
-    params = validate_request(fields)
+    params = validate_request(fields, svc.settings.webhook_allow_networks)
     if seed_api:
         params = spec_codes(params)
     return await run_in_threadpool(persist_generation, svc, who, params, inputs, job_id, idempotency_key, lm_task)
 
 
-def validate_request(fields: dict[str, Any]) -> GenerationRequest:
-    """The request of these fields, or 422 naming each field refused."""
+def validate_request(fields: dict[str, Any], webhook_allow_networks: str | None = None) -> GenerationRequest:
+    """The request of these fields, or 422 naming each field refused (`webhook_allow_networks`: the
+    non-public networks a webhook_url may name, ACESTEP_WEBHOOK_ALLOW_NETWORKS)."""
     try:
-        return GenerationRequest.model_validate(fields)
+        return GenerationRequest.model_validate(fields, context={"webhook_allow_networks": webhook_allow_networks})
     except ValidationError as exc:
         raise HTTPException(422, validation_detail(exc)) from None
 
@@ -218,15 +222,24 @@ def persist_generation(
                 inputs.references[role] = resolve_reference(
                     path_field, value, owner=who.owner, store=svc.store, storage=svc.storage, settings=settings,
                 )
+                if "path" in inputs.references[role]:  # a server file: checked as an upload is
+                    audio_info(path_field, inputs.references[role]["path"], settings.max_input_audio_seconds)
     except InputError as exc:
         raise refusal(exc.status, exc.field, exc.message) from None
+    for upload in inputs.uploads:
+        inputs.references[upload.role] = {"key": f"jobs/{job_id}/input-{upload.role}.{upload.ext}"}
+    job = new_job(params, inputs, settings, lm_task)
+    refuse_if_too_costly(svc, job)
+    if idempotency_key:  # a retry of a submit already made answers with its job, queue full or not
+        existing = _idempotent_job(svc, who, idempotency_key, job)
+        if existing is not None:
+            return _submitted(svc, existing)
     try:
         for upload in inputs.uploads:
-            key = f"jobs/{job_id}/input-{upload.role}.{upload.ext}"
+            key = inputs.references[upload.role]["key"]
             svc.storage.put(key, io.BytesIO(upload.data), AUDIO_CONTENT_TYPES[upload.ext])
-            inputs.references[upload.role] = {"key": key}
         submitted = svc.store.submit(
-            new_job(params, inputs, settings, lm_task),
+            job,
             job_id=job_id,
             owner=who.owner,
             idempotency_key=idempotency_key,
@@ -235,23 +248,72 @@ def persist_generation(
         )
     except QuotaExceeded as exc:
         _drop_uploads(svc, job_id, inputs)
+        existing = _idempotent_job(svc, who, idempotency_key, job) if idempotency_key else None
+        if existing is not None:  # a concurrent twin got in first
+            return _submitted(svc, existing)
         raise refusal(429, REQUEST, str(exc), {"Retry-After": "30"}) from None
     except IdempotencyConflict as exc:
         _drop_uploads(svc, job_id, inputs)
+        existing = _idempotent_job(svc, who, idempotency_key, job)
+        if existing is not None:  # the same request, its uploads stored under the first attempt's keys
+            return _submitted(svc, existing)
         raise refusal(409, "Idempotency-Key", "was already used with a different request body") from exc
     except BaseException:
         _drop_uploads(svc, job_id, inputs)
         raise
     if not submitted.created:
         _drop_uploads(svc, job_id, inputs)  # a retried submit: the first request's job stands
-    # Status and position from one read of the row: a worker may have claimed the job since the
-    # insert, and the answer must not say "queued" at position 0.
-    row = svc.store.get(submitted.id)
+    return _submitted(svc, submitted.id)
+
+
+def _submitted(svc: Services, job_id: UUID) -> dict:
+    """The submit answer for a job: status and position from one read of the row (a worker may
+    have claimed the job since the insert, and the answer must not say "queued" at position 0)."""
+    row = svc.store.get(job_id)
     position, _ = svc.queue.estimate(row)
     if row["status"] == State.QUEUED and position < 1:  # claimed between the read and the estimate
-        row = svc.store.get(submitted.id)
+        row = svc.store.get(job_id)
         position = max(position, 1) if row["status"] == State.QUEUED else 0
-    return {"job_id": str(submitted.id), "status": row["status"], "queue_position": position}
+    return {"job_id": str(job_id), "status": row["status"], "queue_position": position}
+
+
+def refuse_if_too_costly(svc: Services, job: NewJob) -> None:
+    """A job priced (by the ETA's cost model) above ACESTEP_MAX_JOB_SECONDS, by default the job
+    deadline, would only time out after holding a GPU that long: 422 before it is queued."""
+    settings = svc.settings
+    limit = settings.max_job_seconds or settings.job_timeout_seconds
+    seconds = svc.queue.cost_model.seconds(Work.of(vars(job)))
+    if seconds > limit:
+        raise refusal(422, REQUEST, f"this job is estimated to take {seconds:.0f} s of GPU time, over the {limit:.0f} s "
+                                    "one job may take: ask for fewer songs (batch_size), shorter audio "
+                                    "(audio_duration) or fewer inference_steps")
+
+
+def request_fingerprint(request: dict[str, Any]) -> str:
+    """What makes two submits the same request: the stored request with each uploaded input named
+    by its bytes' digest instead of the key the attempt stored it under (and no batch key, which
+    follows from the rest or, for LM tasks, is drawn per submit)."""
+    document = {k: v for k, v in request.items() if k != "batch_key"}
+    digests = document.get("input_digests") or {}
+    if digests:
+        document["inputs"] = dict(document.get("inputs") or {})
+        for role, digest in digests.items():
+            document["inputs"][role] = {"upload": digest}
+            path_field = ROLES.get(role, (None, None))[1]
+            if path_field:
+                document[path_field] = digest
+    return request_hash(document)
+
+
+def _idempotent_job(svc: Services, who: Caller, idempotency_key: str, job: NewJob) -> UUID | None:
+    """The caller's job made earlier with this Idempotency-Key, if its request is this one; None if
+    there is none; 409 if it was another request."""
+    row = svc.store.find_idempotent(who.owner, idempotency_key)
+    if row is None:
+        return None
+    if request_fingerprint(row["request"]) != request_fingerprint(job.request):
+        raise refusal(409, "Idempotency-Key", "was already used with a different request body")
+    return row["id"]
 
 
 def _drop_uploads(svc: Services, job_id: UUID, inputs: AudioInputs) -> None:

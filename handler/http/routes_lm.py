@@ -20,12 +20,11 @@ from fastapi.routing import APIRoute
 from db import JobStatus
 from db.states import FINISHED_STATUSES
 from db.ids import new_job_id
-from handler.http.body import read_body
 from handler.http.envelope import EnvelopeRoute
 from handler.http.inputs import AudioInputs
 from handler.http.reference_request import ReferenceParams, as_bool, generation_fields
 from handler.http.routes_jobs import persist_generation, services, submit_generation, validate_request
-from handler.http.routes_release import enveloped, envelope, reference_caller, submit_reference
+from handler.http.routes_release import enveloped, envelope, reference_body, reference_caller, submit_reference
 from pipeline.contract import GenerationRequest
 
 router = APIRouter(route_class=EnvelopeRoute)
@@ -78,8 +77,7 @@ async def run_lm_task(request: Request, who, task: str, checked: GenerationReque
 
 async def task_request(request: Request, authorization: str | None, fields_used: tuple[str, ...]):
     """(caller, the body as the reference reads it, the request of the fields a task uses: validated)."""
-    fields, _ = await read_body(request, max_bytes=1024 * 1024)
-    who = await reference_caller(request, fields, authorization)
+    who, fields, _ = await reference_body(request, authorization, 1024 * 1024)
     raw = ReferenceParams(fields)
     ours, _, _ = generation_fields(fields)
     ours = {k: v for k, v in ours.items() if k in fields_used + LM_SAMPLING}
@@ -126,8 +124,9 @@ async def create_random_sample(request: Request, authorization: Annotated[str | 
     async def run():
         fields: dict[str, Any] = {}
         if request.headers.get("content-length", "0") != "0" or request.headers.get("transfer-encoding"):
-            fields, _ = await read_body(request, max_bytes=64 * 1024)
-        await reference_caller(request, fields, authorization)
+            _, fields, _ = await reference_body(request, authorization, 64 * 1024)
+        else:
+            await reference_caller(request, fields, authorization)
         sample_type = str(fields.get("sample_type") or "simple_mode")
         if sample_type not in SAMPLE_TYPES:
             raise HTTPException(422, [{"field": "sample_type", "message": f"must be one of {', '.join(SAMPLE_TYPES)}"}])

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from db import JobNotFound, JobStatus
 from handler.http.job_view import epoch
 from handler.http.routes_jobs import body_limit, services, submit_generation
-from handler.http.body import read_body
+from handler.http.body import json_safe, parse_json, read_authenticated
 from handler.http.audio_links import audio_link
 from handler.http.envelope import EnvelopeRoute, envelope, error_envelope
 from handler.http.reference_request import generation_fields
@@ -38,6 +38,13 @@ async def reference_caller(request: Request, fields: dict[str, Any], authorizati
     return await run_in_threadpool(svc.auth.caller, authorization or (f"Bearer {token}" if token else None))
 
 
+async def reference_body(request: Request, authorization: str | None, max_bytes: int):
+    """(the caller, fields, uploads): the caller checked before the body is read where the
+    Authorization header says who it is; an `ai_token` in the body only from a body's first MiB
+    (handler/http/body.py, read_authenticated)."""
+    return await read_authenticated(request, max_bytes, authorization, services(request).auth)
+
+
 def check_model(svc, model: str | None) -> None:
     """An empty model means the default; another (a name, a path or an OpenRouter id such as
     `acestep/acestep-v15-turbo`) must be one this fleet serves."""
@@ -54,8 +61,7 @@ async def submit_reference(request: Request, authorization: str | None, idempote
     (the submitted job, the options accepted but not acted on). `defaults` fill fields the body
     lacks, `overrides` replace what it says."""
     svc = services(request)
-    fields, files = await read_body(request, max_bytes=body_limit(svc))
-    who = await reference_caller(request, fields, authorization)
+    who, fields, files = await reference_body(request, authorization, body_limit(svc))
     files = {UPLOAD_ALIASES.get(name, name): upload for name, upload in files.items()}
     ours, model, not_applied = generation_fields(fields)
     check_model(svc, model)
@@ -72,7 +78,7 @@ async def release_task(
     async def run():
         submitted, not_applied = await submit_reference(request, authorization, idempotency_key)
         data = {"task_id": submitted["job_id"], "status": JobStatus.QUEUED, "queue_position": submitted["queue_position"]}
-        return envelope(data, {"not_applied": not_applied} if not_applied else None)
+        return envelope(data, {"not_applied": json_safe(not_applied)} if not_applied else None)
 
     return await enveloped(run())
 
@@ -128,8 +134,8 @@ def _task_ids(fields: dict[str, Any]) -> list[str]:
     ids = fields.get("task_id_list")
     if isinstance(ids, str):
         try:
-            ids = json.loads(ids)
-        except json.JSONDecodeError:
+            ids = parse_json(ids)
+        except ValueError:
             ids = [ids]
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or not 1 <= len(ids) <= 100:
         raise HTTPException(422, [{"field": "task_id_list", "message": "a list (or JSON string of a list) of 1 to 100 task ids"}])
@@ -140,8 +146,7 @@ def _task_ids(fields: dict[str, Any]) -> list[str]:
 async def query_result(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
     async def run():
         svc = services(request)
-        fields, _ = await read_body(request, max_bytes=1024 * 1024)
-        who = await reference_caller(request, fields, authorization)
+        who, fields, _ = await reference_body(request, authorization, 1024 * 1024)
         links = file_links(svc, str(request.base_url))
         return envelope(await run_in_threadpool(_query, svc, who, _task_ids(fields), links))
 

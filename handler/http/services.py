@@ -48,5 +48,7 @@ def build_services(settings: Settings, database_url: str) -> Services:
         secret_key(settings),
         max_attempts=settings.webhook_max_attempts,
         retry=RetryPolicy(settings.webhook_retry_base_seconds, settings.webhook_retry_max_seconds),
+        timeout_seconds=settings.webhook_timeout_seconds,
+        allow_networks=settings.webhook_allow_networks,
     )
     return Services(settings, store, storage, auth, QueueEstimator(store, prior=settings.eta_prior), webhooks)

@@ -121,7 +121,7 @@ class Runtime:
         else:
             who = svc.auth.caller(None) if _open(svc) else _platform_caller(svc)
         try:
-            params = spec_codes(validate_request(dict(fields)))
+            params = spec_codes(validate_request(dict(fields), svc.settings.webhook_allow_networks))
             key = None if runpod_id is None else f"runpod:{runpod_id}"
             submitted = persist_generation(svc, who, params, AudioInputs(), new_job_id(), key)
         except HTTPException as exc:

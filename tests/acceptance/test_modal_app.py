@@ -168,7 +168,8 @@ def test_a_gpu_container_that_cannot_load_the_models_fails_stops_and_holds_the_k
 
 @pytest.fixture
 def services(env, db_url):
-    built = build_services(Settings(retention_seconds=60, webhook_retry_base_seconds=0.2), db_url)
+    built = build_services(Settings(retention_seconds=60, webhook_retry_base_seconds=0.2,
+                                    webhook_allow_networks="127.0.0.0/8,::1/128"), db_url)
     yield built
     built.webhooks.close()
     built.store.engine.dispose()

@@ -16,6 +16,8 @@ from handler.settings import Settings
 from handler.webhooks import owner_webhook_secret
 from tests.integration.http_harness import free_port, run_fake_jobs, start_api
 
+LOOPBACK = "127.0.0.0/8,::1/128"
+
 
 class Receiver:
     """An HTTP endpoint on 127.0.0.1 that records POSTs and answers with the queued status codes."""
@@ -58,7 +60,9 @@ def receiver():
 
 @pytest.fixture
 def settings(tmp_path, db_url) -> Settings:
-    return Settings(database_url=db_url, data_dir=tmp_path, port=free_port(), webhook_retry_base_seconds=0.2)
+    # The receivers listen on loopback, which webhooks may reach only when the deployment allows it.
+    return Settings(database_url=db_url, data_dir=tmp_path, port=free_port(), webhook_retry_base_seconds=0.2,
+                    webhook_allow_networks=LOOPBACK)
 
 
 def verify(settings: Settings, headers: dict, body: bytes) -> bool:
