@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         600.0, gt=0, le=3600, description="how long /format_input, /v1/create_sample and /v1/chat/completions wait for their job"
     )
     upload_tries: int = Field(6, ge=1, le=20, description="tries per attempt to store a result (doubling backoff)")
+    storage_patience_seconds: float = Field(
+        300.0, ge=0, description="how long made audio waits for object storage to come back before the attempt fails"
+    )
     shutdown_grace_seconds: float = Field(30.0, ge=0, description="how long SIGTERM lets running jobs finish")
     retention_seconds: float = Field(7 * 86400, gt=0, description="finished jobs and their files are deleted this long after")
     webhook_max_attempts: int = Field(10, ge=1, le=100, description="POSTs per webhook before giving up")

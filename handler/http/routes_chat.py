@@ -29,7 +29,7 @@ from handler.http.errors import refusal
 from handler.http.reference_request import as_bool
 from handler.http.routes_jobs import services, submit_generation
 from handler.http.routes_lm import wait_for_job, watch_job
-from handler.http.routes_release import check_model, reference_body
+from handler.http.routes_release import check_model, reference_body, reference_body_doc
 from handler.storage import AUDIO_CONTENT_TYPES
 from pipeline.contract import SOURCE_TASK_TYPES
 
@@ -159,7 +159,11 @@ def failure(job: dict[str, Any]) -> str:
 
 
 @router.post("/v1/chat/completions", summary="Generate music from a chat turn (OpenRouter-compatible)",
-             responses={400: {}, 401: {}, 415: {}, 422: {}, 429: {}, 504: {}})
+             responses={400: {}, 401: {}, 415: {}, 422: {}, 429: {}, 504: {}},
+             openapi_extra=reference_body_doc({"type": "object", "required": ["messages"], "properties": {
+                 "model": {"type": "string"}, "stream": {"type": "boolean"},
+                 "messages": {"type": "array", "items": {"type": "object", "properties": {
+                     "role": {"type": "string"}, "content": {"anyOf": [{"type": "string"}, {"type": "array"}]}}}}}}))
 async def chat_completions(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,

@@ -24,7 +24,8 @@ from handler.http.envelope import EnvelopeRoute
 from handler.http.inputs import AudioInputs
 from handler.http.reference_request import ReferenceParams, as_bool, generation_fields
 from handler.http.routes_jobs import persist_generation, services, submit_generation, validate_request
-from handler.http.routes_release import enveloped, envelope, reference_body, reference_caller, submit_reference
+from handler.http.routes_release import (enveloped, envelope, reference_body, reference_body_doc, reference_caller,
+                                          submit_reference)
 from pipeline.contract import GenerationRequest
 
 router = APIRouter(route_class=EnvelopeRoute)
@@ -89,7 +90,10 @@ async def task_request(request: Request, authorization: str | None, fields_used:
 
 
 @router.post("/format_input", summary="Let the LM format caption and lyrics (reference API)",
-             responses={401: {}, 415: {}, 422: {}, 504: {}})
+             responses={401: {}, 415: {}, 422: {}, 504: {}},
+             openapi_extra=reference_body_doc({"type": "object", "properties": {
+                 "prompt": {"type": "string"}, "caption": {"type": "string"}, "lyrics": {"type": "string"},
+                 "param_obj": {"anyOf": [{"type": "object"}, {"type": "string"}]}, "temperature": {"type": "number"}}}))
 async def format_input(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
     async def run():
         metas = ("caption", "lyrics", "bpm", "audio_duration", "key_scale", "time_signature", "vocal_language")
@@ -102,7 +106,10 @@ async def format_input(request: Request, authorization: Annotated[str | None, He
 
 
 @router.post("/v1/create_sample", summary="Let the LM write caption, lyrics and metas from a description",
-             responses={401: {}, 415: {}, 422: {}, 504: {}})
+             responses={401: {}, 415: {}, 422: {}, 504: {}},
+             openapi_extra=reference_body_doc({"type": "object", "properties": {
+                 "query": {"type": "string"}, "description": {"type": "string"}, "vocal_language": {"type": "string"},
+                 "instrumental": {"type": "boolean"}}}))
 async def create_sample(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
     async def run():
         who, raw, ours = await task_request(request, authorization, ("vocal_language",))

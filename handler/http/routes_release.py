@@ -69,7 +69,15 @@ async def submit_reference(request: Request, authorization: str | None, idempote
     return submitted, not_applied
 
 
-@router.post("/release_task", summary="Submit a job (reference API shape)", responses={400: {}, 401: {}, 415: {}, 422: {}, 429: {}})
+def reference_body_doc(schema: dict, *, forms: bool = False) -> dict:
+    """The OpenAPI request body of a reference route (read by hand, as upstream reads it): `schema`
+    as JSON, and with `forms` as form and multipart bodies too. Any other field is accepted as well."""
+    kinds = ["application/json"] + (["application/x-www-form-urlencoded", "multipart/form-data"] if forms else [])
+    return {"requestBody": {"content": {kind: {"schema": schema} for kind in kinds}, "required": False}}
+
+
+@router.post("/release_task", summary="Submit a job (reference API shape)", responses={400: {}, 401: {}, 415: {}, 422: {}, 429: {}},
+             openapi_extra=reference_body_doc({"$ref": "#/components/schemas/GenerateRequest"}, forms=True))
 async def release_task(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
@@ -142,7 +150,11 @@ def _task_ids(fields: dict[str, Any]) -> list[str]:
     return ids
 
 
-@router.post("/query_result", summary="Poll jobs (reference API shape)", responses={401: {}, 415: {}, 422: {}})
+@router.post("/query_result", summary="Poll jobs (reference API shape)", responses={401: {}, 415: {}, 422: {}},
+             openapi_extra=reference_body_doc({"type": "object", "properties": {
+                 "task_id_list": {"description": "task ids, as a list or a JSON string of one",
+                                  "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]}}},
+                 forms=True))
 async def query_result(request: Request, authorization: Annotated[str | None, Header()] = None) -> Any:
     async def run():
         svc = services(request)

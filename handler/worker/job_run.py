@@ -105,9 +105,11 @@ class JobRun:
         heartbeat_seconds: float,
         timeout_seconds: float,
         upload_tries: int = 6,
+        storage_patience_seconds: float = 0.0,
     ):
         self.jobs = jobs
         self._upload_tries = upload_tries
+        self._storage_patience = storage_patience_seconds
         self._store = store
         self._storage = storage
         self._process = process
@@ -346,10 +348,10 @@ class JobRun:
         keys = []
         for index, path in enumerate(files):
             key = output_key(job, index, fmt)
-            # The made audio is kept through a storage outage: tried on (the beat keeps the lease) until
-            # the job's own deadline, not only `upload_tries` times.
+            # The made audio is kept through a storage outage: tried on (the beat keeps the lease) for
+            # ACESTEP_STORAGE_PATIENCE_SECONDS within the job's deadline, not only `upload_tries` times.
             self._with_storage_retries(self._put_file, key, path, AUDIO_CONTENT_TYPES[fmt],
-                                       until=self._began + self._timeout)
+                                       until=min(time.monotonic() + self._storage_patience, self._began + self._timeout))
             keys.append(key)
         return keys
 

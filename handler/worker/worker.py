@@ -48,6 +48,7 @@ class WorkerOptions:
     shutdown_grace_seconds: float = 30.0
     retention_seconds: float = 7 * 86400  # the worker prunes finished jobs too (handler.maintenance)
     upload_tries: int = 6  # per attempt, with doubling backoff, before the attempt fails (retryable)
+    storage_patience_seconds: float = 300.0  # and on for this long (within the job's deadline)
     poll_seconds: float = 5.0
     model_names: tuple[str, ...] = ()
     keep_warm: bool = False  # leave the pipeline processes running after `run` (for the next invocation)
@@ -64,6 +65,7 @@ def worker_from_settings(settings: Settings, **options) -> "Worker":
         "job_timeout_seconds": settings.job_timeout_seconds,
         "shutdown_grace_seconds": settings.shutdown_grace_seconds,
         "upload_tries": settings.upload_tries,
+        "storage_patience_seconds": settings.storage_patience_seconds,
         "retention_seconds": settings.retention_seconds,
         "model_names": (settings.dit_model,),
     }
@@ -337,7 +339,8 @@ class Worker:
         slot.run = JobRun(jobs, store=self._store, storage=self._storage, process=slot.process,
                           worker_id=self.worker_id, heartbeat_seconds=self._options.heartbeat_seconds,
                           timeout_seconds=self._options.job_timeout_seconds,
-                          upload_tries=self._options.upload_tries)
+                          upload_tries=self._options.upload_tries,
+                          storage_patience_seconds=self._options.storage_patience_seconds)
         threading.Thread(target=self._run_slot, args=(slot,), daemon=True).start()
 
     def _claim_batch_mates(self, head: ClaimedJob) -> list[ClaimedJob]:

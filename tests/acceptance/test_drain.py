@@ -88,7 +88,7 @@ def test_a_database_outage_mid_drain_is_an_error_and_loses_nothing(store, db_url
     proxy = TcpProxy(url.host, url.port)
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     ids = [submit(store, caption=str(i), batch_size=1) for i in range(3)]
-    drainer = Drainer(drain_settings(proxied, tmp_path, monkeypatch, FAKE_STAGE_SECONDS="0.5"))
+    drainer = Drainer(drain_settings(proxied, tmp_path, monkeypatch, FAKE_STAGE_SECONDS="1.5"))
     try:
         outcome = {}
         thread = threading.Thread(target=lambda: outcome.update(drainer.drain(time_budget_seconds=60)))

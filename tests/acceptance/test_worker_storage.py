@@ -78,7 +78,8 @@ def test_storage_down_for_good_fails_the_job_once_its_attempts_are_spent(store, 
     proxy = SwitchableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     proxy.up = False
     env = worker_env(db_url, tmp_path, ACESTEP_STORAGE_URL=f"s3://{s3_bucket}/music",
-                     ACESTEP_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", ACESTEP_UPLOAD_TRIES="1")
+                     ACESTEP_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", ACESTEP_UPLOAD_TRIES="1",
+                     ACESTEP_STORAGE_PATIENCE_SECONDS="0")
     job_id = submit(store, caption="storage is gone", batch_size=1)
     worker = start_worker(env, "--exit-when-idle", "2")
     try:

@@ -8,8 +8,13 @@ from handler.http.services import build_services
 from handler.settings import Settings
 
 
+SYNC_LM_ROUTES = {"/format_input", "/v1/create_sample", "/v1/chat/completions"}
+
+
 def test_no_generated_request_causes_a_server_error(tmp_path, db_url):
-    settings = Settings(database_url=db_url, data_dir=tmp_path, max_upload_mb=1)
+    # The LM's synchronous routes wait for a worker that this test has not: a short wait, then their
+    # documented 504 (a gateway timeout, not a server fault); every other 5xx fails.
+    settings = Settings(database_url=db_url, data_dir=tmp_path, max_upload_mb=1, sync_timeout_seconds=0.2)
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(build_services(settings, db_url)))
     checked = []
     for result in schema.get_all_operations():
@@ -19,7 +24,8 @@ def test_no_generated_request_causes_a_server_error(tmp_path, db_url):
         @hypothesis_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def no_server_error(case):
             response = case.call()
-            assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
+            waited = response.status_code == 504 and case.path in SYNC_LM_ROUTES
+            assert response.status_code < 500 or waited, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
 
         no_server_error()
         checked.append(f"{operation.method.upper()} {operation.path}")
