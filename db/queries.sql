@@ -531,3 +531,9 @@ WHERE q.status = 'queued' AND q.priority = :priority
 
 -- name: count_api_keys
 SELECT count(*) AS active FROM api_keys WHERE revoked_at IS NULL;
+
+-- name: jobs_of_objects
+-- What the orphan sweep needs of the jobs whose folders it found: status, result and inputs.
+SELECT id, status, result, request->'inputs' AS inputs
+FROM jobs
+WHERE id = ANY(CAST(:ids AS uuid[]));

@@ -217,6 +217,10 @@ class JobStore:
         self._run("submit_jobs", now, owner=owner, max_attempts=max_attempts, jobs=Jsonb(payload))
         return ids
 
+    def jobs_of_objects(self, ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+        """Status, result and inputs of these jobs, by id (the ones that exist)."""
+        return {r.id: r._asdict() for r in self._run("jobs_of_objects", None, ids=[str(i) for i in ids])}
+
     def find_idempotent(self, owner: str, idempotency_key: str) -> dict[str, Any] | None:
         """The owner's job made with this Idempotency-Key (its id and stored request), if any."""
         rows = self._run("find_idempotent_job", None, owner=owner, key=idempotency_key)

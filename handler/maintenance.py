@@ -4,7 +4,9 @@
   (`JobStore.rescue_expired`; one rescuer at a time, so any number of processes may run this);
 * prune: finished jobs older than the retention period are deleted, their files with them;
 * webhooks: finished jobs' webhooks are delivered from the outbox (`handler/webhooks.py`), on a thread
-  of their own so that a slow receiver never holds up a rescue.
+  of their own so that a slow receiver never holds up a rescue;
+* sweep (hourly): objects no job row points at are deleted once they are an hour old: a dead attempt's
+  outputs, a half-written file, the uploads of a submit whose process died before its row was made.
 
 Workers run it without webhooks; the HTTP function runs all three (`handler/http/app.py`). Every task
 works from the tables, so whatever a stopped process leaves undone waits for the next one.
@@ -24,6 +26,7 @@ from handler.webhooks import WebhookDispatcher
 log = logging.getLogger(__name__)
 
 PRUNE_BATCH = 500
+SWEEP_GRACE_SECONDS = 3600.0  # an object younger than this may belong to a submit or upload in flight
 LONGEST_WAIT_SECONDS = 60.0  # run_until looks at its schedule at least this often
 
 
@@ -33,6 +36,7 @@ class MaintenanceRound:
 
     rescued: list[tuple[UUID, JobStatus]] | None = None
     pruned: int | None = None
+    swept: int | None = None
     webhooks_sent: int | None = None
     failed: dict[str, Exception] = field(default_factory=dict)  # task name -> what it raised
 
@@ -44,7 +48,7 @@ class Maintenance:
     Each task's failure is logged and isolated: the others still run, and the failed one runs again
     when it is next due."""
 
-    TASKS = ("rescue", "prune")  # the periodic ones; webhook delivery keeps its own loop
+    TASKS = ("rescue", "prune", "sweep")  # the periodic ones; webhook delivery keeps its own loop
 
     def __init__(
         self,
@@ -55,12 +59,13 @@ class Maintenance:
         webhooks: WebhookDispatcher | None = None,
         rescue_every: float = 5.0,
         prune_every: float = 60.0,
+        sweep_every: float = 3600.0,
     ):
         self._store = store
         self._storage = storage
         self._retention_seconds = retention_seconds
         self._webhooks = webhooks
-        self._every = {"rescue": rescue_every, "prune": prune_every}
+        self._every = {"rescue": rescue_every, "prune": prune_every, "sweep": sweep_every}
         self._last_run = {task: -float("inf") for task in self.TASKS}  # time.monotonic() of each task's last run
         self._stop: threading.Event | None = None
         self._threads: list[threading.Thread] = []
@@ -88,6 +93,43 @@ class Maintenance:
             log.info("pruned %d finished jobs", pruned, extra={"action": "pruned", "count": pruned})
         return pruned
 
+    def sweep(self, *, older_than: float = SWEEP_GRACE_SECONDS) -> int:
+        """Delete the objects under jobs/ that no job row points at and that are older than
+        `older_than` seconds (younger ones may belong to a submit or an upload in flight): every object
+        of a job that has no row, and of a finished job all but its result's audio and its inputs.
+        Returns how many objects went. Lists the whole jobs/ prefix: hourly, not per round."""
+        cutoff = time.time() - older_than
+        folders: dict[str, list[tuple[str, float]]] = {}
+        for key, modified in self._storage.list_keys("jobs"):
+            parts = key.split("/")
+            if len(parts) >= 3:
+                folders.setdefault(parts[1], []).append((key, modified))
+        ids = {}
+        for name in folders:
+            try:
+                ids[name] = UUID(name)
+            except ValueError:
+                continue  # not ours to judge
+        rows = self._store.jobs_of_objects(list(ids.values())) if ids else {}
+        swept = 0
+        for name, objects in folders.items():
+            if name not in ids:
+                continue
+            row = rows.get(ids[name])
+            if row is not None and row["status"] not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED):
+                continue  # queued or running: its files are in use
+            keep = set()
+            if row is not None:
+                keep |= set((row["result"] or {}).get("audio_keys", []))
+                keep |= {ref["key"] for ref in (row["inputs"] or {}).values() if isinstance(ref, dict) and "key" in ref}
+            for key, modified in objects:
+                if key not in keep and modified < cutoff:
+                    self._storage.delete(key)
+                    swept += 1
+        if swept:
+            log.info("swept %d orphaned objects", swept, extra={"action": "swept", "count": swept})
+        return swept
+
     # --- rounds ----------------------------------------------------------------------------
 
     def tick(self, *, now: datetime | None = None, only: tuple[str, ...] = TASKS) -> MaintenanceRound:
@@ -96,9 +138,10 @@ class Maintenance:
         return self._run(due, now=now)
 
     def run_once(self, *, now: datetime | None = None) -> MaintenanceRound:
-        """Run every task now, due or not, and one round of webhook delivery if this instance has
-        webhooks. `now` (the database clock when None) is what the statements take as the time."""
-        return self._run(list(self.TASKS), now=now, webhooks=self._webhooks is not None)
+        """Run rescue and prune now, due or not, and one round of webhook delivery if this instance
+        has webhooks (the sweep lists every object: it runs on its hourly schedule, `tick`/`start`,
+        or called itself). `now` (the database clock when None) is what the statements take as the time."""
+        return self._run([t for t in self.TASKS if t != "sweep"], now=now, webhooks=self._webhooks is not None)
 
     def _run(self, tasks: list[str], *, now: datetime | None, webhooks: bool = False) -> MaintenanceRound:
         outcome = MaintenanceRound()
@@ -107,6 +150,8 @@ class Maintenance:
             try:
                 if task == "rescue":
                     outcome.rescued = self.rescue(now=now)
+                elif task == "sweep":
+                    outcome.swept = self.sweep()
                 else:
                     outcome.pruned = self.prune(now=now)
             except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the others

@@ -39,6 +39,7 @@ class ObjectStorage(Protocol):
     def url(self, key: str, expires_in: int) -> str: ...
     def delete(self, key: str) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]: ...
 
 
 def checked_key(key: str) -> str:
@@ -126,6 +127,14 @@ class LocalStorage:
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix.rstrip("/")), ignore_errors=True)
 
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, modified at as a Unix time) of every object under `prefix`, `.partial` leftovers included."""
+        base = self._path(prefix.rstrip("/"))
+        with _local_faults(prefix):
+            for path in sorted(base.rglob("*")) if base.is_dir() else []:
+                if path.is_file():
+                    yield path.relative_to(self.root).as_posix(), path.stat().st_mtime
+
 
 class S3Storage:
     """Objects in `bucket` under `prefix`; large uploads go multipart; URLs are SigV4 presigned GETs."""
@@ -177,6 +186,17 @@ class S3Storage:
     def delete(self, key: str) -> None:
         with _translated(key):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list_keys(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, modified at as a Unix time) of every object under `prefix`, a page at a time."""
+        with _translated(prefix):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix.rstrip("/")) + "/"
+            )
+            cut = len(self.prefix) + 1 if self.prefix else 0
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield item["Key"][cut:], item["LastModified"].timestamp()
 
     def delete_prefix(self, prefix: str) -> None:
         with _translated(prefix):
