@@ -59,7 +59,7 @@ class Ours:
 
     @staticmethod
     def drain(url: str, batch: int, gate: "Gate") -> None:
-        store = JobStore(make_engine(url, pool_size=1))
+        store = JobStore(make_engine(url, pool_size=1, index_plans=True))  # as the worker's store is
         worker = f"bench-{os.getpid()}"
         store.stats()  # opens the connection before the clock starts
         gate.start()
@@ -70,7 +70,7 @@ class Ours:
 
     @staticmethod
     def listen(url: str, batch: int, ready, latencies) -> None:
-        store = JobStore(make_engine(url, pool_size=1))
+        store = JobStore(make_engine(url, pool_size=1, index_plans=True))  # as the worker's store is
         worker = f"bench-{os.getpid()}"
         with JobWakeups(url) as wakeups:
             store.stats()
@@ -344,7 +344,8 @@ def measure(system: str, server_url: str, args, ctx) -> Figures:
         impl.submit_batches(url, args.jobs, args.batch)
         figures.submit_batch = args.jobs / (time.perf_counter() - start)
         total = queued_count(url, system)
-        analyze(url)  # a live queue has statistics; a table filled a second ago does not
+        if args.analyze:
+            analyze(url)  # a live queue has statistics; a table filled a second ago does not
 
         processed, elapsed = Gate(ctx).run(ctx, impl.drain, [(url, args.batch)] * args.workers)
         figures.drain = processed / elapsed
@@ -402,6 +403,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=10.0, help="ms between paced submits")
     parser.add_argument("--systems", default="ours,pgqueuer,procrastinate")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, systems interleaved; medians reported")
+    parser.add_argument("--no-analyze", dest="analyze", action="store_false",
+                        help="drain right after the burst, before any ANALYZE (the tables' statistics as autovacuum left them)")
     args = parser.parse_args()
 
     server_url = bench_server(args.url)

@@ -29,9 +29,10 @@ def secret_key(settings: Settings) -> bytes:
     return path.read_text().strip().encode()
 
 
-def build_store(settings: Settings, database_url: str) -> JobStore:
+def build_store(settings: Settings, database_url: str, *, worker: bool = False) -> JobStore:
+    """The job store; a worker's plans its statements on their indexes (db/engine.py INDEX_PLANS)."""
     return JobStore(
-        make_engine(database_url, pool_size=settings.db_pool_size),
+        make_engine(database_url, pool_size=settings.db_pool_size, index_plans=worker),
         lease_seconds=settings.lease_seconds,
         retry=RetryPolicy(settings.retry_base_seconds, settings.retry_max_seconds),
     )

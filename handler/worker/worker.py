@@ -70,7 +70,7 @@ def worker_from_settings(settings: Settings, **options) -> "Worker":
         "model_names": (settings.dit_model,),
     }
     return Worker(
-        build_store(settings, settings.database_url), build_storage(settings), settings.database_url,
+        build_store(settings, settings.database_url, worker=True), build_storage(settings), settings.database_url,
         WorkerOptions(**(defaults | options)),
     )
 

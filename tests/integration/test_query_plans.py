@@ -73,3 +73,28 @@ def test_claiming_one_named_job_reads_only_that_row(engine, big_queue):
 
 def test_queue_position_of_a_job_deep_in_the_queue(store, big_queue):
     assert store.queue_position(big_queue) == 50001
+
+
+def test_the_workers_hot_statements_use_their_indexes_right_after_a_burst(engine, db_url):
+    """100 000 jobs into a table never analysed: on a worker's connection (db/engine.py INDEX_PLANS)
+    claim and complete still plan on their indexes, not a sort of a bitmap scan or a table scan."""
+    from db import JobStore, make_engine
+
+    with engine.connect() as conn:
+        conn.execute(text("INSERT INTO jobs (priority, request, model, created_at) SELECT g % 5, '{}'::jsonb, 'turbo', "
+                          "now() + g * interval '1 ms' FROM generate_series(1, 100000) AS g"))
+    worker_engine = make_engine(db_url, pool_size=1, index_plans=True)
+    try:
+        claimed = JobStore(worker_engine).claim("w", 100)
+        done = json.dumps([{"id": str(j.id), "attempt": j.attempt, "result": {}, "timings": None} for j in claimed])
+        plans = {"claim_jobs": {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
+                                "lookahead": None, "job_id": None},
+                 "complete_jobs": {"done": done, "worker_id": "w", "now": None}}
+        for name, params in plans.items():
+            with worker_engine.connect() as conn:
+                nodes = explain(conn, name, params)
+            scans = {n["Node Type"] for n in nodes if n.get("Relation Name") == "jobs"} - {"ModifyTable"}
+            assert scans <= {"Index Scan", "Index Only Scan"}, (name, scans)
+    finally:
+        worker_engine.dispose()
+    assert len(claimed) == 100
