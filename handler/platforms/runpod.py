@@ -39,6 +39,7 @@ from pydantic import ValidationError
 from db import DatabaseUnavailable, JobStatus, StoreError
 from db.ids import new_job_id
 from handler.drain import Drainer
+from handler.http.auth import Caller
 from handler.http.errors import problems
 from handler.http.inputs import AudioInputs
 from handler.http.job_view import job_response
@@ -119,7 +120,7 @@ class Runtime:
             except HTTPException as exc:
                 raise Refused(_described(exc)) from None
         else:
-            who = svc.auth.caller(None) if _open(svc) else _platform_caller(svc)
+            who = svc.auth.caller(None) if svc.auth.open_mode else _platform_caller(svc)
         try:
             params = spec_codes(validate_request(dict(fields), svc.settings.webhook_allow_networks))
             key = None if runpod_id is None else f"runpod:{runpod_id}"
@@ -202,19 +203,9 @@ class Runtime:
                 last = now
 
 
-def _open(svc: Services) -> bool:
-    try:
-        svc.auth.caller(None)
-        return True
-    except HTTPException:
-        return False
-
-
 def _platform_caller(svc: Services):
     """With API keys required and no `api_key` in the input: the jobs of RunPod's own callers (RunPod
     authenticated them) share one owner, seen through the API in open mode only."""
-    from handler.http.auth import Caller
-
     return Caller(owner="runpod", max_queued=svc.settings.max_queued_per_key)
 
 

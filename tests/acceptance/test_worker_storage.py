@@ -1,69 +1,27 @@
 """Object storage goes away during the upload and comes back: the job still completes."""
 
-import socket
-import threading
 import time
 
 import boto3
 from botocore.config import Config
 
 from tests.acceptance.worker_harness import start_worker, submit, wait_for, wait_status, worker_env
-
-
-class SwitchableProxy:
-    """A TCP proxy on 127.0.0.1 that forwards to `target_port`, or, while down, drops every connection."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.up = True
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.up:
-                client.close()
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
+from tests.tcp_proxy import TcpProxy
 
 
 def test_upload_outage_then_recovery_completes_the_job(store, db_url, tmp_path, s3_endpoint, s3_bucket):
-    proxy = SwitchableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy = TcpProxy("127.0.0.1", int(s3_endpoint.rsplit(":", 1)[1]))
     env = worker_env(db_url, tmp_path, FAKE_STAGE_SECONDS="0.5", ACESTEP_STORAGE_URL=f"s3://{s3_bucket}/music",
                      ACESTEP_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
     job_id = submit(store, caption="during an outage")
     worker = start_worker(env, "--once")
     try:
         wait_for(lambda: store.get(job_id)["status"] == "running", timeout=60)
-        proxy.up = False
+        proxy.cut()
         wait_for(lambda: "uploading" == store.get(job_id)["stage"], timeout=60)
         time.sleep(3)  # the upload keeps failing meanwhile
         assert store.get(job_id)["status"] == "running"
-        proxy.up = True
+        proxy.restore()
         row = wait_status(store, job_id, "succeeded", "failed", timeout=60)
     finally:
         output, _ = worker.communicate(timeout=60)
@@ -75,8 +33,8 @@ def test_upload_outage_then_recovery_completes_the_job(store, db_url, tmp_path, 
 
 
 def test_storage_down_for_good_fails_the_job_once_its_attempts_are_spent(store, db_url, tmp_path, s3_endpoint, s3_bucket):
-    proxy = SwitchableProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    proxy.up = False
+    proxy = TcpProxy("127.0.0.1", int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.cut()
     env = worker_env(db_url, tmp_path, ACESTEP_STORAGE_URL=f"s3://{s3_bucket}/music",
                      ACESTEP_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", ACESTEP_UPLOAD_TRIES="1",
                      ACESTEP_STORAGE_PATIENCE_SECONDS="0")
