@@ -19,13 +19,38 @@ from safetensors.torch import load_file
 
 from pipeline.dit.load import load_dit
 from pipeline.dit.model import AceStepDiT
-from pipeline.sampler import generate_audio
+from pipeline.dcw import DCW
+from pipeline.sampler import (
+    Guidance,
+    MomentumBuffer,
+    Sampling,
+    adg,
+    apg,
+    generate_audio,
+    repaint_blend,
+    repaint_injection,
+)
 
 TOLERANCE = 1e-4
 
-# Scalar arguments of the reference's generate_audio that change nothing here: the noise is given
-# (seed), the turbo schedule comes from shift (fix_nfe), the cross-attention cache is always used.
-IGNORED_SCALARS = {"seed", "fix_nfe", "use_cache"}
+# Scalar arguments of the reference's generate_audio that change nothing here: the noises are given
+# (seed, retake_seed), the turbo schedule comes from shift / infer_steps (fix_nfe), the
+# cross-attention cache is always used, no progress bar.
+IGNORED_SCALARS = {"seed", "retake_seed", "fix_nfe", "use_cache", "use_progress_bar"}
+SAMPLING_SCALARS = {"infer_method", "sampler_mode", "velocity_norm_threshold", "velocity_ema_factor"}
+DCW_SCALARS = {"dcw_enabled": "enabled", "dcw_mode": "mode", "dcw_scaler": "scaler", "dcw_high_scaler": "high_scaler",
+               "dcw_wavelet": "wavelet"}
+GUIDANCE_SCALARS = {"diffusion_guidance_scale": "scale", "use_adg": "use_adg", "cfg_interval_start": "interval_start",
+                    "cfg_interval_end": "interval_end"}
+GENERATE_SCALARS = {"shift", "infer_steps", "audio_cover_strength", "cover_noise_strength", "repaint_crossfade_frames",
+                    "repaint_injection_ratio", "retake_variance"}
+# The unit cases (one helper of the sampler) pass within this (their READMEs).
+UNIT_TOLERANCE = 1e-5
+MASK_METHOD = "_build_chunk_masks_and_src_latents"
+# audio-post: elementwise operations on waveforms; the reference agrees with itself exactly.
+POST_TOLERANCE = 1e-6
+UNIT_METHODS = {"DCWCorrector.apply", "_repaint_boundary_blend", "_repaint_step_injection", "apg_forward", "adg_forward"}
+
 
 
 @dataclass
@@ -68,17 +93,65 @@ def _run_codes(model: AceStepDiT, args: dict, scalars: dict) -> tuple:
 
 
 def _run_generate(model: AceStepDiT, args: dict, scalars: dict) -> tuple:
+    """generate_audio: scalars are mapped onto Sampling / DCW / Guidance; a scalar this runner
+    does not know fails the case (it might change the numbers). DCW is off unless the case turns
+    it on (the fixtures before it existed name no dcw_* argument)."""
     args = dict(args)
     noise = args.pop("initial_noise")
-    options = {k: v for k, v in scalars.items() if k not in IGNORED_SCALARS}
-    unknown = set(options) - {
-        "shift", "timesteps", "infer_method", "audio_cover_strength", "cover_noise_strength",
-        "repaint_crossfade_frames", "repaint_injection_ratio",
-    }
+    args.pop("attention_mask", None)  # only shapes the tokenizer's pooled mask, which generation never uses
+    sde_noise = args.pop("sde_renoise_noise", None)
+    if "timesteps" in args:
+        args["timesteps"] = args["timesteps"].tolist()
+    unknown = set(scalars) - IGNORED_SCALARS - SAMPLING_SCALARS - set(DCW_SCALARS) - set(GUIDANCE_SCALARS) - GENERATE_SCALARS
     if unknown:
         raise ValueError(f"unsupported scalar argument(s) {sorted(unknown)}")
-    args.pop("attention_mask", None)  # only shapes the tokenizer's pooled mask, which generation never uses
-    return (generate_audio(model, noise=noise, **args, **options),)
+    dcw = {DCW_SCALARS[k]: v for k, v in scalars.items() if k in DCW_SCALARS}
+    sampling = Sampling(
+        **{k: v for k, v in scalars.items() if k in SAMPLING_SCALARS},
+        dcw=DCW(**{k: v for k, v in dcw.items() if k != "enabled"}) if dcw.get("enabled") else None,
+    )
+    guidance = None
+    if not model.config.turbo:  # turbo ignores guidance (the reference's handler forces 1.0)
+        guidance = Guidance(**{GUIDANCE_SCALARS[k]: v for k, v in scalars.items() if k in GUIDANCE_SCALARS})
+    options = {k: v for k, v in scalars.items() if k in GENERATE_SCALARS}
+    return (generate_audio(model, noise=noise, sampling=sampling, guidance=guidance, sde_noise=sde_noise,
+                           **args, **options),)
+
+
+def _run_dcw(model: AceStepDiT, args: dict, scalars: dict) -> tuple:
+    """DCWCorrector.apply once per row of `settings`, stacked."""
+    rows = [DCW(mode=s["mode"], scaler=s["scaler"], high_scaler=s["high_scaler"], wavelet=s["wavelet"])
+            .apply(args["x_next"], args["denoised"], s["t_curr"]) for s in scalars["settings"]]
+    return (torch.stack(rows),)
+
+
+def _run_blend(model: AceStepDiT, args: dict, scalars: dict) -> tuple:
+    rows = [repaint_blend(args["x"], args["clean_src_latents"], args["repaint_mask"], frames)
+            for frames in scalars["cf_frames"]]
+    return (torch.stack(rows),)
+
+
+def _run_injection(model: AceStepDiT, args: dict, scalars: dict) -> tuple:
+    return (repaint_injection(args["x"], args["clean_src_latents"], args["repaint_mask"], scalars["t_next"], args["noise"]),)
+
+
+def _run_apg(model: AceStepDiT, args: dict, scalars: dict) -> tuple:
+    """apg_forward called once per leading index with one momentum buffer (dims [1]: time)."""
+    if scalars.get("dims", [1]) != [1]:
+        raise ValueError(f"apg over dims {scalars['dims']} (only the time axis, [1], is used)")
+    buffer = MomentumBuffer(scalars["momentum"])
+    rows = [apg(cond, uncond, scalars["guidance_scale"], buffer, scalars["norm_threshold"], scalars["eta"])
+            for cond, uncond in zip(args["pred_cond"], args["pred_uncond"], strict=True)]
+    return (torch.stack(rows),)
+
+
+def _run_adg(model: AceStepDiT, args: dict, scalars: dict) -> tuple:
+    if scalars.get("apply_norm") or not scalars.get("apply_clip", True):
+        raise ValueError("only ADG with the angle clip and without the norm (the sampler's) is implemented")
+    cond, uncond = args["noise_pred_cond"], args["noise_pred_uncond"]
+    if cond.shape != args["latents"].shape:  # the case gives a stack of predictions and uses the first
+        cond, uncond = cond[0], uncond[0]
+    return (adg(args["latents"], cond, uncond, scalars["sigma"], scalars["guidance_scale"], scalars["angle_clip"]),)
 
 
 def runner_for(case: dict) -> Callable:
@@ -91,15 +164,25 @@ def runner_for(case: dict) -> Callable:
         ("tokenize", "model"): _run_tokenize,
         ("detokenize", "model"): _run_detokenize,
         ("generate_audio", "model"): _run_generate,
+        ("DCWCorrector.apply", ""): _run_dcw,
+        ("_repaint_boundary_blend", ""): _run_blend,
+        ("_repaint_step_injection", ""): _run_injection,
+        ("apg_forward", ""): _run_apg,
+        ("adg_forward", ""): _run_adg,
     }
+    if method in UNIT_METHODS:
+        target = ""
     if (method, target) not in table:
         raise ValueError(f"no runner for {case['reference_class']}.{method} on {target!r}")
     return table[(method, target)]
 
 
-def compare(name: str, ours: torch.Tensor, expected: torch.Tensor, tolerance: float) -> tuple[bool, str]:
+def compare(name: str, ours: torch.Tensor, expected: torch.Tensor, tolerance: float,
+            exact_dtype: bool = False) -> tuple[bool, str]:
     if tuple(ours.shape) != tuple(expected.shape):
         return False, f"{name}: shape {tuple(ours.shape)} != {tuple(expected.shape)}"
+    if exact_dtype and ours.dtype != expected.dtype:
+        return False, f"{name}: dtype {ours.dtype} != {expected.dtype}"
     if expected.dtype.is_floating_point:
         diff = (ours.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
         ok = diff <= tolerance and bool(torch.isfinite(ours).all())
@@ -109,8 +192,15 @@ def compare(name: str, ours: torch.Tensor, expected: torch.Tensor, tolerance: fl
 
 
 def run_case(model: AceStepDiT, name: str, case: dict, tensors: dict, tolerance: float) -> Outcome:
+    method = case["reference_method"]
+    if method in UNIT_METHODS:
+        tolerance = min(tolerance, UNIT_TOLERANCE)
     try:
         with torch.inference_mode():
+            if method == MASK_METHOD:  # the handler's conditioning builder: outputs (null ones too) and spans
+                from pipeline.mask_conformance import check_mask_case
+
+                return Outcome(name, *check_mask_case(case, tensors, tolerance))
             results = runner_for(case)(model, _inputs(case, tensors), case.get("scalar_args", {}))
     except Exception as exc:  # one broken case must not hide the others
         return Outcome(name, False, f"error: {type(exc).__name__}: {exc}")
@@ -123,6 +213,10 @@ def run_case(model: AceStepDiT, name: str, case: dict, tensors: dict, tolerance:
 
 
 def run(fixture_dir: Path, tolerance: float = TOLERANCE) -> list[Outcome]:
+    if not (fixture_dir / "config.json").is_file():  # no model: the audio post-processing fixture
+        from pipeline.post_conformance import run as run_post
+
+        return run_post(fixture_dir, min(tolerance, POST_TOLERANCE))
     manifest = json.loads((fixture_dir / "manifest.json").read_text())
     torch.manual_seed(0)
     model = load_dit(fixture_dir, dtype=torch.float32)

@@ -194,5 +194,61 @@ def test_custom_timesteps_snap_to_valid_values():
 
 
 def test_base_schedule_is_shifted_linspace():
-    assert base_schedule(4, 1.0) == [1.0, 0.75, 0.5, 0.25]
+    assert base_schedule(4, 1.0) == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert base_schedule(4, 3.0)[1] == pytest.approx(3 * 0.75 / (1 + 2 * 0.75))
+
+
+def test_turbo_honours_steps_and_any_shift():
+    """Upstream main: with inference_steps the turbo schedule has min(steps, 20) entries and takes
+    any shift; without, the fixed table of the nearest of 1, 2, 3."""
+    assert turbo_schedule(1.0, 4) == [1.0, 0.75, 0.5, 0.25]
+    assert turbo_schedule(2.5, 8)[1] == pytest.approx(2.5 * 0.875 / (1 + 1.5 * 0.875))
+    assert turbo_schedule(2.5) == turbo_schedule(2.0)  # snapped: a tie goes to the first of 1, 2, 3
+    assert len(turbo_schedule(3.0, 50)) == 20
+
+
+NEW_FIXTURES = [FIXTURE.parent / "dit-turbo-v2", FIXTURE.parent / "dit-base"]
+
+
+@pytest.mark.parametrize("fixture", NEW_FIXTURES, ids=lambda p: p.name)
+def test_newest_upstream_fixtures_pass(fixture, capsys):
+    """Every case of the newest upstream's turbo and base fixtures (sampler options, guidance, the
+    conditioning builder, DCW, repaint helpers) through the generic runner."""
+    assert conformance.main([str(fixture)]) == 0, capsys.readouterr().out
+
+
+def _copy_fixture(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    for path in target.iterdir():
+        path.chmod(0o644)
+    return target
+
+
+@pytest.mark.parametrize("fixture, case, scalar, value", [
+    ("dit-base", "G03_text2music_adg", "cfg_interval_start", 0.5),
+    ("dit-base", "G09_text2music_heun", "diffusion_guidance_scale", 6.5),
+    ("dit-turbo-v2", "T01_text2music_default", "dcw_high_scaler", 0.03),
+    ("dit-turbo-v2", "T24_text2music_velocity_tweaks", "velocity_ema_factor", 0.2),
+    ("dit-turbo-v2", "M06_repaint_auto_6d467e4", "repainting_end", [0.9, 0.5]),
+])
+def test_runner_fails_on_a_wrong_scalar(tmp_path, fixture, case, scalar, value):
+    folder = _copy_fixture(FIXTURE.parent / fixture, tmp_path / fixture)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert scalar in manifest["cases"][case]["scalar_args"]
+    manifest["cases"][case]["scalar_args"][scalar] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    outcomes = {o.name: o for o in conformance.run(folder)}
+    assert not outcomes[case].passed, outcomes[case].detail
+    assert sum(not o.passed for o in outcomes.values()) == 1
+
+
+def test_runner_fails_on_a_perturbed_weight_of_the_base_model(tmp_path):
+    folder = _copy_fixture(FIXTURE.parent / "dit-base", tmp_path / "dit-base")
+    weights = load_file(str(folder / "model.safetensors"))
+    name = next(k for k in weights if k.startswith("decoder.") and k.endswith("weight") and weights[k].ndim == 2)
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(folder / "model.safetensors"))
+    outcomes = conformance.run(folder)
+    failed = {o.name for o in outcomes if not o.passed}
+    assert {o.name for o in outcomes if o.name.startswith("G")} <= failed
+    assert not any(name.startswith(("M", "U")) for name in failed)  # no model in those
