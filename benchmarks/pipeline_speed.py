@@ -3,9 +3,11 @@
     python benchmarks/pipeline_speed.py                      # full size, bf16 on CUDA (float32 on CPU)
     python benchmarks/pipeline_speed.py --seconds 60 240 --batch 1 8
     python benchmarks/pipeline_speed.py --size tiny          # the tiny test config, to check the script
+    python benchmarks/pipeline_speed.py --dcw on off         # DCW's cost: the same runs with it on and off
 
-Per (seconds, batch): the 8-step turbo sampling (condition encoder + 8 DiT forwards, the path the
-service runs), the tiled VAE decode, their sum, and the peak device memory. Timings are medians of
+Per (seconds, batch, DCW): the 8-step turbo sampling (condition encoder + 8 DiT forwards with the
+serving defaults: infer_steps 8, shift 3, DCW on unless --dcw off, the path the service runs), the
+tiled VAE decode, their sum, and the peak device memory. Timings are medians of
 --repeat runs after one warm-up run; CUDA work is synchronised before each clock read."""
 
 import argparse
@@ -17,7 +19,8 @@ from diffusers import AutoencoderOobleck
 
 from pipeline.dit.config import DiTConfig
 from pipeline.dit.model import AceStepDiT
-from pipeline.sampler import generate_audio
+from pipeline.dcw import DCW
+from pipeline.sampler import Sampling, generate_audio
 from pipeline.tiny import FULL_SIZE_VAE_CONFIG, full_size_dit_config, random_dit_state, tiny_dit_config
 from pipeline.vae import TINY_CONFIG as TINY_VAE_CONFIG
 from pipeline.vae import Vae
@@ -43,7 +46,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(dit, vae, seconds: float, batch: int, device, dtype, repeat: int) -> dict:
+def measure(dit, vae, seconds: float, batch: int, device, dtype, repeat: int, dcw: bool = True) -> dict:
     config = dit.config
     frames = round(seconds * 25)
     latent, text_dim = config.audio_acoustic_hidden_dim, config.text_hidden_dim
@@ -67,7 +70,8 @@ def measure(dit, vae, seconds: float, batch: int, device, dtype, repeat: int) ->
         for run in range(repeat + 1):
             sync(device)
             start = time.perf_counter()
-            latents = generate_audio(dit, noise=r(batch, frames, latent), **args)
+            latents = generate_audio(dit, noise=r(batch, frames, latent), infer_steps=8,
+                                     sampling=Sampling(dcw=DCW() if dcw else None), **args)
             sync(device)
             middle = time.perf_counter()
             vae.decode(latents)
@@ -87,6 +91,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, nargs="+", default=[60.0, 240.0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--dcw", choices=("on", "off"), nargs="+", default=["on"],
+                        help="DCW after each step (the serving default is on); 'on off' measures both")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -94,12 +100,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     params = sum(p.numel() for p in dit.parameters()) / 1e9
     print(f"{args.size} DiT ({params:.2f} B parameters) + VAE, {dtype}, {name}, torch {torch.__version__}")
-    print(f"{'audio s':>8} {'batch':>5} {'DiT 8 steps s':>14} {'VAE decode s':>13} {'total s':>8} {'s/song':>7} {'peak GiB':>9}")
+    print(f"{'audio s':>8} {'batch':>5} {'DCW':>4} {'DiT 8 steps s':>14} {'VAE decode s':>13} {'total s':>8} "
+          f"{'s/song':>7} {'peak GiB':>9}")
     for seconds in args.seconds:
         for batch in args.batch:
-            row = measure(dit, vae, seconds, batch, device, dtype, args.repeat)
-            print(f"{seconds:>8g} {batch:>5} {row['dit_s']:>14.3f} {row['vae_s']:>13.3f} {row['total_s']:>8.3f} "
-                  f"{row['total_s'] / batch:>7.3f} {row['peak_gib']:>9.2f}", flush=True)
+            for dcw in args.dcw:
+                row = measure(dit, vae, seconds, batch, device, dtype, args.repeat, dcw == "on")
+                print(f"{seconds:>8g} {batch:>5} {dcw:>4} {row['dit_s']:>14.3f} {row['vae_s']:>13.3f} "
+                      f"{row['total_s']:>8.3f} {row['total_s'] / batch:>7.3f} {row['peak_gib']:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

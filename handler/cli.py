@@ -136,10 +136,18 @@ def _exit_on_signal(signum: int, frame) -> None:
 
 
 def _dev_settings(settings: Settings) -> Settings:
-    """With tiny checkpoints, the ETA starts from what tiny jobs cost on a CPU (unless ACESTEP_ETA_PRIOR says)."""
-    if _uses_tiny_checkpoints(settings) and "eta_prior" not in settings.model_fields_set:
-        return settings.model_copy(update={"eta_prior": "cpu-tiny"})
-    return settings
+    """With tiny checkpoints, the ETA starts from what tiny jobs cost on a CPU (unless ACESTEP_ETA_PRIOR
+    says), and the API accepts jobs for every tiny DiT the worker serves (unless ACESTEP_DIT_MODELS says)."""
+    if not _uses_tiny_checkpoints(settings):
+        return settings
+    update = {}
+    if "eta_prior" not in settings.model_fields_set:
+        update["eta_prior"] = "cpu-tiny"
+    if "dit_models" not in settings.model_fields_set:
+        from pipeline.tiny import TINY_DITS
+
+        update["dit_models"] = ",".join(TINY_DITS)
+    return settings.model_copy(update=update)
 
 
 def _uses_tiny_checkpoints(settings: Settings) -> bool:
@@ -149,13 +157,23 @@ def _uses_tiny_checkpoints(settings: Settings) -> bool:
 
 def _dev_worker_env(settings: Settings, database_url: str, environ: dict[str, str]) -> dict[str, str]:
     """The worker's environment under `dev`: dev's database and data dir; without ACESTEP_CHECKPOINT_DIR
-    the tiny checkpoints, with the LM's songs kept short unless ACESTEP_LM_MAX_DURATION says otherwise."""
+    the tiny checkpoints, with the LM's songs kept short unless ACESTEP_LM_MAX_DURATION says otherwise, and
+    every tiny DiT served (ACESTEP_DIT_MODELS) unless the user set that variable."""
     env = {**environ, "ACESTEP_DATABASE_URL": database_url, "ACESTEP_DATA_DIR": str(settings.data_dir.resolve())}
     if _uses_tiny_checkpoints(settings):
         lm_cap = settings.lm_max_duration if "lm_max_duration" in settings.model_fields_set else TINY_LM_MAX_DURATION
         env["ACESTEP_LM_MAX_DURATION"] = str(lm_cap)
-        env["ACESTEP_CHECKPOINT_DIR"] = str(_tiny_checkpoints(settings.data_dir.resolve() / "tiny-checkpoints", lm_cap))
+        folder, dits = _tiny_checkpoints(settings.data_dir.resolve() / "tiny-checkpoints")
+        env["ACESTEP_CHECKPOINT_DIR"] = str(folder)
+        if "ACESTEP_DIT_MODELS" not in environ:  # every tiny DiT beside the default, unless the user chose
+            env["ACESTEP_DIT_MODELS"] = ",".join(dits)
+        served = dict.fromkeys([settings.dit_model, *_names(env.get("ACESTEP_DIT_MODELS", ""))])
+        _tiny_banner(folder, lm_cap, list(served))
     return env
+
+
+def _names(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def _stop_worker(worker: subprocess.Popen, timeout: float) -> None:
@@ -182,22 +200,45 @@ def _stop_worker(worker: subprocess.Popen, timeout: float) -> None:
     print("stopped", flush=True)
 
 
-def _tiny_checkpoints(folder: Path, lm_max_duration: int) -> Path:
-    """Tiny random checkpoints for `dev` without ACESTEP_CHECKPOINT_DIR, built once, with a loud warning."""
+TINY_MARKER = ".complete"  # written last by a finished build: {"dits": [the DiT folders it built]}
+
+
+def _tiny_checkpoints(folder: Path) -> tuple[Path, tuple[str, ...]]:
+    """Tiny random checkpoints for `dev` without ACESTEP_CHECKPOINT_DIR, built once, and the DiTs they hold.
+    A set whose marker names no DiTs (built before the base and SFT DiTs were part of it) or lacks one of
+    them is built again: the same seeds give the same weights, so only the missing folders change."""
+    dits = _tiny_dits_built(folder)
+    if dits is None:
+        from pipeline.tiny import TINY_DITS, build_tiny_checkpoints
+
+        print("building the tiny checkpoints (first run only)...", flush=True)
+        (folder / TINY_MARKER).unlink(missing_ok=True)
+        build_tiny_checkpoints(folder)
+        (folder / TINY_MARKER).write_text(json.dumps({"dits": list(TINY_DITS)}) + "\n")
+        dits = tuple(TINY_DITS)
+    return folder, dits
+
+
+def _tiny_dits_built(folder: Path) -> tuple[str, ...] | None:
+    """The DiTs a finished tiny build in `folder` holds (read without importing torch), or None."""
+    try:
+        dits = json.loads((folder / TINY_MARKER).read_text())["dits"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or an older build's empty marker
+        return None
+    if not dits or not all(isinstance(name, str) and (folder / name / "model.safetensors").is_file() for name in dits):
+        return None
+    return tuple(dits)
+
+
+def _tiny_banner(folder: Path, lm_max_duration: int, dits: list[str]) -> None:
     banner = "=" * 78
     print(f"{banner}\nWARNING: ACESTEP_CHECKPOINT_DIR is not set, so the worker uses TINY RANDOM checkpoints in\n"
           f"  {folder}\nThe API works end to end, but THE AUDIO IS NOISE. For music: acestep-serverless\n"
           f"download-models DIR, then ACESTEP_CHECKPOINT_DIR=DIR.\n"
+          f"The worker serves the DiTs {', '.join(dits)} (the first is the default; ACESTEP_DIT_MODEL,\n"
+          f"ACESTEP_DIT_MODELS).\n"
           f"Songs whose length the LM picks last at most {lm_max_duration} s (ACESTEP_LM_MAX_DURATION).\n{banner}",
           flush=True)
-    marker = folder / ".complete"
-    if not marker.exists():
-        from pipeline.tiny import build_tiny_checkpoints
-
-        print("building the tiny checkpoints (first run only)...", flush=True)
-        build_tiny_checkpoints(folder)
-        marker.touch()
-    return folder
 
 
 def cmd_make_tiny_checkpoints(args: argparse.Namespace) -> int:
@@ -258,6 +299,8 @@ def cmd_download_models(args: argparse.Namespace) -> int:
     target = Path(args.dir) if args.dir else (settings.checkpoint_dir or Path("checkpoints"))
     found = download_models(target, args.with_models)
     print(f"checkpoints ready in {found.root}: DiT {', '.join(found.dits)}; LM {', '.join(found.lms) or 'none'}")
+    for name, problems in sorted(found.incomplete.items()):  # left over from elsewhere, not fetched now
+        print(f"incomplete, not loadable: {name} ({'; '.join(problems)})")
     return 0
 
 
@@ -338,8 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.set_defaults(func=cmd_submit)
     download = sub.add_parser("download-models", help=cmd_download_models.__doc__)
     download.add_argument("dir", nargs="?", help="default: ACESTEP_CHECKPOINT_DIR or ./checkpoints")
+    from pipeline.download import SEPARATE_REPOS  # light: neither torch nor the hub client
+
     download.add_argument("--with", dest="with_models", action="append", default=[], metavar="NAME",
-                          help="also an extra model, e.g. acestep-5Hz-lm-4B or acestep-v15-base")
+                          choices=sorted(SEPARATE_REPOS),
+                          help=f"also an extra model (repeatable), one of: {', '.join(sorted(SEPARATE_REPOS))}")
     download.set_defaults(func=cmd_download_models)
     tiny = sub.add_parser("make-tiny-checkpoints", help=cmd_make_tiny_checkpoints.__doc__)
     tiny.add_argument("dir")

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         DEFAULT_DIT_MODEL, validation_alias=AliasChoices("ACESTEP_DIT_MODEL", "ACESTEP_DEFAULT_MODEL", "dit_model"),
         description="the one DiT a worker serves (its folder name); jobs are labelled with it",
     )
+    dit_models: str = Field(
+        "", description="comma-separated extra DiT folders a worker loads beside ACESTEP_DIT_MODEL (requests name "
+                        "them in `model`); empty: only ACESTEP_DIT_MODEL",
+    )
     device: str | None = Field(None, description="cpu, cuda or cuda:N; unset: CUDA when present")
     lm_models: str = Field("", description="comma-separated 5 Hz LM folders to load; empty: every one found")
     lm_model: str | None = Field(None, description="the LM used without lm_model_path; unset: the 1.7B, else the first")
@@ -122,6 +126,20 @@ class Settings(BaseSettings):
             raise ValueError(f"must name a DiT checkpoint folder ({DIT_PREFIX}...), e.g. {DEFAULT_DIT_MODEL}")
         return value
 
+    @field_validator("dit_models")
+    @classmethod
+    def _dit_names(cls, value: str) -> str:
+        names = list(dict.fromkeys(_names(value)))
+        bad = [name for name in names if not re.fullmatch(rf"{re.escape(DIT_PREFIX)}[A-Za-z0-9._-]+", name)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: every entry must be a DiT checkpoint folder ({DIT_PREFIX}...), "
+                             f"e.g. {DEFAULT_DIT_MODEL},acestep-v15-base")
+        return ",".join(names)
+
+    def served_dit_models(self) -> tuple[str, ...]:
+        """The DiTs this deployment's workers load: ACESTEP_DIT_MODEL, then ACESTEP_DIT_MODELS."""
+        return tuple(dict.fromkeys([self.dit_model, *_names(self.dit_models)]))
+
     @field_validator("cors_origins")
     @classmethod
     def _origins(cls, value: str | None) -> str | None:
@@ -164,7 +182,9 @@ class Settings(BaseSettings):
     def pipeline_options(self) -> PipelineOptions:
         """What the worker hands its pipeline."""
         return PipelineOptions(
-            device=self.device, dit_model=self.dit_model, lm_models=tuple(_names(self.lm_models)), lm_model=self.lm_model,
+            device=self.device, dit_model=self.dit_model,
+            dit_models=tuple(m for m in _names(self.dit_models) if m != self.dit_model),
+            lm_models=tuple(_names(self.lm_models)), lm_model=self.lm_model,
             lm_max_duration=self.lm_max_duration, vllm=self.vllm, vllm_gpu_memory_utilization=self.vllm_gpu_memory_utilization,
         )
 

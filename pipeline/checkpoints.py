@@ -6,7 +6,10 @@
     <root>/Qwen3-Embedding-0.6B/     config.json, model.safetensors, tokenizer files
     <root>/acestep-5Hz-lm-<size>/    config.json, weights, tokenizer files (optional)
 
-Everything missing is reported at once, by path, so a half-finished download says what to fetch."""
+Everything missing is reported at once, by path, so a half-finished download says what to fetch. A DiT
+folder that is incomplete (a download of an extra model still running, say) does not stop the others
+from loading: it is set aside in `Checkpoints.incomplete` and named with its problems only when asked
+for. The VAE, the text encoder and the LMs are shared by every DiT, so their problems always fail."""
 
 import json
 from dataclasses import dataclass, field
@@ -40,10 +43,17 @@ class Checkpoints:
     vae: Component | None = None
     text_encoder: Component | None = None
     lms: dict[str, Component] = field(default_factory=dict)
+    # DiT folders found but not usable: name -> what is wrong with each (missing weights, shards, ...).
+    incomplete: dict[str, list[str]] = field(default_factory=dict)
 
     def dit(self, name: str) -> Component:
+        if name in self.incomplete:
+            raise CheckpointError(f"DiT checkpoint {name!r} in {self.root} is incomplete:\n  "
+                                  + "\n  ".join(self.incomplete[name]))
         if name not in self.dits:
-            raise CheckpointError(f"no DiT checkpoint {name!r} in {self.root}; found: {', '.join(sorted(self.dits)) or 'none'}")
+            broken = f" (incomplete: {', '.join(sorted(self.incomplete))})" if self.incomplete else ""
+            raise CheckpointError(f"no DiT checkpoint {name!r} in {self.root}; found: "
+                                  f"{', '.join(sorted(self.dits)) or 'none'}{broken}")
         return self.dits[name]
 
     def lm(self, name: str) -> Component:
@@ -71,7 +81,14 @@ def _weights(path: Path, stem: str, problems: list[str]) -> tuple[Path, ...]:
     if not index.is_file():
         problems.append(f"{single} is missing (nor is there a sharded {index.name})")
         return ()
-    shards = sorted({path / name for name in json.loads(index.read_text()).get("weight_map", {}).values()})
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except json.JSONDecodeError as exc:
+        problems.append(f"{index} is not valid JSON ({exc})")
+        return ()
+    shards = sorted({path / name for name in weight_map.values()})
+    if not shards:
+        problems.append(f"{index} names no weight files")
     missing = [s for s in shards if not s.is_file()]
     problems.extend(f"{s} is missing (named by {index.name})" for s in missing)
     return tuple(shards) if shards and not missing else ()
@@ -89,11 +106,14 @@ def _component(path: Path, weights_stem: str, problems: list[str], extra: tuple[
 
 
 def discover(root: Path, *, need_lm: bool = False) -> Checkpoints:
-    """The checkpoints under `root`; CheckpointError listing every missing piece."""
+    """The checkpoints under `root`; CheckpointError listing every missing piece of the shared components
+    (or when no DiT folder is there at all). A DiT folder with problems goes into `incomplete` instead;
+    when every DiT folder is incomplete, that fails too, listing their problems."""
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory {root} does not exist")
     problems: list[str] = []
-    dits = {}
+    dits: dict[str, Component] = {}
+    incomplete: dict[str, list[str]] = {}
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
         config_file = path / "config.json"
         if path.name in (VAE_DIR, TEXT_ENCODER_DIR) or path.name.startswith(LM_PREFIX) or not config_file.is_file():
@@ -103,8 +123,15 @@ def discover(root: Path, *, need_lm: bool = False) -> Checkpoints:
         except json.JSONDecodeError:
             continue
         if is_dit:
-            dits[path.name] = _component(path, "model", problems, extra=("silence_latent.pt",))
-    if not dits:
+            own: list[str] = []
+            component = _component(path, "model", own, extra=("silence_latent.pt",))
+            if own:
+                incomplete[path.name] = own
+            else:
+                dits[path.name] = component
+    if not dits and incomplete:
+        problems.extend(p for name in sorted(incomplete) for p in incomplete[name])
+    elif not dits:
         problems.append(f"no DiT checkpoint (a folder whose config.json has model_type {DIT_MODEL_TYPE!r}) in {root}")
     vae = _component(root / VAE_DIR, "diffusion_pytorch_model", problems) if (root / VAE_DIR).is_dir() else None
     if vae is None:
@@ -121,4 +148,4 @@ def discover(root: Path, *, need_lm: bool = False) -> Checkpoints:
         problems.append(f"no 5 Hz LM ({LM_PREFIX}*) in {root}")
     if problems:
         raise CheckpointError("incomplete checkpoints:\n  " + "\n  ".join(problems))
-    return Checkpoints(root, dits, vae, text_encoder, lms)
+    return Checkpoints(root, dits, vae, text_encoder, lms, incomplete)

@@ -8,6 +8,7 @@ of the pipeline. A field added to `GenerationRequest` reaches the pipeline with 
 """
 
 import itertools
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -38,10 +39,14 @@ DURATION_MIN, DURATION_MAX = 10, 600  # seconds a request (or the LM) may ask fo
 MAX_BATCH_SIZE = 8
 MAX_SEED = 2**32 - 1
 MAX_INFERENCE_STEPS = 200
-TURBO_STEPS = 8  # the turbo schedule's steps, whatever inference_steps says
-API_TASK_TYPES = ("text2music", "cover", "repaint", "lego", "extract", "complete")
-SOURCE_TASK_TYPES = ("cover", "repaint", "lego", "extract", "complete")  # tasks that read src audio
+TURBO_STEPS = 8  # the turbo's fixed table (no inference_steps given): 8 steps
+TURBO_MAX_STEPS = 20  # turbo runs at most min(inference_steps, 20) steps; custom timesteps snap to its 20 trained values
+API_TASK_TYPES = ("text2music", "cover", "cover-nofsq", "repaint", "lego", "extract", "complete")
+# tasks that read src audio; cover-nofsq: cover with the raw source latents as context (no FSQ round trip)
+SOURCE_TASK_TYPES = ("cover", "cover-nofsq", "repaint", "lego", "extract", "complete")
 BASE_MODEL_TASK_TYPES = ("lego", "extract", "complete")  # only the base DiT was trained for these
+BASE_MODELS = ("acestep-v15-base", "acestep-v15-xl-base")  # the DiTs that run BASE_MODEL_TASK_TYPES
+DIT_KINDS = ("turbo", "base", "sft")
 AUDIO_FORMATS = ("mp3", "wav", "flac")
 # A request's audio inputs by role: the field naming the file (the worker makes it a local path).
 INPUT_PATH_FIELDS = {"src": "src_audio_path", "ref": "reference_audio_path"}
@@ -51,6 +56,7 @@ DIT_PREFIX = "acestep-v15-"
 DEFAULT_DIT_MODEL = "acestep-v15-turbo"
 DEFAULT_INSTRUCTION = "Fill the audio semantic mask based on the given conditions:"
 DEFAULT_LM_NEGATIVE_PROMPT = "NO USER INPUT"
+_DIT_NAME = re.compile(rf"{re.escape(DIT_PREFIX)}[A-Za-z0-9._-]+")
 
 _KEY_SCALE = re.compile(
     rf"^[{KEY_NOTES}]({'|'.join(re.escape(a) for a in KEY_ACCIDENTALS if a)})? ({'|'.join(KEY_MODES)})$", re.IGNORECASE
@@ -120,6 +126,10 @@ class GenerationRequest(BaseModel):
     audio_code_string: _CodeString | list[_CodeString] = Field(
         "", description="5 Hz audio codes; a list gives one per batch item")
 
+    model: str | None = Field(
+        None, description=f"The DiT to run: a checkpoint folder name ({DIT_PREFIX}...), e.g. acestep-v15-turbo, "
+                          "acestep-v15-base, acestep-v15-sft, acestep-v15-xl-turbo; null: the deployment's default "
+                          "(lego, extract and complete: a base model)")
     inference_steps: int = Field(8, ge=1, le=MAX_INFERENCE_STEPS, description="Diffusion steps (1-200)")
     guidance_scale: float = Field(7.0, ge=0, le=30, description="Prompt guidance (non-turbo models)")
     use_random_seed: bool = Field(True, description="Draw a fresh seed per item")
@@ -142,8 +152,9 @@ class GenerationRequest(BaseModel):
 
     reference_audio_path: str | None = Field(None, description="Reference audio (style) in the input area")
     src_audio_path: str | None = Field(None, description="Source audio for cover and repaint")
-    task_type: Literal["text2music", "cover", "repaint", "lego", "extract", "complete"] = Field(
-        "text2music", description="Task type (lego, extract and complete need the base model)")
+    task_type: Literal["text2music", "cover", "cover-nofsq", "repaint", "lego", "extract", "complete"] = Field(
+        "text2music", description="Task type (lego, extract and complete need a base model; cover-nofsq: cover "
+                                  "with the raw source latents as context, no FSQ round trip)")
     instruction: str = Field(DEFAULT_INSTRUCTION, description="Edit instruction")
     global_caption: str = Field("", description="Whole-song description for lego (the caption describes the track)")
     track_name: str | None = Field(None, description="Track for lego and extract, e.g. vocals, drums")
@@ -151,6 +162,60 @@ class GenerationRequest(BaseModel):
     repainting_start: float = Field(0.0, ge=-DURATION_MAX, le=DURATION_MAX, description="Repaint window start (s; < 0 pads)")
     repainting_end: float | None = Field(None, ge=-1, le=2 * DURATION_MAX, description="Repaint window end (s; null or -1: end)")
     audio_cover_strength: float = Field(1.0, ge=0, le=1, description="Cover strength (0-1)")
+
+    # ---- the DiT sampler (upstream main's names and defaults) ----
+    shift: float = Field(3.0, ge=1.0, le=5.0, description="Timestep shift (1-5): t' = s*t / (1 + (s-1)*t)")
+    timesteps: list[float] | None = Field(
+        None, max_length=MAX_INFERENCE_STEPS + 1,
+        description='Custom schedule, a list or comma text "0.97,0.76,0.615,0.5,0.395,0.28,0.18,0.085,0": values '
+                    "in [0, 1], strictly decreasing, at least one > 0; overrides inference_steps and shift (turbo "
+                    f"snaps each to the nearest of its {TURBO_MAX_STEPS} trained values; base/SFT use them verbatim)")
+    infer_method: Literal["ode", "sde"] = Field("ode", description="ode: deterministic; sde: re-noise after each step")
+    sampler_mode: Literal["euler", "heun"] = Field(
+        "euler", description="euler: one decoder call per step; heun: a corrector call too (about twice the DiT time)")
+    velocity_norm_threshold: float = Field(
+        0.0, ge=0, description="Clamp the velocity's norm to this multiple of the latent's (0: off)")
+    velocity_ema_factor: float = Field(
+        0.0, ge=0, lt=1, description="Blend this share of the previous step's velocity into each step's (0: off)")
+    dcw_enabled: bool = Field(True, description="Wavelet-domain correction (DCW) after every step")
+    dcw_mode: Literal["double", "low", "high", "pix"] = Field("double", description="Bands DCW corrects")
+    dcw_scaler: float = Field(0.05, ge=0, le=1, description="DCW strength on the low band (0-1)")
+    dcw_high_scaler: float = Field(0.02, ge=0, le=1, description="DCW strength on the high band, double mode (0-1)")
+    dcw_wavelet: Literal["haar"] = Field("haar", description="DCW wavelet; only haar is implemented")
+    use_adg: bool = Field(False, description="Angle-based dynamic guidance instead of APG (base and SFT models only)")
+    cfg_interval_start: float = Field(
+        0.0, ge=0, le=1, description="Guidance only from this t (0-1; base and SFT models only)")
+    cfg_interval_end: float = Field(
+        1.0, ge=0, le=1, description="Guidance only up to this t (0-1, >= cfg_interval_start; base and SFT models only)")
+    cover_noise_strength: float = Field(
+        0.0, ge=0, le=1, description="Cover: start part-way down the schedule from the noised source (0: from noise)")
+    chunk_mask_mode: Literal["auto", "explicit", "auto_fixed"] = Field(
+        "auto", description="The context's chunk mask. auto: upstream main, where the intended 2.0 sentinel is lost "
+                            "in a bool tensor and the model gets 1.0 everywhere (the repaint span too); auto_fixed: "
+                            "PR #1290's behaviour, 2.0; explicit: 0/1, 0 over the repaint span")
+    repaint_mode: Literal["conservative", "balanced", "aggressive"] = Field(
+        "balanced", description="Repaint: how the new span meets the source (conservative: full injection, 25-frame "
+                                "blend, 0.05 s splice; balanced: set by repaint_strength; aggressive: no injection, "
+                                "no splice)")
+    repaint_strength: float = Field(0.5, ge=0, le=1, description="Repaint, balanced mode: 0 keeps most of the "
+                                                                 "source around the span, 1 the least")
+    repaint_latent_crossfade_frames: int = Field(
+        10, ge=0, description="Accepted and unused, as upstream (repaint_mode and repaint_strength set the blend)")
+    repaint_wav_crossfade_sec: float = Field(
+        0.0, ge=0, description="Accepted and unused, as upstream (repaint_mode and repaint_strength set the splice)")
+    retake_seed: int | list[int] | None = Field(
+        None, description='Seed of the retake noise, like seed: an integer, a list or "42,43" (one per item); -1 or '
+                          "null: random (used when retake_variance > 0)")
+    retake_variance: float = Field(
+        0.0, ge=0, le=1, description="How far to move the start noise toward the retake noise (0: none, 1: all)")
+
+    # ---- decoding and the waveform ----
+    latent_shift: float = Field(0.0, description="Added to the latents before the VAE decodes them")
+    latent_rescale: float = Field(1.0, gt=0, description="Latents are multiplied by this (> 0) before decoding")
+    enable_normalization: bool = Field(True, description="Peak-normalise each song to normalization_db")
+    normalization_db: float = Field(-1.0, ge=-60, le=0, description="Peak level normalisation aims at (dBFS, -60 to 0)")
+    fade_in_duration: float = Field(0.0, ge=0, le=60, description="Fade-in (s, 0-60)")
+    fade_out_duration: float = Field(0.0, ge=0, le=60, description="Fade-out (s, 0-60)")
 
     webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed when the job finishes")
 
@@ -169,11 +234,13 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be one of {', '.join(sorted(LANGUAGES))}")
         return value
 
-    @field_validator("seed", mode="before")
+    @field_validator("seed", "retake_seed", mode="before")
     @classmethod
-    def _seed_list(cls, value: Any) -> Any:
+    def _seed_list(cls, value: Any, info: ValidationInfo) -> Any:
         """An integer, or several (a list, or the reference's comma-separated text "42,43"), one per
         item; parsed here so a bad value is refused under the field's own name."""
+        if info.field_name == "retake_seed" and (value is None or (isinstance(value, str) and not value.strip())):
+            return None
         parts = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
         seeds = []
         for part in parts:
@@ -187,14 +254,87 @@ class GenerationRequest(BaseModel):
                 raise ValueError('must be an integer or integers (a list or "42,43")') from None
         return seeds if isinstance(value, list) or (isinstance(value, str) and "," in value) else seeds[0]
 
-    @field_validator("seed")
+    @field_validator("seed", "retake_seed")
     @classmethod
-    def _seed_range(cls, value: int | list[int]) -> int | list[int]:
+    def _seed_range(cls, value: int | list[int] | None) -> int | list[int] | None:
+        if value is None:
+            return None
         seeds = value if isinstance(value, list) else [value]
         if isinstance(value, list) and not 1 <= len(value) <= MAX_BATCH_SIZE:
             raise ValueError(f"as a list needs 1 to {MAX_BATCH_SIZE} seeds")
         if any(not -1 <= s <= MAX_SEED for s in seeds):
             raise ValueError(f"must be -1 (random) or 0 to {MAX_SEED}")
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_blank(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("model")
+    @classmethod
+    def _dit_name(cls, value: str | None) -> str | None:
+        if value is not None and not _DIT_NAME.fullmatch(value.strip()):
+            raise ValueError(f"must name a DiT checkpoint folder ({DIT_PREFIX}...), e.g. {DEFAULT_DIT_MODEL} or "
+                             f"{BASE_MODELS[0]}")
+        return None if value is None else value.strip()
+
+    @field_validator("timesteps", mode="before")
+    @classmethod
+    def _timestep_text(cls, value: Any) -> Any:
+        """The reference's comma text ("0.97,0.76,...,0"), optionally in brackets, as a list."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip().removeprefix("[").removesuffix("]").strip()
+        if not text:
+            return None
+        try:
+            return [float(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError('must be numbers, as a list or comma-separated text ("0.97,0.76,0.5,0")') from None
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timestep_schedule(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must hold at least one value (or be null for the schedule of inference_steps and shift)")
+        if any(not 0.0 <= t <= 1.0 for t in value):
+            raise ValueError("each value must be in [0, 1]")
+        if any(b >= a for a, b in zip(value, value[1:])):
+            raise ValueError("must be strictly decreasing")
+        if value[0] <= 0:
+            raise ValueError("needs at least one value above 0")
+        return value
+
+    @field_validator("track_classes", mode="before")
+    @classmethod
+    def _track_class_text(cls, value: Any) -> Any:
+        """A form sends text: one class, "drums,bass", or a JSON list (the reference wraps text in a list)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValueError('must be a list of track names, e.g. ["drums", "bass"] or "drums,bass"') from None
+        return [part.strip() for part in text.split(",") if part.strip()] or None
+
+    @field_validator("dcw_wavelet", mode="before")
+    @classmethod
+    def _haar_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() != "haar":
+            raise ValueError(f"only the haar wavelet is implemented here; {value.strip()!r} is not")
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("cfg_interval_end")
+    @classmethod
+    def _interval_ordered(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("cfg_interval_start")
+        if start is not None and value < start:
+            raise ValueError(f"must be at least cfg_interval_start ({start})")
         return value
 
     @field_validator("key_scale", mode="before")
@@ -316,6 +456,76 @@ def request_document(request: GenerationRequest, **stored: Any) -> dict[str, Any
     return request.model_dump(mode="json") | stored
 
 
+# ---- the DiT a request runs on, and what that model allows ---------------------------------------
+
+
+class RequestOptionError(ValueError):
+    """A request option the model it would run on cannot honour; `field` names the request field
+    (the HTTP function answers 422 naming it, a worker fails the job with the message)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def dit_kind(name: str) -> Literal["turbo", "base", "sft"]:
+    """What a DiT is, from its folder name's parts: "turbo" anywhere makes it turbo, else "sft", else
+    "base" (acestep-v15-turbo-shift1 and acestep-v15-xl-turbo are turbo). ValueError for other names."""
+    lowered = name.strip().lower()
+    if "turbo" in lowered:
+        return "turbo"
+    parts = re.split(r"[-_./\\]", lowered)
+    for kind in ("sft", "base"):
+        if kind in parts:
+            return kind
+    raise ValueError(f"cannot tell whether DiT {name!r} is a turbo, base or SFT model")
+
+
+def _kind(name: str) -> str | None:
+    try:
+        return dit_kind(name)
+    except ValueError:
+        return None
+
+
+def resolve_model(request: GenerationRequest, default: str) -> str:
+    """The DiT a request runs on: the one it names; else, for the base-only tasks, the deployment's
+    default if that is a base model, otherwise acestep-v15-base; else the deployment's default."""
+    if request.model:
+        return request.model
+    if request.task_type in BASE_MODEL_TASK_TYPES:
+        return default if _kind(default) == "base" else BASE_MODELS[0]
+    return default
+
+
+def check_model_options(request: GenerationRequest, model: str) -> None:
+    """Refuse options `model` cannot honour (RequestOptionError naming the field). A model whose
+    kind the name does not tell is not judged here (the worker that loads it decides)."""
+    kind = _kind(model)
+    if kind is None:
+        return
+    if request.task_type in BASE_MODEL_TASK_TYPES and kind != "base":
+        raise RequestOptionError("task_type", f"{request.task_type} runs only on a base model ({', '.join(BASE_MODELS)}); "
+                                              f"{model} is a {kind} model")
+    if kind == "turbo":
+        guidance = "only base and SFT models use guidance"
+        if request.use_adg:
+            raise RequestOptionError("use_adg", f"{guidance}; {model} is a turbo model (leave use_adg false)")
+        if request.cfg_interval_start != 0.0:
+            raise RequestOptionError("cfg_interval_start", f"{guidance}; {model} is a turbo model (leave it 0)")
+        if request.cfg_interval_end != 1.0:
+            raise RequestOptionError("cfg_interval_end", f"{guidance}; {model} is a turbo model (leave it 1)")
+        steps = sum(1 for t in request.timesteps or () if t > 0)
+        if steps > TURBO_MAX_STEPS:
+            raise RequestOptionError("timesteps", f"{model} is a turbo model: it snaps custom timesteps to its "
+                                                  f"{TURBO_MAX_STEPS} trained values and runs at most {TURBO_MAX_STEPS} "
+                                                  f"steps; this list has {steps} non-zero values")
+    elif request.timesteps is not None and len(request.timesteps) < 2:
+        raise RequestOptionError("timesteps", f"{model} is a {kind} model: its schedule runs from each value to the "
+                                              "next, so it needs at least 2 values (e.g. 1.0,0)")
+
+
 # ---- what a worker gives its pipeline ------------------------------------------------------------
 
 
@@ -331,9 +541,11 @@ class PipelineOptions:
     lm_max_duration: int = DURATION_MAX
     vllm: bool = True
     vllm_gpu_memory_utilization: float = 0.3
+    dit_models: tuple[str, ...] = ()  # DiT folders loaded beside dit_model (requests name them in `model`)
 
     variables = {
-        "device": "ACESTEP_DEVICE", "dit_model": "ACESTEP_DIT_MODEL", "lm_models": "ACESTEP_LM_MODELS",
+        "device": "ACESTEP_DEVICE", "dit_model": "ACESTEP_DIT_MODEL", "dit_models": "ACESTEP_DIT_MODELS",
+        "lm_models": "ACESTEP_LM_MODELS",
         "lm_model": "ACESTEP_LM_MODEL", "lm_max_duration": "ACESTEP_LM_MAX_DURATION", "vllm": "ACESTEP_VLLM",
         "vllm_gpu_memory_utilization": "ACESTEP_VLLM_GPU_MEMORY_UTILIZATION",
     }

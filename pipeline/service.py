@@ -6,16 +6,24 @@ options)` is the worker's default factory (ACESTEP_PIPELINE). It reads no enviro
 the DiT, the LMs and their limits come in `PipelineOptions`. One request:
 
 1. seeds (one per batch item; `seed_value` reports the ones used), the source audio when the task
-   reads it;
+   reads it (repaint/lego windows past either end pad it with zeros: out-painting);
 2. the 5 Hz LM stage and every prompt string (`pipeline.lm.planner`): `thinking=true` writes the
    metadata block and the audio codes (the DiT then runs as cover from them), `thinking=false` only
    fills missing bpm/key/time signature/duration; the LM is skipped for cover and repaint;
 3. text: caption prompt (instruction, caption, metas) through the Qwen3 text encoder; lyric prompt
    through its embedding table only;
-4. audio inputs through the VAE: the source (cover, repaint) and the timbre reference (three 10 s
-   slices of 30 s), or the checkpoint's silence latent;
-5. the DiT sampler (turbo: fixed schedule, no guidance; base/SFT: guidance) from per-item seeded noise;
-6. tiled VAE decode, cropped to exactly the requested number of samples.
+4. audio inputs through the VAE: the source and the timbre reference (three 10 s slices of 30 s), or
+   the checkpoint's silence latent; chunk masks, source latents and the repaint mask as the
+   reference's handler builds them (`pipeline.conditioning`);
+5. the DiT sampler (`pipeline.sampler`: the job's DiT, turbo or base/SFT, with the request's
+   schedule, guidance, sampler and DCW options) from per-item seeded noise (retake: mixed with a
+   second seeded noise);
+6. latent shift/rescale, tiled VAE decode cropped to the requested samples, then upstream's
+   post-processing (`pipeline.postprocess`): clipping guard, repaint waveform splice, peak
+   normalisation to normalization_db, fades.
+
+A worker may serve several DiTs (ACESTEP_DIT_MODELS beside ACESTEP_DIT_MODEL, sharing the VAE and
+text encoder); a job runs the DiT its request names (`model`, set at submit).
 
 Before step 2, `use_format`, `sample_mode` and `sample_query` run the LM's own tasks on the request
 (`pipeline.lm.tasks.prepare_llm_inputs`): the caption and lyrics they write replace the request's,
@@ -30,6 +38,7 @@ without an LM loaded, `thinking=true` fails the job saying so and missing metada
 
 import logging
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +47,10 @@ import numpy as np
 import torch
 
 from pipeline.audio_io import AudioError, load_audio
-from pipeline.checkpoints import Checkpoints, discover
+from pipeline.checkpoints import CheckpointError, Checkpoints, discover
 from pipeline.contract import (
     BASE_MODEL_TASK_TYPES,
+    BASE_MODELS,
     DURATION_MAX,
     MAX_SEED,
     SAMPLE_RATE,
@@ -48,6 +58,7 @@ from pipeline.contract import (
     STAGE_SPANS,
     GenerationRequest,
     PipelineOptions,
+    dit_kind,
     stage_progress,
 )
 from pipeline.dit.load import load_dit, load_silence_latent
@@ -57,7 +68,10 @@ from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest, TextRe
 from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.lm import tasks as lm_tasks
-from pipeline.sampler import Guidance, generate_audio
+from pipeline import postprocess
+from pipeline.conditioning import build_chunk_masks_and_src_latents
+from pipeline.dcw import DCW
+from pipeline.sampler import Guidance, Sampling, generate_audio
 from pipeline.text_encoder import TextEncoder
 from pipeline.vae import Vae
 
@@ -65,6 +79,7 @@ log = logging.getLogger(__name__)
 
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, float(DURATION_MAX)  # codes may make songs under DURATION_MIN
 MIN_SOURCE_SECONDS = 1.0
+RANGE_TASK_TYPES = ("repaint", "lego")  # tasks with a window of the source to regenerate
 TIMBRE_SECONDS, TIMBRE_SLICE_SECONDS = 30.0, 10.0
 LM_INPUTS_SHARE = 0.3  # of the "lm" stage, for sample mode / format ahead of the plan's LM calls
 METADATA_SHARE = 0.4  # of the plan's part of the "lm" stage, for the metadata call (codes: the rest)
@@ -92,6 +107,7 @@ class Components:
     default_lm: str | None = None
     engines: VllmEngines | None = None
     lm_limits: LMLimits = field(default_factory=LMLimits)
+    extra_dits: dict = field(default_factory=dict)  # other DiTs served: name -> (AceStepDiT, silence latent)
 
 
 class Stages:
@@ -148,12 +164,23 @@ class Latents:
 
     frames: int
     samples: int
-    src_latents: torch.Tensor  # [1, frames, C]
-    chunk_mask: torch.Tensor  # [1, frames] bool
-    is_cover: bool
-    repaint_mask: torch.Tensor | None = None
-    clean_src: torch.Tensor | None = None
+    src_latents: torch.Tensor  # [batch, frames, C]
+    chunk_mask: torch.Tensor  # [batch, frames] bool (float32 with chunk_mask_mode auto_fixed)
+    is_covers: torch.Tensor  # [batch] bool
+    repaint_mask: torch.Tensor | None = None  # [batch, frames] bool: the frames regenerated
+    clean_src: torch.Tensor | None = None  # [batch, frames, C] the unblanked source, for re-injection
     codes: torch.Tensor | None = None  # [batch, codes, 1]
+
+
+@dataclass
+class Source:
+    """The source audio of a task that reads one: the waveform [2, S] at 48 kHz (padded for
+    out-painting), its latents (None when silent) and the repaint/lego window in seconds of it."""
+
+    audio: torch.Tensor
+    latents: torch.Tensor | None
+    start: float | None = None
+    end: float | None = None
 
 
 class AceStepPipeline:
@@ -163,34 +190,56 @@ class AceStepPipeline:
         self.vae, self.text, self.device, self.dtype = parts.vae, parts.text, parts.device, parts.dtype
         self.lms, self.default_lm, self.engines, self.lm_limits = parts.lms, parts.default_lm, parts.engines, parts.lm_limits
         self.frame_rate = self.vae.sample_rate / self.vae.hop_length
-        if self.vae.latent_dim != self.dit.config.audio_acoustic_hidden_dim:
-            raise PipelineError(f"the VAE's latent width {self.vae.latent_dim} does not match the DiT's "
-                                f"audio_acoustic_hidden_dim {self.dit.config.audio_acoustic_hidden_dim}")
-        self.models = [self.dit_name, *sorted(self.lms)]  # reported to the workers table
+        self.dits = {parts.dit_name: (parts.dit, parts.silence), **parts.extra_dits}
+        for name, (dit, _silence) in self.dits.items():
+            if self.vae.latent_dim != dit.config.audio_acoustic_hidden_dim:
+                raise PipelineError(f"the VAE's latent width {self.vae.latent_dim} does not match {name}'s "
+                                    f"audio_acoustic_hidden_dim {dit.config.audio_acoustic_hidden_dim}")
+        self.models = [*self.dits, *sorted(self.lms)]  # reported to the workers table
+
+    @contextmanager
+    def using(self, name: str):
+        """Run with the DiT `name` (one this worker serves; the default DiT again afterwards)."""
+        if name not in self.dits:
+            raise PipelineError(f"the job asks for the DiT {name}; this worker serves {', '.join(self.dits)}")
+        default = self.dit_name, self.dit, self.silence
+        self.dit_name = name
+        self.dit, self.silence = self.dits[name]
+        try:
+            yield
+        finally:
+            self.dit_name, self.dit, self.silence = default
 
     @classmethod
     def from_checkpoints(cls, checkpoints: Checkpoints, options: PipelineOptions = PipelineOptions()) -> "AceStepPipeline":
         """Load what `options` name from `checkpoints`; a name the checkpoints lack is an error that
         names its ACESTEP_* variable and what is there."""
         device, dtype = pick_device(options.device)
-        if options.dit_model not in checkpoints.dits:
-            raise PipelineError(f"{options.variables['dit_model']}={options.dit_model}: no such DiT in "
-                                f"{checkpoints.root} (there: {', '.join(sorted(checkpoints.dits)) or 'none'})")
+        folders = {}
+        for name in dict.fromkeys((options.dit_model, *options.dit_models)):
+            variable = options.variables["dit_model" if name == options.dit_model else "dit_models"]
+            if name not in checkpoints.dits and name not in checkpoints.incomplete:
+                raise PipelineError(f"{variable}={name}: no such DiT in {checkpoints.root} "
+                                    f"(there: {', '.join(sorted(checkpoints.dits)) or 'none'})")
+            try:
+                folders[name] = checkpoints.dit(name).path
+            except CheckpointError as exc:  # its folder is incomplete: the missing files, named
+                raise PipelineError(f"{variable}={name}: {exc}") from None
         for name in (*options.lm_models, *([options.lm_model] if options.lm_model else [])):
             if name not in checkpoints.lms:
                 variable = options.variables["lm_model" if name == options.lm_model else "lm_models"]
                 raise PipelineError(f"{variable}: no 5 Hz LM {name} in {checkpoints.root} "
                                     f"(there: {', '.join(sorted(checkpoints.lms)) or 'none'})")
-        folder = checkpoints.dit(options.dit_model).path
         lms = load_lms(checkpoints, options.lm_models, device=device, dtype=dtype)
         engines = VllmEngines(options.vllm_gpu_memory_utilization) if options.vllm else None
         if engines is not None and device.type == "cuda" and vllm_available():
             for lm in lms.values():  # engines start with the worker, not inside its first job
                 engines.backend(lm)
+        dits = {name: (load_dit(folder, device=device, dtype=dtype), load_silence_latent(folder, device=device, dtype=dtype))
+                for name, folder in folders.items()}
+        dit, silence = dits.pop(options.dit_model)
         return cls(Components(
-            dit_name=options.dit_model,
-            dit=load_dit(folder, device=device, dtype=dtype),
-            silence=load_silence_latent(folder, device=device, dtype=dtype),
+            dit_name=options.dit_model, dit=dit, silence=silence, extra_dits=dits,
             vae=Vae.load(checkpoints.vae.path, device=device, dtype=dtype),
             text=TextEncoder.load(checkpoints.text_encoder.path, device=device, dtype=dtype),
             device=device, dtype=dtype, lms=lms, default_lm=options.lm_model, engines=engines,
@@ -240,20 +289,38 @@ class AceStepPipeline:
         latents = self.vae.encode(torch.from_numpy(np.stack(items)).to(self.device, self.dtype))
         return fit_frames(latents, frames, self.silence_frames(frames))
 
-    def source(self, request: GenerationRequest) -> tuple[torch.Tensor | None, int]:
-        """The source audio's latents and length in samples, for the tasks that read it (the
-        worker has made `src_audio_path` a local file)."""
+    def source(self, request: GenerationRequest) -> Source | None:
+        """The source audio, for the tasks that read it (the worker has made `src_audio_path` a
+        local file): at most 600 s decoded; for repaint and lego a window past either end pads the
+        waveform with zeros and shifts the window (out-painting, as the reference's padding step);
+        VAE-encoded unless silent (a silent source counts as no audio)."""
         task = request.task_type
         if task not in SOURCE_TASK_TYPES:
-            return None, 0
+            return None
         if not request.src_audio_path:
             raise PipelineError(f"{task} needs source audio (src_audio_path or an uploaded src_audio)")
         # No task reads past the longest song a job may make: the rest is never decoded or encoded
         # (a long or bomb-like source costs what a 600 s one does).
-        src, samples = self.encode_file(request.src_audio_path, "source audio", MAX_DURATION_SECONDS)
-        if samples < MIN_SOURCE_SECONDS * SAMPLE_RATE:
-            raise PipelineError(f"source audio is {samples / SAMPLE_RATE:.2f} s long; at least {MIN_SOURCE_SECONDS:g} s is needed")
-        return src, samples
+        audio = torch.from_numpy(read_audio(request.src_audio_path, "source audio", MAX_DURATION_SECONDS))
+        if audio.shape[1] < MIN_SOURCE_SECONDS * SAMPLE_RATE:
+            raise PipelineError(f"source audio is {audio.shape[1] / SAMPLE_RATE:.2f} s long; "
+                                f"at least {MIN_SOURCE_SECONDS:g} s is needed")
+        start, end = None, None
+        if task in RANGE_TASK_TYPES:
+            seconds = audio.shape[1] / SAMPLE_RATE
+            start = float(request.repainting_start)
+            end = seconds if request.repainting_end is None or request.repainting_end < 0 else float(request.repainting_end)
+            if end <= start or start >= seconds or end <= 0:
+                raise PipelineError(f"repaint window [{start:g}, {end:g}] s must overlap the {seconds:.2f} s of "
+                                    "source audio (it may extend past either end to out-paint)")
+            padded, starts, ends = postprocess.padding_info(1, audio, start, end)
+            audio, start, end = padded[0], starts[0], ends[0]
+            if audio.shape[1] > MAX_DURATION_SECONDS * SAMPLE_RATE:
+                raise PipelineError(f"repaint result would be {audio.shape[1] / SAMPLE_RATE:.1f} s; "
+                                    f"at most {MAX_DURATION_SECONDS:g} s")
+        silent = postprocess.is_silence(audio)
+        latents = None if silent else self.vae.encode(audio[None].to(self.device, self.dtype))
+        return Source(audio, latents, start, end)
 
     def text_plan(self, request: GenerationRequest, batch: int, seeds: list[int], src_samples: int,
                   stages: Stages, lm_from: float = 0.0) -> tuple[GenerationPlan, Any]:
@@ -275,24 +342,37 @@ class AceStepPipeline:
             raise PipelineError(str(exc)) from None
         return plan, lm
 
-    def latents(self, request: GenerationRequest, text: GenerationPlan, src: torch.Tensor | None) -> Latents:
+    def latents(self, request: GenerationRequest, text: GenerationPlan, src: Source | None, batch: int) -> Latents:
+        """Frames and the DiT's conditioning inputs, built as the reference's handler builds them
+        (`pipeline.conditioning`): chunk masks, source latents, cover flags, the repaint mask."""
         codes = [item.audio_codes for item in text.items]
         if any(codes) and not all(codes):
             raise PipelineError("audio_code_string must give codes for every item of the batch or for none")
         if any(codes) and len({len(c) for c in codes}) != 1:
             raise PipelineError("every audio_code_string of a batch must hold the same number of codes")
-        if text.task_type == "repaint":
-            if any(codes):
-                raise PipelineError("audio_code_string cannot be combined with task_type repaint")
-            return self.repaint_latents(request, src)
-        seconds = text.duration
+        task = text.task_type
+        if task in RANGE_TASK_TYPES and any(codes):
+            raise PipelineError(f"audio_code_string cannot be combined with task_type {task}")
+        if task in RANGE_TASK_TYPES:  # the (padded) source's length
+            samples = src.audio.shape[1]
+            seconds = samples / SAMPLE_RATE
+        else:
+            seconds = text.duration
+            samples = round(seconds * SAMPLE_RATE)
         if not MIN_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS:
             raise PipelineError(f"audio_duration must be within {MIN_DURATION_SECONDS:g}-{MAX_DURATION_SECONDS:g} s")
-        samples = round(seconds * SAMPLE_RATE)
         frames = -(-samples // self.vae.hop_length)
         silence = self.silence_frames(frames)
-        src_latents = fit_frames(src, frames, silence) if src is not None else silence
-        chunk_mask = torch.ones(1, frames, dtype=torch.bool, device=self.device)
+        target = None
+        if src is not None and src.latents is not None:
+            target = fit_frames(src.latents, frames, silence).expand(batch, -1, -1)
+        mode = request.chunk_mask_mode
+        chunk, _spans, is_covers, src_latents, repaint_mask = build_chunk_masks_and_src_latents(
+            None if src is None else [src.audio] * batch, target, silence[0],
+            batch_size=batch, max_latent_length=frames, task_type=task,
+            repainting_start=None if src is None else src.start, repainting_end=None if src is None else src.end,
+            chunk_mask_modes="auto" if mode == "auto_fixed" else mode, auto_sentinel=mode == "auto_fixed",
+        )
         code_tensor = None
         if all(codes):
             needed = -(-frames // self.dit.config.pool_window_size)
@@ -300,68 +380,76 @@ class AceStepPipeline:
                 raise PipelineError(f"audio_code_string holds {len(codes[0])} codes; {needed} (5 per second) "
                                     f"are needed for {seconds:g} s")
             code_tensor = torch.tensor(codes, device=self.device, dtype=torch.long)[..., None]
-        return Latents(frames, samples, src_latents, chunk_mask, text.task_type == "cover", codes=code_tensor)
-
-    def repaint_latents(self, request: GenerationRequest, src: torch.Tensor) -> Latents:
-        """The source with the window [start, end) replaced by silence and marked for regeneration;
-        a window past either end of the source out-paints (the source is padded with zeros)."""
-        src_seconds = src.shape[1] / self.frame_rate
-        start = float(request.repainting_start)
-        end = request.repainting_end
-        end = src_seconds if end is None or end < 0 else float(end)
-        if end <= start or start > src_seconds or end < 0:
-            raise PipelineError(f"repaint window [{start:g}, {end:g}] s must overlap the {src_seconds:.2f} s of "
-                                "source audio (it may extend past either end to out-paint)")
-        total = max(end, src_seconds) - min(start, 0.0)
-        if total > MAX_DURATION_SECONDS:
-            raise PipelineError(f"repaint result would be {total:.1f} s; at most {MAX_DURATION_SECONDS:g} s")
-        frames = round(total * self.frame_rate)
-        pad_left = round(max(-start, 0.0) * self.frame_rate)
-        clean = torch.zeros(1, frames, src.shape[2], device=self.device, dtype=self.dtype)
-        clean[:, pad_left:pad_left + src.shape[1]] = src[:, : frames - pad_left]
-        lo = round((max(start, 0.0) - min(start, 0.0)) * self.frame_rate)
-        hi = min(round((end - min(start, 0.0)) * self.frame_rate), frames)
-        mask = torch.zeros(1, frames, dtype=torch.bool, device=self.device)
-        mask[:, lo:hi] = True
-        src_latents = torch.where(mask[..., None], self.silence_frames(frames), clean)
-        return Latents(frames, round(total * SAMPLE_RATE), src_latents, mask, False, mask, clean)
+        clean = target if repaint_mask is not None else None
+        if repaint_mask is not None and clean is None:  # a silent source: the clean source is silence
+            clean = silence.expand(batch, -1, -1)
+        return Latents(frames, samples, src_latents, chunk, is_covers, repaint_mask, clean, code_tensor)
 
     # ---- running --------------------------------------------------------------------------------
 
     def run(self, request: GenerationRequest, progress: Progress) -> GeneratedAudio:
         batch = request.items
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.using(request.model or self.dit_name):
                 return self._run(request, batch, progress)
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
+
+    def noise(self, seeds: list[int], frames: int) -> torch.Tensor:
+        """x_T: per item from a generator seeded with the item's seed, as the reference draws it."""
+        return torch.cat([
+            torch.randn((1, frames, self.silence.shape[2]), generator=torch.Generator(self.device).manual_seed(s),
+                        device=self.device, dtype=self.dtype)
+            for s in seeds
+        ])
+
+    def retake_seeds(self, request: GenerationRequest, batch: int) -> list[int]:
+        """The retake noise's seeds: like `seeds`, from retake_seed (random when absent or -1)."""
+        given = request.retake_seed
+        fixed = request.model_copy(update={"seed": -1 if given is None else given, "use_random_seed": given in (None, -1)})
+        return self.seeds(fixed, batch)
+
+    def sampler_settings(self, request: GenerationRequest) -> tuple[Guidance | None, Sampling]:
+        """The request's guidance (base/SFT models only; turbo ignores it) and step options."""
+        guidance = None
+        if not self.dit.config.turbo:
+            guidance = Guidance(scale=request.guidance_scale, use_adg=request.use_adg,
+                                interval_start=request.cfg_interval_start, interval_end=request.cfg_interval_end)
+        dcw = None
+        if request.dcw_enabled:
+            dcw = DCW(mode=request.dcw_mode, scaler=request.dcw_scaler, high_scaler=request.dcw_high_scaler,
+                      wavelet=request.dcw_wavelet)
+        sampling = Sampling(infer_method=request.infer_method, sampler_mode=request.sampler_mode,
+                            velocity_norm_threshold=request.velocity_norm_threshold,
+                            velocity_ema_factor=request.velocity_ema_factor, dcw=dcw)
+        return guidance, sampling
 
     def _run(self, request: GenerationRequest, batch: int, progress: Progress) -> GeneratedAudio:
         stages = Stages(progress)
         self.check_task_type(request.task_type)
         stages("preparing")
         seeds = self.seeds(request, batch)
-        src, src_samples = self.source(request)
+        src = self.source(request)
         request, prepared = self.apply_lm_inputs(request, seeds[0], stages)
+        src_samples = 0 if src is None else src.audio.shape[1]
         text, lm = self.text_plan(request, batch, seeds, src_samples, stages, LM_INPUTS_SHARE if prepared else 0.0)
-        plan = self.latents(request, text, src)
+        plan = self.latents(request, text, src, batch)
         stages("conditioning", audio_seconds=plan.samples / SAMPLE_RATE)
         captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])
         lyrics, lyric_mask = self.text.embed_lyrics([item.lyric_prompt for item in text.items])
         timbre = self.timbre_latents(request.reference_audio_path, seeds)
         non_cover_text = non_cover_mask = None
-        strength = request.audio_cover_strength if plan.is_cover else 1.0
+        strength = request.audio_cover_strength if bool(plan.is_covers.any()) else 1.0
         if strength < 1.0:
             non_cover_text, non_cover_mask = self.text.encode_text([item.non_cover_caption_prompt for item in text.items])
+        injection_ratio, crossfade_frames, wav_crossfade = postprocess.repaint_config(request.repaint_mode,
+                                                                                      request.repaint_strength)
+        guidance, sampling = self.sampler_settings(request)
         stages("dit")
-        noise = torch.cat([
-            torch.randn((1, plan.frames, self.silence.shape[2]), generator=torch.Generator(self.device).manual_seed(s),
-                        device=self.device, dtype=self.dtype)
-            for s in seeds
-        ])
-        expand = lambda t: t.expand(batch, *t.shape[1:]) if t is not None else None  # noqa: E731
+        retake_noise = None
+        if request.retake_variance > 0:
+            retake_noise = self.noise(self.retake_seeds(request, batch), plan.frames)
         config = self.dit.config
-        guidance = None if config.turbo else Guidance(scale=request.guidance_scale)
         latents = generate_audio(
             self.dit,
             text_hidden_states=captions, text_attention_mask=captions_mask,
@@ -369,36 +457,55 @@ class AceStepPipeline:
             refer_audio_acoustic_hidden_states_packed=timbre,
             refer_audio_order_mask=torch.arange(batch, device=self.device),
             silence_latent=self.silence_frames(max(plan.frames, config.pool_window_size)),
-            src_latents=expand(plan.src_latents),
-            chunk_masks=expand(plan.chunk_mask)[..., None].expand(-1, -1, self.silence.shape[2]),
-            is_covers=torch.full((batch,), plan.is_cover, device=self.device),
-            noise=noise,
+            src_latents=plan.src_latents,
+            chunk_masks=plan.chunk_mask[..., None].expand(-1, -1, self.silence.shape[2]),
+            is_covers=plan.is_covers,
+            noise=self.noise(seeds, plan.frames),
             audio_codes=plan.codes,
-            audio_cover_strength=strength,
+            infer_steps=request.inference_steps, shift=request.shift, timesteps=request.timesteps,
+            audio_cover_strength=strength, cover_noise_strength=request.cover_noise_strength,
             non_cover_text_hidden_states=non_cover_text, non_cover_text_attention_mask=non_cover_mask,
-            repaint_mask=expand(plan.repaint_mask), clean_src_latents=expand(plan.clean_src),
-            guidance=guidance, steps=request.inference_steps,
+            repaint_mask=plan.repaint_mask, clean_src_latents=plan.clean_src,
+            repaint_crossfade_frames=crossfade_frames, repaint_injection_ratio=injection_ratio,
+            guidance=guidance, sampling=sampling,
+            retake_noise=retake_noise, retake_variance=request.retake_variance,
             generator=torch.Generator(self.device).manual_seed(seeds[0]),
             progress=stages.steps("dit"),
         )
+        try:
+            latents = postprocess.postprocess_latents(latents, request.latent_shift, request.latent_rescale)
+        except RuntimeError as exc:
+            raise PipelineError(f"the DiT's output cannot be decoded: {exc}") from None
         stages("vae")
-        audio = self.vae.decode(latents, progress=stages.steps("vae"))[:, :, : plan.samples].float().numpy()
+        wavs = self.vae.decode(latents, progress=stages.steps("vae"))[:, :, : plan.samples].float()
+        splice = None
+        if plan.repaint_mask is not None and request.repaint_mode != "aggressive":
+            source = src.audio.to(wavs.device, wavs.dtype).expand(batch, -1, -1)
+            splice = (source, [src.start] * batch, [src.end] * batch, wav_crossfade)
+        wavs = postprocess.postprocess_audio(
+            wavs, repaint=splice, normalize=request.enable_normalization, normalization_db=request.normalization_db,
+            fade_in=request.fade_in_duration, fade_out=request.fade_out_duration,
+        )
         info = self.result_info(text, plan, seeds, lm)
         if prepared is not None:
             info = self.lm_inputs_info(info, request, prepared)
-        return GeneratedAudio(list(audio), SAMPLE_RATE, info)
+        return GeneratedAudio(list(wavs.cpu().numpy()), SAMPLE_RATE, info)
 
     # ---- the LM's own tasks -----------------------------------------------------------------------
 
     def is_base_model(self) -> bool:
-        """Whether the loaded DiT is a base model (acestep-v15-base, acestep-v15-xl-base, ...)."""
-        return "base" in self.dit_name.removeprefix("acestep-").split("-")
+        """Whether the job's DiT is a base model (acestep-v15-base, acestep-v15-xl-base, ...): by its
+        name, else by its config (a folder named otherwise)."""
+        try:
+            return dit_kind(self.dit_name) == "base"
+        except ValueError:
+            return not self.dit.config.turbo and self.dit.config.model_version == "base"
 
     def check_task_type(self, task_type: str) -> None:
         """lego, extract and complete were trained only into the base DiT."""
         if task_type in BASE_MODEL_TASK_TYPES and not self.is_base_model():
-            raise PipelineError(f"task_type {task_type} needs the base model (acestep-v15-base); "
-                                f"this worker serves {self.dit_name}")
+            raise PipelineError(f"task_type {task_type} needs a base model ({', '.join(BASE_MODELS)}); "
+                                f"the job runs {self.dit_name}")
 
     def lm_for(self, name: str | None, backend: str | None) -> Any:
         """The LM a request or task names (else the default), None when this worker has none."""

@@ -3,6 +3,8 @@ tiny random weights, built offline, loaded by the very same code as the real che
 such a set produces is noise: it exists for tests and for trying the service on a laptop.
 
     DIR/acestep-v15-turbo/      config.json (the reference's field names), model.safetensors, silence_latent.pt
+    DIR/acestep-v15-base/       the same with is_turbo false, model_version "base" (CFG, the base-only tasks)
+    DIR/acestep-v15-sft/        the same with is_turbo false, model_version "sft"
     DIR/vae/                    AutoencoderOobleck with the real hop (1920 samples, 25 frames/s)
     DIR/Qwen3-Embedding-0.6B/   tiny Qwen3 + byte-level BPE tokenizer
     DIR/acestep-5Hz-lm-0.6B/    tiny Qwen3 causal LM, tokenizer with the <|audio_code_N|> tokens"""
@@ -22,6 +24,9 @@ from pipeline.tiny_text import build_tiny_lm, build_tiny_text_encoder
 from pipeline.vae import Vae, build_tiny_vae
 
 TINY_DIT = "acestep-v15-turbo"
+# Every DiT a tiny set holds, the default (turbo) first; each has its own weights (seeds differ).
+TINY_DITS = ("acestep-v15-turbo", "acestep-v15-base", "acestep-v15-sft")
+_TINY_VERSIONS = {"acestep-v15-turbo": "turbo", "acestep-v15-base": "base", "acestep-v15-sft": "sft"}
 TINY_LM = "acestep-5Hz-lm-0.6B"
 TEXT_HIDDEN = 32
 # The tiny DiT's silence latent covers 2 s (50 frames): the pipeline repeats it to whatever length it
@@ -30,15 +35,17 @@ TEXT_HIDDEN = 32
 SILENCE_SECONDS = 2
 
 
-def tiny_dit_config(latent_dim: int, text_hidden_dim: int, *, turbo: bool = True) -> dict:
+def tiny_dit_config(latent_dim: int, text_hidden_dim: int, *, turbo: bool = True, version: str | None = None) -> dict:
     """A config.json in the reference's layout with small widths and the real structure (alternating
-    sliding/full layers, the real FSQ levels, pool window 5, patch 2, 30 s timbre window)."""
+    sliding/full layers, the real FSQ levels, pool window 5, patch 2, 30 s timbre window). `version`
+    ("turbo", "base", "sft") sets model_version, and is_turbo with it; by default it follows `turbo`."""
     layers = 4
+    version = version or ("turbo" if turbo else "base")
     return {
         "architectures": ["AceStepConditionGenerationModel"],
         "model_type": "acestep",
-        "model_version": "turbo" if turbo else "base",
-        "is_turbo": turbo,
+        "model_version": version,
+        "is_turbo": version == "turbo",
         "hidden_size": 64, "intermediate_size": 128, "head_dim": 16,
         "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_hidden_layers": layers, "num_audio_decoder_hidden_layers": layers,
@@ -77,22 +84,33 @@ def random_dit_state(model: AceStepDiT, seed: int) -> dict[str, torch.Tensor]:
     return {name: t.detach().contiguous() for name, t in model.state_dict().items()}
 
 
-def build_tiny_dit(path: Path, vae: Vae, *, seed: int = 0, turbo: bool = True) -> None:
+def tiny_silence_latent(vae: Vae) -> torch.Tensor:
+    """What silence_latent.pt holds: the VAE latent of digital silence, stored [1, C, T]."""
+    with torch.inference_mode():
+        silence = vae.encode(torch.zeros(1, vae.audio_channels, SILENCE_SECONDS * vae.sample_rate))
+    return silence.transpose(1, 2).contiguous()
+
+
+def build_tiny_dit(path: Path, vae: Vae, *, seed: int = 0, turbo: bool = True, version: str | None = None,
+                   silence: torch.Tensor | None = None) -> None:
+    """A tiny DiT folder; `silence` (tiny_silence_latent's) saves encoding it again for each DiT."""
     path.mkdir(parents=True, exist_ok=True)
-    raw = tiny_dit_config(vae.latent_dim, TEXT_HIDDEN, turbo=turbo)
+    raw = tiny_dit_config(vae.latent_dim, TEXT_HIDDEN, turbo=turbo, version=version)
     (path / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
     model = AceStepDiT(DiTConfig.from_dict(raw))
     save_file(random_dit_state(model, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
-    with torch.inference_mode():  # the real file is the VAE latent of digital silence, stored [1, C, T]
-        silence = vae.encode(torch.zeros(1, vae.audio_channels, SILENCE_SECONDS * vae.sample_rate))
-    torch.save(silence.transpose(1, 2).contiguous(), path / "silence_latent.pt")
+    torch.save(tiny_silence_latent(vae) if silence is None else silence, path / "silence_latent.pt")
 
 
 def build_tiny_checkpoints(root: Path, *, seed: int = 0, with_lm: bool = True) -> Path:
+    """Every tiny component under `root`: the DiTs of TINY_DITS (turbo with `seed`, base and sft with the
+    seeds after it, so that no two share weights), the VAE, the text encoder and (`with_lm`) the LM."""
     root.mkdir(parents=True, exist_ok=True)
     build_tiny_vae(root / VAE_DIR, seed=seed)
     vae = Vae.load(root / VAE_DIR)
-    build_tiny_dit(root / TINY_DIT, vae, seed=seed)
+    silence = tiny_silence_latent(vae)
+    for offset, name in enumerate(TINY_DITS):
+        build_tiny_dit(root / name, vae, seed=seed + offset, version=_TINY_VERSIONS[name], silence=silence)
     build_tiny_text_encoder(root / TEXT_ENCODER_DIR, seed=seed, hidden_size=TEXT_HIDDEN)
     if with_lm:
         build_tiny_lm(root / TINY_LM, seed=seed)

@@ -9,9 +9,15 @@ model as `a + b * feature` on what drives that stage:
 | preparing (source audio read and VAE-encoded) | seconds of the source (cover, repaint, ...) | always |
 | lm | seconds x songs of audio codes (lm_mode 2) | the LM runs (lm_mode >= 1) |
 | conditioning (text encoder) | songs | not an LM task |
-| dit | seconds x songs x steps the schedule runs | not an LM task |
+| dit | seconds x songs x decoder passes (`dit_passes`) | not an LM task |
 | vae, encoding | seconds x songs | not an LM task |
 | uploading | songs | not an LM task |
+
+Decoder passes per song (`dit_passes`, the jobs table's `dit_steps`): the schedule's steps (turbo:
+min(inference_steps, 20); base/SFT: inference_steps; custom `timesteps`: turbo the non-zero values,
+at most 20, base/SFT one step fewer than the values), doubled less one for Heun on turbo (a corrector
+call on every step but the last), doubled for Heun on base/SFT (the last step too), and doubled again
+on base/SFT with guidance (guidance_scale > 1: the decoder runs on the conditional and the null batch).
 
 Each (model, stage) line is fitted on the stage times the worker records (a batched job's share of
 its batch), robust to outliers (Huber weights), with neither coefficient below 0, and pulled toward
@@ -20,7 +26,7 @@ jobs, so a few observations move it and many override it. Seconds per song that 
 choose are priced at the median of what it chose lately (prior: `PRIORS[...]["expected_seconds"]`).
 
 `Coefficients.sql_array` is the same formula in the shape the SQL function `acestep_job_seconds`
-(migration 0004) prices with, for queue sums done in the database.
+(migrations 0004, 0005) prices with, for queue sums done in the database.
 """
 
 import math
@@ -29,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.contract import SOURCE_TASK_TYPES, STAGES, TURBO_STEPS, GenerationRequest, within_stage
+from pipeline.contract import SOURCE_TASK_TYPES, STAGES, TURBO_MAX_STEPS, GenerationRequest, dit_kind, within_stage
 
 PRIOR_WEIGHT = 3.0  # how many jobs' worth of evidence the prior counts as
 HUBER_K = 1.5
@@ -47,7 +53,7 @@ class Work:
     task_type: str = "text2music"
     items: int = 1
     audio_seconds: float | None = None  # per song; None while the LM is to choose
-    dit_steps: int = 8
+    dit_steps: int = 8  # decoder passes per song (dit_passes)
     lm_mode: int = 0  # 0 no LM, 1 LM writes text only, 2 LM writes audio codes
 
     @classmethod
@@ -85,6 +91,25 @@ class Work:
 NO_DURATION_SECONDS = 30.0  # what the DiT makes with no duration, no LM to choose one and no source
 
 
+def dit_passes(request: GenerationRequest, model: str) -> int:
+    """Decoder passes over one song's latents (see the module docstring): steps x Heun x guidance."""
+    try:
+        turbo = dit_kind(model) == "turbo"
+    except ValueError:
+        turbo = "turbo" in model.lower()
+    if request.timesteps is not None:
+        steps = (min(TURBO_MAX_STEPS, sum(1 for t in request.timesteps if t > 0)) if turbo
+                 else len(request.timesteps) - 1)
+    else:
+        steps = min(request.inference_steps, TURBO_MAX_STEPS) if turbo else request.inference_steps
+    steps = max(1, steps)
+    if request.sampler_mode == "heun":
+        steps = 2 * steps - 1 if turbo else 2 * steps
+    if not turbo and request.guidance_scale > 1:
+        steps *= 2
+    return steps
+
+
 def work_of(request: GenerationRequest, model: str, *, source_seconds: float | None = None,
             lm_task: bool = False) -> Work:
     """The cost features of a request as submitted (`source_seconds`: an uploaded source's length)."""
@@ -101,7 +126,7 @@ def work_of(request: GenerationRequest, model: str, *, source_seconds: float | N
     lm_text = request.use_format or request.sample_mode or metas_missing
     return Work(
         model=model, task_type=request.task_type, items=request.items, audio_seconds=seconds,
-        dit_steps=TURBO_STEPS if "turbo" in model else request.inference_steps,
+        dit_steps=dit_passes(request, model),
         lm_mode=2 if request.thinking else 1 if lm_text else 0,
     )
 

@@ -10,8 +10,11 @@ beats `caption`); a null counts as absent.
 
 `generation_fields` turns such a body into the fields of `pipeline.contract.GenerationRequest`
 (validated by the same model and the same submit path as `/v1/music/generate`), plus the options
-the reference accepts that this server does not act on yet: those are returned, never refused, so
-the caller can list them back to the client.
+the reference accepts that this server does not act on yet (a name in ALIASES that is no field of
+the request, such as `use_tiled_decode`, and any unknown key): those are returned, never refused, so
+the caller can list them back to the client. The sampler and post-processing options of upstream
+main (shift, timesteps, DCW, guidance interval, repaint mode, retake, normalisation, fades, ...) are
+request fields, so they are applied.
 """
 
 from collections.abc import Mapping
@@ -77,6 +80,28 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "lm_repetition_penalty": ("lm_repetition_penalty", "lmRepetitionPenalty"),
     "lm_negative_prompt": ("lm_negative_prompt", "lmNegativePrompt"),
     "webhook_url": ("webhook_url", "webhookUrl"),
+    # upstream main's sampler and post-processing options
+    "shift": ("shift",),
+    "timesteps": ("timesteps",),
+    "dcw_enabled": ("dcw_enabled", "dcwEnabled"),
+    "dcw_mode": ("dcw_mode", "dcwMode"),
+    "dcw_scaler": ("dcw_scaler", "dcwScaler"),
+    "dcw_high_scaler": ("dcw_high_scaler", "dcwHighScaler"),
+    "dcw_wavelet": ("dcw_wavelet", "dcwWavelet"),
+    "use_adg": ("use_adg", "useAdg"),
+    "cfg_interval_start": ("cfg_interval_start", "cfgIntervalStart"),
+    "cfg_interval_end": ("cfg_interval_end", "cfgIntervalEnd"),
+    "chunk_mask_mode": ("chunk_mask_mode", "chunkMaskMode"),
+    "repaint_mode": ("repaint_mode", "repaintMode"),
+    "repaint_strength": ("repaint_strength", "repaintStrength"),
+    "repaint_latent_crossfade_frames": ("repaint_latent_crossfade_frames", "repaintLatentCrossfadeFrames"),
+    "repaint_wav_crossfade_sec": ("repaint_wav_crossfade_sec", "repaintWavCrossfadeSec"),
+    "retake_seed": ("retake_seed", "retakeSeed"),
+    "retake_variance": ("retake_variance", "retakeVariance"),
+    "enable_normalization": ("enable_normalization", "enableNormalization"),
+    "normalization_db": ("normalization_db", "normalizationDb", "normalizationDB"),
+    "fade_in_duration": ("fade_in_duration", "fadeInDuration"),
+    "fade_out_duration": ("fade_out_duration", "fadeOutDuration"),
 }
 KNOWN_KEYS = frozenset(alias for aliases in ALIASES.values() for alias in aliases)
 METAS_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")
@@ -87,10 +112,17 @@ NOT_OPTIONS = {"ai_token", "param_obj", *METAS_KEYS}
 REFERENCE_DEFAULTS = {"lm_cfg_scale": 2.5}
 # The canonical name -> our request field, where they differ.
 OUR_FIELD = {"prompt": "caption"}
-BOOLEAN_FIELDS = {"thinking", "sample_mode", "use_format", "use_random_seed", "use_cot_caption", "use_cot_language"}
-INT_FIELDS = {"bpm", "inference_steps", "batch_size", "lm_top_k"}
+BOOLEAN_FIELDS = {"thinking", "sample_mode", "use_format", "use_random_seed", "use_cot_caption", "use_cot_language",
+                  "use_adg", "dcw_enabled", "enable_normalization"}
+INT_FIELDS = {"bpm", "inference_steps", "batch_size", "lm_top_k", "repaint_latent_crossfade_frames"}
 FLOAT_FIELDS = {"audio_duration", "guidance_scale", "repainting_start", "repainting_end", "audio_cover_strength",
-                "lm_temperature", "lm_cfg_scale", "lm_top_p", "lm_repetition_penalty"}
+                "lm_temperature", "lm_cfg_scale", "lm_top_p", "lm_repetition_penalty", "shift",
+                "velocity_norm_threshold", "velocity_ema_factor", "dcw_scaler", "dcw_high_scaler",
+                "cfg_interval_start", "cfg_interval_end", "cover_noise_strength", "repaint_strength",
+                "repaint_wav_crossfade_sec", "retake_variance", "latent_shift", "latent_rescale", "normalization_db",
+                "fade_in_duration", "fade_out_duration"}
+# Choices read case-insensitively, as the reference compares them.
+CHOICE_FIELDS = {"infer_method", "sampler_mode", "dcw_mode", "dcw_wavelet", "chunk_mask_mode", "repaint_mode", "task_type"}
 # Output formats the reference offers beyond ours, as the nearest format we write.
 AUDIO_FORMAT_EQUIVALENTS = {"wav32": "wav"}
 # The reference's LM backends beyond ours: mlx (Apple silicon) runs here as pt.
@@ -186,6 +218,8 @@ def generation_fields(body: Mapping[str, Any]) -> tuple[dict[str, Any], str | No
             value = as_bool(value, bool(GenerationRequest.model_fields[field].default))
         elif field in INT_FIELDS or field in FLOAT_FIELDS:
             value = _number(value, field in INT_FIELDS)
+        elif field in CHOICE_FIELDS and isinstance(value, str):
+            value = value.strip().lower()
         elif field == "track_classes" and isinstance(value, str):
             value = parse_json_list(value)
         elif field == "audio_format" and isinstance(value, str):

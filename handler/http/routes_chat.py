@@ -173,7 +173,9 @@ async def chat_completions(
     who, body, _ = await reference_body(
         request, authorization, int(2 * svc.settings.max_upload_mb * 1.4 * 1024 * 1024) + 1024 * 1024)
     fields, uploads, model_id = generation_request(body)
-    check_model(svc, model_id or None)
+    name = check_model(svc, model_id or None, svc.settings.served_dit_models())
+    if name is not None:  # the DiT asked for runs the job
+        fields["model"] = name
     submitted = await submit_generation(svc, who, fields, uploads, idempotency_key)
     answered_model = model_id or MODEL_PREFIX + svc.settings.dit_model
     completion_id = f"chatcmpl-{secrets.token_hex(8)}"

@@ -2,7 +2,9 @@
 
 import base64
 import binascii
+import hashlib
 import io
+import json
 import math
 import uuid
 from datetime import datetime
@@ -25,7 +27,14 @@ from handler.http.inputs import ROLES, AudioInputs, InputError, audio_info, read
 from handler.http.job_view import epoch, job_response
 from handler.http.services import Services
 from handler.storage import AUDIO_CONTENT_TYPES
-from pipeline.contract import LM_PREFIX, GenerationRequest, request_document
+from pipeline.contract import (
+    LM_PREFIX,
+    GenerationRequest,
+    RequestOptionError,
+    check_model_options,
+    request_document,
+    resolve_model,
+)
 
 router = APIRouter()
 
@@ -97,25 +106,51 @@ def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
+# The options one DiT loop runs with for the whole batch: jobs that differ in any never share one.
+SAMPLER_FIELDS = (
+    "guidance_scale", "shift", "timesteps", "infer_method", "sampler_mode", "velocity_norm_threshold",
+    "velocity_ema_factor", "dcw_enabled", "dcw_mode", "dcw_scaler", "dcw_high_scaler", "dcw_wavelet", "use_adg",
+    "cfg_interval_start", "cfg_interval_end", "cover_noise_strength", "chunk_mask_mode", "repaint_mode",
+    "repaint_strength", "retake_variance",
+)
+
+
 def batch_key(params: GenerationRequest, model: str) -> str:
-    """Jobs with equal keys can share one GPU batch: same model, task, steps and 30 s duration bucket."""
+    """Jobs with equal keys can share one GPU batch: same model, task, steps, 30 s duration bucket
+    and sampler options (a digest of SAMPLER_FIELDS)."""
     bucket = "lm" if params.audio_duration is None else str(math.ceil(params.audio_duration / 30) * 30)
-    return f"{model}|{params.task_type}|{params.inference_steps}|{bucket}|{'thinking' if params.thinking else 'dit'}"
+    sampler = hashlib.sha256(json.dumps([getattr(params, f) for f in SAMPLER_FIELDS]).encode()).hexdigest()[:12]
+    return (f"{model}|{params.task_type}|{params.inference_steps}|{bucket}|{'thinking' if params.thinking else 'dit'}"
+            f"|{sampler}")
+
+
+def with_model(params: GenerationRequest, settings) -> GenerationRequest:
+    """The request with the DiT it runs on in `model` (resolve_model: the one named, else the
+    deployment's default, or a base model for lego/extract/complete); 422 naming the field for an
+    option that model cannot honour (check_model_options). Every submit path comes through here:
+    /v1/music/generate, the reference routes and the RunPod native input."""
+    model = resolve_model(params, settings.dit_model)
+    try:
+        check_model_options(params, model)
+    except RequestOptionError as exc:
+        raise refusal(422, exc.field, exc.message) from None
+    return params if params.model == model else params.model_copy(update={"model": model})
 
 
 def new_job(params: GenerationRequest, inputs: AudioInputs, settings, lm_task: dict[str, Any] | None = None) -> NewJob:
-    """The job row of a request: the stored request and its cost features."""
+    """The job row of a request: the stored request (its `model` resolved) and its cost features."""
     if lm_task is not None:  # one of the LM's own tasks: never batched, no audio
         request = request_document(params.model_copy(update={"batch_size": 1}), inputs={}, lm_task=lm_task,
                                    batch_key=f"lm|{uuid.uuid4()}")
         work = work_of(params, settings.dit_model, lm_task=True)
         return NewJob(request=request, model=work.model, task_type=f"lm_{lm_task['task']}", lm_mode=work.lm_mode)
+    params = with_model(params, settings)
     params = params.model_copy(update={"batch_size": params.effective_batch_size(settings.default_batch_size)})
     digests = {"input_digests": {u.role: u.digest for u in inputs.uploads}} if inputs.uploads else {}
-    request = request_document(params, inputs=dict(inputs.references), batch_key=batch_key(params, settings.dit_model),
+    request = request_document(params, inputs=dict(inputs.references), batch_key=batch_key(params, params.model),
                                **digests)
     source = next((u.seconds for u in inputs.uploads if u.role == "src"), None)
-    work = work_of(params, settings.dit_model, source_seconds=source)
+    work = work_of(params, params.model, source_seconds=source)
     return NewJob(request=request, model=work.model, task_type=work.task_type, items=work.items,
                   audio_seconds=work.audio_seconds, dit_steps=work.dit_steps, lm_mode=work.lm_mode)
 
@@ -215,6 +250,8 @@ def persist_generation(
     settings = svc.settings
     uploaded = {u.role for u in inputs.uploads}
     check_lm_model(svc, params.lm_model_path)
+    if lm_task is None:  # refused before any input is read or stored
+        params = with_model(params, settings)
     try:
         for role, (_, path_field) in ROLES.items():
             value = getattr(params, path_field)

@@ -26,12 +26,12 @@ from handler.http.auth import Caller
 from handler.http.envelope import EnvelopeRoute, envelope, error_envelope
 from handler.http.routes_jobs import caller, services
 from handler.storage import StorageUnavailable
-from pipeline.contract import API_TASK_TYPES, BASE_MODEL_TASK_TYPES, DURATION_MAX, LM_PREFIX
+from pipeline.contract import API_TASK_TYPES, BASE_MODEL_TASK_TYPES, DURATION_MAX, LM_PREFIX, dit_kind
 
 router = APIRouter(route_class=EnvelopeRoute)
 WORKER_STALE_SECONDS = 30.0
 OPENROUTER_PREFIX = "acestep"  # the reference's OpenRouter ids: acestep/<model folder>
-TASK_ORDER = ("text2music", "repaint", "cover", "extract", "lego", "complete")  # the reference's order
+TASK_ORDER = ("text2music", "repaint", "cover", "cover-nofsq", "extract", "lego", "complete")  # the reference's order
 MAX_BODY_BYTES = 64 * 1024
 NO_LORA = "LoRA adapters are not available on this server yet (per-job adapters come in a later release)"
 SERVERLESS_NOTE = ("this server loads nothing on request: GPU workers load their models when they start; "
@@ -72,16 +72,21 @@ def live_fleet(store) -> Fleet:
 
 
 def supported_task_types(model: str) -> list[str]:
-    """Turbo DiTs: text2music, repaint, cover; base/SFT DiTs: also extract, lego, complete."""
-    turbo = "turbo" in model.lower()
-    return [t for t in TASK_ORDER if t in API_TASK_TYPES and not (turbo and t in BASE_MODEL_TASK_TYPES)]
+    """Turbo and SFT DiTs: text2music, repaint, cover, cover-nofsq; base DiTs: also extract, lego,
+    complete (`pipeline.contract.check_model_options` refuses them elsewhere)."""
+    try:
+        base = dit_kind(model) == "base"
+    except ValueError:  # a name that does not tell: what every DiT can do
+        base = False
+    return [t for t in TASK_ORDER if t in API_TASK_TYPES and (base or t not in BASE_MODEL_TASK_TYPES)]
 
 
 def model_inventory(settings, fleet: Fleet) -> dict[str, Any]:
-    """The reference's inventory: every DiT a live worker serves plus the configured default (jobs
-    for it are accepted while no worker is live), and the LMs."""
+    """The reference's inventory: every DiT a live worker serves plus the configured ones
+    (ACESTEP_DIT_MODEL and ACESTEP_DIT_MODELS: jobs for them are accepted while no worker is live),
+    and the LMs."""
     default = settings.dit_model
-    dits = sorted(set(fleet.dit) | {default})
+    dits = sorted(set(fleet.dit) | set(settings.served_dit_models()))
     lms = sorted(set(fleet.lm) | ({settings.lm_model} if settings.lm_model else set()))
     return {
         "models": [

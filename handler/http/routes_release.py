@@ -45,13 +45,16 @@ async def reference_body(request: Request, authorization: str | None, max_bytes:
     return await read_authenticated(request, max_bytes, authorization, services(request).auth)
 
 
-def check_model(svc, model: str | None) -> None:
-    """An empty model means the default; another (a name, a path or an OpenRouter id such as
-    `acestep/acestep-v15-turbo`) must be one this fleet serves."""
-    if model_name(model) in (None, svc.settings.dit_model):
-        return
+def check_model(svc, model: str | None, served: tuple[str, ...] | None = None) -> str | None:
+    """An empty model means the default (None); another (a name, a path or an OpenRouter id such as
+    `acestep/acestep-v15-turbo`) must be one of `served` (by default only ACESTEP_DIT_MODEL, for a
+    caller that does not pass the model on to the job): its folder name."""
+    name = model_name(model)
+    served = served or (svc.settings.dit_model,)
+    if name is None or name in served:
+        return name
     raise HTTPException(422, [{"field": "model", "message": f"model {model!r} is not served here; this fleet runs "
-                                                            f"{svc.settings.dit_model} (see /v1/models)"}])
+                                                            f"{', '.join(served)} (see /v1/models)"}])
 
 
 async def submit_reference(request: Request, authorization: str | None, idempotency_key: str | None, *,
@@ -64,7 +67,9 @@ async def submit_reference(request: Request, authorization: str | None, idempote
     who, fields, files = await reference_body(request, authorization, body_limit(svc))
     files = {UPLOAD_ALIASES.get(name, name): upload for name, upload in files.items()}
     ours, model, not_applied = generation_fields(fields)
-    check_model(svc, model)
+    name = check_model(svc, model, svc.settings.served_dit_models())  # ACESTEP_DIT_MODEL and ACESTEP_DIT_MODELS
+    if name is not None:  # the DiT asked for runs the job (None: the deployment's choice, see resolve_model)
+        ours["model"] = name
     submitted = await submit_generation(svc, who, (defaults or {}) | ours | (overrides or {}), files, idempotency_key)
     return submitted, not_applied
 

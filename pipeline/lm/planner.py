@@ -467,7 +467,12 @@ def _metas_seconds(params: Mapping[str, Any], duration: float | None, source_use
     return duration
 
 
-def _generated_seconds(metas_seconds: float | None, duration: float | None, codes: list[int] | None) -> float:
+def _generated_seconds(metas_seconds: float | None, duration: float | None, codes: list[int] | None,
+                       cover: bool = False) -> float:
+    """The seconds the DiT generates. Cover from audio codes: the codes' length (the reference sizes
+    the latents by the hints; a requested duration or the source's length is not used)."""
+    if cover and codes:
+        return len(codes) / lm_prompts.CODES_PER_SECOND
     if metas_seconds is not None:
         return float(metas_seconds)
     if duration is not None:
@@ -530,7 +535,7 @@ def _dit_plan(
         lyrics=params["lyrics"] or "",
         vocal_language=params["vocal_language"],
         metas=metas,
-        duration=_generated_seconds(metas_seconds, fill.duration, items[0].audio_codes),
+        duration=_generated_seconds(metas_seconds, fill.duration, items[0].audio_codes, params["task_type"] == "cover"),
         metadata={
             "bpm": fill.bpm,
             "duration": fill.duration,

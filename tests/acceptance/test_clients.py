@@ -410,8 +410,8 @@ def test_daw_lego_on_a_turbo_fleet(server, daw_state):
     or supported_task_types has lego) and loads one with /v1/init. Lego needs the base DiT, which the
     dev fleet (tiny turbo) does not serve — as upstream running turbo: so the DAW finds none in the
     inventory, /v1/init of the base answers a clear 4xx in the envelope naming what is served, and a
-    lego sent anyway (the DAW falls back to the active model) is accepted (no 422 on global_caption,
-    negative_prompt or the task type) and ends failed with a message saying it needs the base model."""
+    lego sent anyway with the active (turbo) model is refused at submit: 422 in the envelope naming
+    task_type and the base models (not global_caption or negative_prompt)."""
     song = daw_state.get("song") or wav_bytes(10)
     inventory = daw_list_models(server)
     assert not [m for m in inventory["models"] if "lego" in (m.get("supported_task_types") or [])], inventory
@@ -425,10 +425,11 @@ def test_daw_lego_on_a_turbo_fleet(server, daw_state):
         "audio_format": "wav", "thinking": False, "model": inventory["default_model"],
         "negative_prompt": "no electronic drums",
     }
-    task = daw_release_task(server, song, lego)
-    entry = poll_query_result(lambda tid: json_post(server, "/query_result", {"task_id_list": [tid]}), task, "daw lego")
-    assert entry["status"] == 2
-    assert "needs the base model" in json.loads(entry["result"])[0]["error"]
+    fields = [("src_audio", ("src_audio.wav", song, "audio/wav"))]
+    fields += [(k, (None, str(v))) for k, v in lego.items() if v is not None]
+    refused = httpx.post(f"{server}/release_task", files=fields, timeout=60)
+    assert refused.status_code == 422 and refused.json()["code"] == 422, refused.text
+    assert refused.json()["detail"][0]["field"] == "task_type" and "acestep-v15-base" in refused.json()["error"]
 
 
 # ============================================================================ 3. acestep.vst3

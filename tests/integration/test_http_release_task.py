@@ -39,7 +39,7 @@ def test_release_then_query_until_done_and_download_as_the_reference_client_does
         assert created.status_code == 200, created.text
         body = created.json()
         assert (body["code"], body["error"]) == (200, None)
-        assert body["extra"] == {"not_applied": {"infer_method": "ode", "use_tiled_decode": True}}
+        assert body["extra"] == {"not_applied": {"use_tiled_decode": True}}  # infer_method is a request field now
         assert body["data"]["status"] == "queued" and body["data"]["queue_position"] == 1
         task_id = body["data"]["task_id"]
 
@@ -87,7 +87,8 @@ def test_aliases_sources_and_precedence(api):
         assert request["inference_steps"] == 6 and request["seed"] == [42, 43] and request["use_random_seed"] is False
         assert request["thinking"] is True and request["audio_cover_strength"] == 0.5
         assert request["lm_cfg_scale"] == 2.5  # the reference's default for this route
-        assert created.json()["extra"]["not_applied"] == {"shift": "3.0", "negative_prompt": "noise"}
+        assert created.json()["extra"]["not_applied"] == {"negative_prompt": "noise"}
+        assert request["shift"] == 3.0  # upstream's sampler options are applied
 
         nested = client.post("/release_task", json={"param_obj": {"caption": "lofi", "bpm": 80, "key": "F#m"},
                                                      "sample_query": "", "description": "a sea shanty",

@@ -15,7 +15,7 @@ FEATURES = ("model", "task_type", "items", "audio_seconds", "dit_steps", "lm_mod
 
 
 def random_job(rng: random.Random, priority: int | None = None) -> NewJob:
-    task = rng.choice(["text2music", "text2music", "cover", "repaint", "lm_format"])
+    task = rng.choice(["text2music", "text2music", "cover", "cover-nofsq", "repaint", "lm_format"])
     return NewJob(
         request={}, priority=rng.choice([0, 0, 1, 2]) if priority is None else priority,
         model=rng.choice(["turbo", "base", "unseen"]), task_type=task, items=rng.randint(1, 4),

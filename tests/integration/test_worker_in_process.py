@@ -56,7 +56,7 @@ def test_a_job_runs_to_stored_files_and_a_result(store, storage):
     (request,) = message.requests
     assert isinstance(request, GenerationRequest)  # rebuilt from the row once, typed
     assert request == GenerationRequest(caption="a calm piano piece", audio_format="wav", batch_size=2, seed=5,
-                                        use_random_seed=False)
+                                        use_random_seed=False, model="acestep-v15-turbo")  # the DiT resolved at submit
 
 
 def test_a_pipeline_bug_fails_the_job_for_good(store, storage):
@@ -101,12 +101,12 @@ def test_a_job_taken_over_is_lost_not_written(store, storage):
 
 
 def test_a_row_from_an_older_version_with_a_removed_field_still_runs(store, storage, caplog):
-    job_id = submit(store, caption="x", tweak=lambda doc: doc | {"shift": 3.0, "infer_method": "ode"})
+    job_id = submit(store, caption="x", tweak=lambda doc: doc | {"use_tiled_decode": True, "constrained_decoding": True})
     process = InProcessPipeline()
     with caplog.at_level("WARNING", logger="pipeline.contract"):
         assert run_claimed(store, storage, process) == {str(job_id): JobStatus.SUCCEEDED}
-    assert "infer_method, shift" in caplog.text
-    assert not hasattr(process.received[0].requests[0], "shift")
+    assert "constrained_decoding, use_tiled_decode" in caplog.text
+    assert not hasattr(process.received[0].requests[0], "use_tiled_decode")
 
 
 def test_a_row_this_version_cannot_run_fails_at_once_saying_why(store, storage):

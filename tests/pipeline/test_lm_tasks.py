@@ -185,8 +185,8 @@ def test_sample_mode_and_format_without_an_lm_fail_the_job(pipe):
 def test_base_model_tasks_fail_on_turbo_with_a_clear_message(pipe, task_type, tmp_path):
     with pytest.raises(PipelineError) as error:
         pipe.run(request(task_type=task_type, src_audio_path=str(tmp_path / "src.wav")), lambda *_: None)
-    assert str(error.value) == (f"task_type {task_type} needs the base model (acestep-v15-base); "
-                                f"this worker serves {pipe.dit_name}")
+    assert str(error.value) == (f"task_type {task_type} needs a base model (acestep-v15-base, acestep-v15-xl-base); "
+                                f"the job runs {pipe.dit_name}")
     assert not error.value.retryable
 
 

@@ -72,7 +72,7 @@ def test_a_fresh_heartbeat_does_not_hide_missing_weights(tmp_path):
     ("unset", "ACESTEP_CHECKPOINT_DIR is not set"),
     ("missing", "does not exist"),
     ("no vae weights", "vae/diffusion_pytorch_model.safetensors is missing"),
-    ("other dit", "no DiT checkpoint 'acestep-v15-base'"),
+    ("other dit", "no DiT checkpoint 'acestep-v15-xl-base'"),
     ("lm asked for", "no 5 Hz LM checkpoint 'acestep-5Hz-lm-1.7B'"),
 ])
 def test_unloadable_weights_are_unhealthy_with_the_reason(tiny_checkpoints, tmp_path, case, expected):
@@ -88,7 +88,7 @@ def test_unloadable_weights_are_unhealthy_with_the_reason(tiny_checkpoints, tmp_
         shutil.copytree(tiny_checkpoints, folder)
         (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     elif case == "other dit":
-        extra = {"ACESTEP_DIT_MODEL": "acestep-v15-base"}
+        extra = {"ACESTEP_DIT_MODEL": "acestep-v15-xl-base"}
     elif case == "lm asked for":
         extra = {"ACESTEP_LM_MODELS": "acestep-5Hz-lm-1.7B"}
     for args in ((), ("--weights-only",)):

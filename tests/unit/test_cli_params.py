@@ -10,6 +10,7 @@ import pytest
 from handler.cli import TINY_LM_MAX_DURATION, _dev_settings, _dev_worker_env, _forget_dead_handles
 from handler.client import param_value
 from handler.settings import Settings
+from pipeline.tiny import TINY_DITS
 
 
 @pytest.mark.parametrize("name, raw, value", [
@@ -44,8 +45,10 @@ def plain_environment(monkeypatch):
 def no_tiny_build(tmp_path):
     """The tiny checkpoints as already built (the banner is still printed)."""
     folder = tmp_path / "data" / "tiny-checkpoints"
-    folder.mkdir(parents=True)
-    (folder / ".complete").touch()
+    for name in TINY_DITS:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "model.safetensors").touch()
+    (folder / ".complete").write_text(json.dumps({"dits": list(TINY_DITS)}))
     return folder
 
 

@@ -21,9 +21,20 @@ REFERENCE_DEFAULTS = {
     "sample_query": "", "global_caption": "", "track_name": None, "track_classes": None,
 }
 
+# Upstream main's sampler and post-processing options, each at upstream's default (no model: the deployment's).
+SAMPLER_DEFAULTS = {
+    "model": None, "shift": 3.0, "timesteps": None, "infer_method": "ode", "sampler_mode": "euler",
+    "velocity_norm_threshold": 0.0, "velocity_ema_factor": 0.0, "dcw_enabled": True, "dcw_mode": "double",
+    "dcw_scaler": 0.05, "dcw_high_scaler": 0.02, "dcw_wavelet": "haar", "use_adg": False, "cfg_interval_start": 0.0,
+    "cfg_interval_end": 1.0, "cover_noise_strength": 0.0, "chunk_mask_mode": "auto", "repaint_mode": "balanced",
+    "repaint_strength": 0.5, "repaint_latent_crossfade_frames": 10, "repaint_wav_crossfade_sec": 0.0,
+    "retake_seed": None, "retake_variance": 0.0, "latent_shift": 0.0, "latent_rescale": 1.0,
+    "enable_normalization": True, "normalization_db": -1.0, "fade_in_duration": 0.0, "fade_out_duration": 0.0,
+}
+
 
 def test_defaults_are_the_seed_apis():
-    assert GenerationRequest().model_dump() == SPEC_DEFAULTS | REFERENCE_DEFAULTS
+    assert GenerationRequest().model_dump() == SPEC_DEFAULTS | REFERENCE_DEFAULTS | SAMPLER_DEFAULTS
 
 
 def test_the_spec_examples_validate():

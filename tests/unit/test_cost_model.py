@@ -85,8 +85,9 @@ def test_the_seconds_the_lm_chooses_are_learned_for_jobs_without_a_duration():
 def test_the_features_follow_what_drives_each_stage():
     turbo, base = "acestep-v15-turbo", "acestep-v15-base"
     request = GenerationRequest(audio_duration=42, inference_steps=50, batch_size=3)
-    assert work_of(request, turbo).dit_steps == 8  # the turbo schedule ignores inference_steps
-    assert work_of(request, base).dit_steps == 50
+    assert work_of(request, turbo).dit_steps == 20  # turbo runs min(inference_steps, 20) steps
+    assert work_of(request, base).dit_steps == 100  # guidance (7.0) doubles the batch
+    assert work_of(request.model_copy(update={"guidance_scale": 1.0}), base).dit_steps == 50
     assert (work_of(request, turbo).items, work_of(request, turbo).audio_seconds) == (3, 42.0)
     assert work_of(GenerationRequest(thinking=True), turbo).audio_seconds is None  # the LM will choose
     assert work_of(GenerationRequest(thinking=True), turbo).lm_mode == 2

@@ -10,6 +10,7 @@ from pipeline.contract import PipelineOptions
 BAD_VALUES = {
     "ACESTEP_DEVICE": "gpu-zero",
     "ACESTEP_DIT_MODEL": "turbo",
+    "ACESTEP_DIT_MODELS": "acestep-v15-base,sft",
     "ACESTEP_LM_MODELS": "acestep-5Hz-lm-1.7B,qwen3",
     "ACESTEP_LM_MODEL": "the-big-one",
     "ACESTEP_LM_MAX_DURATION": "ten-minutes",
@@ -50,12 +51,14 @@ def test_the_default_lm_must_be_among_the_loaded_ones(clean_env):
 
 def test_settings_become_the_pipeline_options(clean_env):
     for name, value in {"ACESTEP_DEVICE": "cuda:1", "ACESTEP_DIT_MODEL": "acestep-v15-base",
+                        "ACESTEP_DIT_MODELS": "acestep-v15-sft, acestep-v15-base,acestep-v15-xl-turbo",
                         "ACESTEP_LM_MODELS": " acestep-5Hz-lm-0.6B, acestep-5Hz-lm-1.7B ",
                         "ACESTEP_LM_MODEL": "acestep-5Hz-lm-0.6B", "ACESTEP_LM_MAX_DURATION": "240",
                         "ACESTEP_VLLM": "0", "ACESTEP_VLLM_GPU_MEMORY_UTILIZATION": "0.5"}.items():
         clean_env.setenv(name, value)
     assert Settings().pipeline_options() == PipelineOptions(
-        device="cuda:1", dit_model="acestep-v15-base", lm_models=("acestep-5Hz-lm-0.6B", "acestep-5Hz-lm-1.7B"),
+        device="cuda:1", dit_model="acestep-v15-base", dit_models=("acestep-v15-sft", "acestep-v15-xl-turbo"),
+        lm_models=("acestep-5Hz-lm-0.6B", "acestep-5Hz-lm-1.7B"),
         lm_model="acestep-5Hz-lm-0.6B", lm_max_duration=240, vllm=False, vllm_gpu_memory_utilization=0.5,
     )
 
