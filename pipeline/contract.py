@@ -66,7 +66,9 @@ _TIME_SIGNATURE = re.compile(rf"^({'|'.join(TIME_SIGNATURE_BEATS)})(/({'|'.join(
 
 # The optional keys a job result carries beside audio_keys, generation_info, status_message and
 # seed_value: what the LM decided and which models made the audio.
-RESULT_INFO_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model")
+RESULT_INFO_FIELDS = ("bpm", "duration", "genres", "keyscale", "timesignature", "metas", "lm_model", "lm_backend", "dit_model",
+                      # what the analysis modes answer instead of audio
+                      "audio_codes", "caption", "lyrics", "language")
 
 
 # Where each pipeline stage sits on the 0..1 `progress` a poll shows. The pipeline reports through
@@ -208,6 +210,14 @@ class GenerationRequest(BaseModel):
                           "null: random (used when retake_variance > 0)")
     retake_variance: float = Field(
         0.0, ge=0, le=1, description="How far to move the start noise toward the retake noise (0: none, 1: all)")
+
+    # ---- analysis instead of audio (upstream's analysis modes) ----
+    extract_codes_only: bool = Field(
+        False, description="Only the source audio's 5 Hz codes (result audio_codes), no audio; needs source audio")
+    full_analysis_only: bool = Field(
+        False, description="Analyse the source audio: its codes through the LM (caption, lyrics, bpm, key, ...), no audio")
+    analysis_only: bool = Field(
+        False, description="Only the LM's metadata for caption and lyrics (bpm, key, duration, ...), no audio")
 
     # ---- decoding and the waveform ----
     latent_shift: float = Field(0.0, description="Added to the latents before the VAE decodes them")
@@ -399,6 +409,14 @@ class GenerationRequest(BaseModel):
     def _source_audio_present(cls, value: str, info: ValidationInfo) -> str:
         if value in SOURCE_TASK_TYPES and not info.data.get("src_audio_path"):
             raise ValueError(f"{value} needs source audio: src_audio_path or an uploaded src_audio")
+        return value
+
+    @field_validator("extract_codes_only", "full_analysis_only")
+    @classmethod
+    def _analysis_source(cls, value: bool, info: ValidationInfo) -> bool:
+        """Both source analyses read the source audio."""
+        if value and not info.data.get("src_audio_path"):
+            raise ValueError("analyses source audio: give src_audio_path or upload src_audio")
         return value
 
     @field_validator("repainting_end")

@@ -424,8 +424,56 @@ class AceStepPipeline:
                             velocity_ema_factor=request.velocity_ema_factor, dcw=dcw)
         return guidance, sampling
 
+    def source_codes(self, path: str) -> str:
+        """A source file's 5 Hz codes as `<|audio_code_N|>` tokens: VAE-encoded, then the DiT's own
+        tokenizer (attention pooling to 5 Hz, FSQ) as the reference's `convert_src_audio_to_codes`."""
+        audio = torch.from_numpy(read_audio(path, "source audio", MAX_DURATION_SECONDS))
+        if postprocess.is_silence(audio):
+            raise PipelineError("source audio is silent: there are no codes to extract")
+        latents = self.vae.encode(audio[None].to(self.device, self.dtype))
+        mask = torch.ones(latents.shape[:2], dtype=latents.dtype, device=self.device)
+        _quantized, indices, _pooled = self.dit.tokenize(latents, self.silence_frames(self.dit.config.pool_window_size), mask)
+        return "".join(f"<|audio_code_{int(code)}|>" for code in indices[0, :, 0].tolist())
+
+    def analyse(self, request: GenerationRequest, seeds: list[int], stages: Stages) -> GeneratedAudio:
+        """The analysis modes, which answer with text instead of audio: extract_codes_only (the
+        source's codes), full_analysis_only (those codes through the LM's understanding: caption,
+        lyrics, bpm, key, ...), analysis_only (the LM's metadata for the caption and lyrics)."""
+        if request.extract_codes_only or request.full_analysis_only:
+            stages("preparing", 0.5)
+            codes = self.source_codes(request.src_audio_path)
+            if request.extract_codes_only:
+                return GeneratedAudio([], SAMPLE_RATE, {"audio_codes": codes, "status_message": "Audio Codes Extraction Success",
+                                                         "generation_info": f"{self.dit_name}: source codes"})
+            lm = self.lm_for(request.lm_model_path, request.lm_backend)
+            if lm is None:
+                raise PipelineError("full_analysis_only needs a 5 Hz LM, and this worker has none loaded")
+            stages("lm")
+            result = lm_tasks.understand_music(ReportingLM(lm, stages), codes, temperature=0.3, seed=seeds[0])
+            if not result.success:
+                raise PipelineError(f"the LM could not analyse the source: {result.error or result.status_message}")
+            metas = {k: v for k, v in result.to_dict().items() if k not in ("status_message", "success", "error") and v}
+            return GeneratedAudio([], SAMPLE_RATE, {
+                "bpm": result.bpm, "keyscale": result.keyscale or None, "timesignature": result.timesignature or None,
+                "duration": result.duration, "caption": result.caption, "lyrics": result.lyrics,
+                "language": result.language or "unknown", "metas": metas, "lm_model": lm.name, "lm_backend": lm.backend,
+                "status_message": "Full Hardware Analysis Success", "generation_info": f"{lm.name}: source analysis",
+            })
+        if not self.lms:
+            raise PipelineError("analysis_only needs a 5 Hz LM, and this worker has none loaded")
+        text, lm = self.text_plan(request.model_copy(update={"thinking": False}), 1, seeds[:1], 0, stages)
+        meta = text.metadata
+        return GeneratedAudio([], SAMPLE_RATE, {
+            "bpm": meta.get("bpm"), "keyscale": meta.get("keyscale"), "timesignature": meta.get("timesignature"),
+            "duration": meta.get("duration"), "caption": meta.get("caption") or request.caption, "lyrics": request.lyrics,
+            "metas": {k: v for k, v in meta.items() if v not in (None, "")}, "lm_model": lm.name, "lm_backend": lm.backend,
+            "status_message": "Success", "generation_info": "Analysis Only Mode Complete",
+        })
+
     def _run(self, request: GenerationRequest, batch: int, progress: Progress) -> GeneratedAudio:
         stages = Stages(progress)
+        if request.extract_codes_only or request.full_analysis_only or request.analysis_only:
+            return self.analyse(request, self.seeds(request, 1), stages)
         self.check_task_type(request.task_type)
         stages("preparing")
         seeds = self.seeds(request, batch)

@@ -113,7 +113,7 @@ REFERENCE_DEFAULTS = {"lm_cfg_scale": 2.5}
 # The canonical name -> our request field, where they differ.
 OUR_FIELD = {"prompt": "caption"}
 BOOLEAN_FIELDS = {"thinking", "sample_mode", "use_format", "use_random_seed", "use_cot_caption", "use_cot_language",
-                  "use_adg", "dcw_enabled", "enable_normalization"}
+                  "use_adg", "dcw_enabled", "enable_normalization", "analysis_only", "full_analysis_only", "extract_codes_only"}
 INT_FIELDS = {"bpm", "inference_steps", "batch_size", "lm_top_k", "repaint_latent_crossfade_frames"}
 FLOAT_FIELDS = {"audio_duration", "guidance_scale", "repainting_start", "repainting_end", "audio_cover_strength",
                 "lm_temperature", "lm_cfg_scale", "lm_top_p", "lm_repetition_penalty", "shift",

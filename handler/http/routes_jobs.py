@@ -69,6 +69,11 @@ class JobResult(BaseModel):
     lm_model: str | None = None
     lm_backend: str | None = None  # what ran the LM: "pt" where vllm was asked for but could not run
     dit_model: str | None = None
+    # the analysis modes (extract_codes_only, full_analysis_only, analysis_only) answer with these
+    audio_codes: str | None = None
+    caption: str | None = None
+    lyrics: str | None = None
+    language: str | None = None
 
 
 class JobStatus(BaseModel):
@@ -111,7 +116,7 @@ SAMPLER_FIELDS = (
     "guidance_scale", "shift", "timesteps", "infer_method", "sampler_mode", "velocity_norm_threshold",
     "velocity_ema_factor", "dcw_enabled", "dcw_mode", "dcw_scaler", "dcw_high_scaler", "dcw_wavelet", "use_adg",
     "cfg_interval_start", "cfg_interval_end", "cover_noise_strength", "chunk_mask_mode", "repaint_mode",
-    "repaint_strength", "retake_variance",
+    "repaint_strength", "retake_variance", "extract_codes_only", "full_analysis_only", "analysis_only",
 )
 
 

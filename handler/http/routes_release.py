@@ -129,6 +129,15 @@ def task_result(job: dict[str, Any], links, env: str = "production") -> list[dic
             "lm_model": result.get("lm_model", ""), "dit_model": result.get("dit_model", job["model"]),
             "progress": 1.0, "stage": "succeeded",
         })
+    if not items:  # an analysis mode: what it found instead of audio
+        items.append({
+            "file": "", "url": "", "wave": "", "status": 1, "create_time": epoch(job["created_at"]), "env": env,
+            "prompt": caption, "lyrics": lyrics, "metas": metas | (result.get("metas") or {}),
+            "audio_codes": result.get("audio_codes", ""), "language": result.get("language", ""),
+            "status_message": result.get("status_message", ""), "generation_info": result.get("generation_info", ""),
+            "lm_model": result.get("lm_model", ""), "dit_model": result.get("dit_model", job["model"]),
+            "progress": 1.0, "stage": "succeeded",
+        })
     return items
 
 

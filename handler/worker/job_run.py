@@ -59,6 +59,8 @@ def result_document(request: GenerationRequest, keys: list[str], info: dict[str,
         "status_message": "✅ Generation completed successfully!",
         "seed_value": seeds,
     }
+    if info.get("status_message"):  # the analysis modes say what they did
+        result["status_message"] = str(info["status_message"])
     for name in RESULT_INFO_FIELDS:
         if info.get(name) is not None:
             result[name] = info[name]

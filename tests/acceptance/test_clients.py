@@ -404,29 +404,32 @@ def test_daw_text2music_repaint(server, daw_state):
     daw_state["song"] = song
 
 
-def test_daw_lego_on_a_turbo_fleet(server, daw_state):
+def test_daw_lego_on_the_base_model(server, daw_state):
     """generateClipInternal (task_type=lego, global_caption, negative_prompt) on the text2music result.
     The DAW's model library looks for a lego-category model (inferModelCategory: name contains 'lego',
-    or supported_task_types has lego) and loads one with /v1/init. Lego needs the base DiT, which the
-    dev fleet (tiny turbo) does not serve — as upstream running turbo: so the DAW finds none in the
-    inventory, /v1/init of the base answers a clear 4xx in the envelope naming what is served, and a
-    lego sent anyway with the active (turbo) model is refused at submit: 422 in the envelope naming
-    task_type and the base models (not global_caption or negative_prompt)."""
+    or supported_task_types has lego) and loads one with /v1/init. The dev fleet serves the tiny base
+    DiT beside turbo: the DAW finds it in the inventory, /v1/init of it succeeds, and the lego runs on
+    it. A lego sent with the turbo model is refused at submit: 422 in the envelope naming task_type and
+    the base models (not global_caption or negative_prompt)."""
     song = daw_state.get("song") or wav_bytes(10)
     inventory = daw_list_models(server)
-    assert not [m for m in inventory["models"] if "lego" in (m.get("supported_task_types") or [])], inventory
+    lego_models = [m["name"] for m in inventory["models"] if "lego" in (m.get("supported_task_types") or [])]
+    assert lego_models == ["acestep-v15-base"], inventory
     init = json_post(server, "/v1/init", {"model": "acestep-v15-base"}, timeout=30)
-    assert 400 <= init.status_code < 500 and "acestep-v15-base" in init.json()["error"], init.text
+    assert init.status_code == 200, init.text
     lego = {
         "task_type": "lego", "track_name": "drums", "prompt": "jazz drums", "global_caption": "jazz song",
         "lyrics": "", "instruction": "Generate the DRUMS track based on the audio context:",
         "repainting_start": 0, "repainting_end": 10, "audio_duration": 10, "bpm": None, "key_scale": "",
         "time_signature": "", "inference_steps": 2, "guidance_scale": 5, "shift": 3.0, "batch_size": 1,
-        "audio_format": "wav", "thinking": False, "model": inventory["default_model"],
+        "audio_format": "wav", "thinking": False, "model": "acestep-v15-base",
         "negative_prompt": "no electronic drums",
     }
+    first, track = daw_wait_and_download(server, daw_release_task(server, song, lego), "daw lego")
+    assert_audio(track, 10)
+    assert first["dit_model"] == "acestep-v15-base", first
     fields = [("src_audio", ("src_audio.wav", song, "audio/wav"))]
-    fields += [(k, (None, str(v))) for k, v in lego.items() if v is not None]
+    fields += [(k, (None, str(v))) for k, v in (lego | {"model": "acestep-v15-turbo"}).items() if v is not None]
     refused = httpx.post(f"{server}/release_task", files=fields, timeout=60)
     assert refused.status_code == 422 and refused.json()["code"] == 422, refused.text
     assert refused.json()["detail"][0]["field"] == "task_type" and "acestep-v15-base" in refused.json()["error"]

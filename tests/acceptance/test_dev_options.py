@@ -3,6 +3,7 @@ one job per new sampler / post-processing option and per base-model task, each a
 the expected length; bad combinations refused with a 422 naming the field, nothing stored."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -111,7 +112,33 @@ def test_every_new_option_and_base_task_runs_through_dev(tmp_path):
         assert release.status_code == 200, release.text
         submitted["release_task base"] = release.json()["data"]["task_id"]
 
+        # the analysis modes: text instead of audio
+        analyses = {
+            "extract codes": httpx.post(f"{base}/v1/music/generate", timeout=30, data={"extract_codes_only": "true"},
+                                        files={"src_audio": ("song.wav", song, "audio/wav")}),
+            "full analysis": httpx.post(f"{base}/v1/music/generate", timeout=30, data={"full_analysis_only": "true"},
+                                        files={"src_audio": ("song.wav", song, "audio/wav")}),
+            "analysis": httpx.post(f"{base}/v1/music/generate", timeout=30,
+                                   json={"caption": "calm piano", "lyrics": "[Instrumental]", "analysis_only": True}),
+        }
+        assert all(a.status_code == 200 for a in analyses.values()), {k: a.text for k, a in analyses.items()}
+        no_source = httpx.post(f"{base}/v1/music/generate", json={"extract_codes_only": True}, timeout=30)
+        assert no_source.status_code == 422 and "extract_codes_only" in no_source.text, no_source.text
+
         deadline = time.monotonic() + 900
+        found = {name: wait_for_job(base, a.json()["job_id"], deadline) for name, a in analyses.items()}
+        assert all(job["status"] == "succeeded" for job in found.values()), found
+        codes = found["extract codes"]["result"]
+        assert codes["audio_paths"] == [] and codes["status_message"] == "Audio Codes Extraction Success"
+        assert codes["audio_codes"].count("<|audio_code_") == SOURCE_SECONDS * 5  # 5 codes a second
+        full = found["full analysis"]["result"]
+        assert full["status_message"] == "Full Hardware Analysis Success" and full["lm_model"] and full["metas"]
+        assert found["analysis"]["result"]["status_message"] == "Success" and found["analysis"]["result"]["metas"]
+        query = httpx.post(f"{base}/query_result", json={"task_id_list": [analyses["extract codes"].json()["job_id"]]},
+                           timeout=30).json()
+        item = json.loads(query["data"][0]["result"])[0]
+        assert item["file"] == "" and item["audio_codes"] == codes["audio_codes"]
+
         for name, job_id in submitted.items():
             job = wait_for_job(base, job_id, deadline)
             assert job["status"] == "succeeded", (name, job)

@@ -120,16 +120,17 @@ def test_inventory_lists_served_models_with_their_task_types(api):
     data = body["data"]
     # no worker: the configured default is listed (its jobs are accepted) but not loaded
     assert data["models"] == [{"name": TURBO, "is_default": True, "is_loaded": False,
-                               "supported_task_types": ["text2music", "repaint", "cover"]}]
+                               "supported_task_types": ["text2music", "repaint", "cover", "cover-nofsq"]}]
     assert data["default_model"] == TURBO and data["lm_models"] == [] and data["llm_initialized"] is False
     live(svc, "gpu-1", [TURBO, LM])
     live(svc, "gpu-2", [BASE])
     data = client.get("/v1/model_inventory").json()["data"]
     by_name = {m["name"]: m for m in data["models"]}
     assert by_name[TURBO] == {"name": TURBO, "is_default": True, "is_loaded": True,
-                              "supported_task_types": ["text2music", "repaint", "cover"]}
+                              "supported_task_types": ["text2music", "repaint", "cover", "cover-nofsq"]}
     assert by_name[BASE]["is_default"] is False and by_name[BASE]["is_loaded"] is True
-    assert by_name[BASE]["supported_task_types"] == ["text2music", "repaint", "cover", "extract", "lego", "complete"]
+    assert by_name[BASE]["supported_task_types"] == ["text2music", "repaint", "cover", "cover-nofsq", "extract", "lego",
+                                                     "complete"]
     assert data["lm_models"] == [{"name": LM, "is_loaded": True}] and data["loaded_lm_model"] == LM
     assert data["llm_initialized"] is True
     # the DAW's rule for full-song generation: a loaded DiT that does text2music
