@@ -139,6 +139,11 @@ def with_model(params: GenerationRequest, settings) -> GenerationRequest:
         check_model_options(params, model)
     except RequestOptionError as exc:
         raise refusal(422, exc.field, exc.message) from None
+    served = settings.served_dit_models()
+    if model not in served:  # no worker would ever claim it (ACESTEP_DIT_MODEL, ACESTEP_DIT_MODELS)
+        field, why = ("model", f"{model} is not served here") if params.model else (
+            "task_type", f"{params.task_type} runs on a base model ({model}), which is not served here")
+        raise refusal(422, field, f"{why}; this fleet runs {', '.join(served)}")
     return params if params.model == model else params.model_copy(update={"model": model})
 
 

@@ -26,7 +26,8 @@ def live_api(tmp_path, db_url, **overrides):
 
 @pytest.fixture
 def api(tmp_path, db_url):
-    live = live_api(tmp_path, db_url)  # the default deployment: acestep-v15-turbo
+    # the default DiT acestep-v15-turbo, with the base and SFT DiTs served beside it
+    live = live_api(tmp_path, db_url, dit_models="acestep-v15-base,acestep-v15-sft")
     yield live
     live.stop()
 
@@ -144,5 +145,21 @@ def test_a_model_the_fleet_serves_beside_the_default(tmp_path, db_url):
             refused = client.post("/release_task", json={"prompt": "x", "model": "acestep-v15-sft"})
             assert refused.status_code == 422 and refused.json()["detail"][0]["field"] == "model"
             assert "acestep-v15-turbo, acestep-v15-base" in refused.json()["error"]
+    finally:
+        live.stop()
+
+
+def test_a_dit_the_fleet_does_not_serve_is_refused(tmp_path, db_url):
+    live = live_api(tmp_path, db_url)  # turbo alone
+    try:
+        with httpx.Client(base_url=live.url, timeout=30) as client:
+            named = client.post("/v1/music/generate", json={"model": "acestep-v15-xl-turbo"})
+            assert named.status_code == 422 and field_of(named) == "model", named.text
+            assert "acestep-v15-xl-turbo is not served here; this fleet runs acestep-v15-turbo" in named.text
+            lego = client.post("/v1/music/generate", data={"task_type": "lego"},
+                               files={"src_audio": ("a.wav", audio_bytes(), "audio/wav")})
+            assert lego.status_code == 422 and field_of(lego) == "task_type", lego.text
+            assert "acestep-v15-base" in lego.text
+            assert live.services.store.stats()["queue_depth"] == 0
     finally:
         live.stop()
