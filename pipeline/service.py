@@ -272,11 +272,12 @@ class AceStepPipeline:
 
     def timbre_latents(self, path: str | None, seeds: list[int]) -> torch.Tensor:
         """[batch, timbre frames, C]: the reference audio as three random 10 s slices (one from each
-        third, drawn with the item's seed) making 30 s, VAE-encoded; else the silence latent."""
+        third, drawn with the item's seed) making 30 s, VAE-encoded; else (no reference, or a silent
+        one, which the reference's handler refuses to use) the silence latent."""
         frames = self.dit.config.timbre_fix_frame
-        if path is None:
+        audio = None if path is None else read_audio(path, "reference audio")
+        if audio is None or postprocess.is_silence(torch.from_numpy(audio)):
             return self.silence_frames(frames).expand(len(seeds), -1, -1)
-        audio = read_audio(path, "reference audio")
         total, piece = int(TIMBRE_SECONDS * SAMPLE_RATE), int(TIMBRE_SLICE_SECONDS * SAMPLE_RATE)
         if audio.shape[1] < total:
             audio = np.tile(audio, (1, -(-total // audio.shape[1])))

@@ -93,3 +93,16 @@ def test_extract_codes_and_analysis_without_an_lm(pipe, tmp_path):
         run(pipe, full_analysis_only=True, src_audio_path=src)
     with pytest.raises(PipelineError, match="analysis_only needs a 5 Hz LM"):
         run(pipe, analysis_only=True)
+
+
+def test_a_silent_reference_or_source_counts_as_none(pipe, tmp_path):
+    """upstream's is_silence (every |sample| < 1e-6): a silent reference is not used (the silence
+    latent, as without one) and a silent cover source takes the silence latent, not its encoding."""
+    import soundfile
+
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros((SAMPLE_RATE * 3, 2), dtype=np.float32), SAMPLE_RATE)
+    plain = run(pipe).audios[0]
+    assert np.array_equal(run(pipe, reference_audio_path=str(silent)).audios[0], plain)
+    assert pipe.source(request(task_type="cover", src_audio_path=str(silent))).latents is None
+    assert run(pipe, task_type="cover", src_audio_path=str(silent), audio_duration=None).audios[0].shape == (2, 3 * SAMPLE_RATE)
