@@ -54,6 +54,9 @@ class Job(Base):
     # songs, seconds per song (NULL until known when the LM chooses; the worker fills it in), the
     # DiT steps its schedule runs, and what the LM does (0 nothing, 1 text, 2 audio codes).
     model: Mapped[str] = mapped_column(Text, server_default="")
+    # The 5 Hz LM the job needs: "" none, "*" any LM, else that LM's folder name. With `model`, what
+    # a worker must serve to claim the job.
+    lm_model: Mapped[str] = mapped_column(Text, server_default="")
     task_type: Mapped[str] = mapped_column(Text, server_default="text2music")
     items: Mapped[int] = mapped_column(Integer, server_default="1")
     audio_seconds: Mapped[float | None] = mapped_column(Float)
@@ -89,7 +92,7 @@ class Job(Base):
             "created_at",
             "id",
             postgresql_where=text("status = 'queued'"),
-            postgresql_include=["model", "task_type", "items", "audio_seconds", "dit_steps", "lm_mode"],
+            postgresql_include=["model", "lm_model", "task_type", "items", "audio_seconds", "dit_steps", "lm_mode"],
         ),
         # Only running jobs hold a lease. The predicate is on the lease, not the status, so the
         # fenced by-id writes (which test status) can only pick the primary key, whatever the stats say.
@@ -164,3 +167,29 @@ class WebhookDelivery(Base):
             postgresql_where=text("delivered_at IS NULL AND gave_up_at IS NULL"),
         ),
     )
+
+
+class LoraAdapter(Base):
+    """A LoRA/LoKr adapter a caller uploaded: a PEFT adapter folder stored as one archive in object
+    storage. Jobs name adapters by `name`; a name is the caller's own (another owner may reuse it)."""
+
+    __tablename__ = "lora_adapters"
+
+    owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    storage_key: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(Text)  # sha256 of the archive: workers cache adapters by it
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    config: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))  # adapter_config.json
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))
+
+
+class LoraState(Base):
+    """The upstream `/v1/lora/*` routes' adapter state, per caller: which adapters are loaded, active
+    and at what scale; applied to that caller's later jobs that name no `lora` themselves."""
+
+    __tablename__ = "lora_states"
+
+    owner: Mapped[str] = mapped_column(Text, primary_key=True)
+    state: Mapped[dict] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=text("now()"))

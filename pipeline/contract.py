@@ -567,3 +567,22 @@ class PipelineOptions:
         "lm_model": "ACESTEP_LM_MODEL", "lm_max_duration": "ACESTEP_LM_MAX_DURATION", "vllm": "ACESTEP_VLLM",
         "vllm_gpu_memory_utilization": "ACESTEP_VLLM_GPU_MEMORY_UTILIZATION",
     }
+
+
+# ---- which jobs may share one GPU pass ---------------------------------------------------------------
+
+# The request fields that are one value for a whole DiT batch (the schedule, guidance, sampler,
+# cover/repaint numbers, the model and its adapters); the rest (prompts, seeds, sources, lengths,
+# audio codes, post-processing) may differ from job to job.
+BATCH_FIELDS = (
+    "model", "lora", "task_type", "inference_steps", "shift", "timesteps", "infer_method", "sampler_mode",
+    "velocity_norm_threshold", "velocity_ema_factor", "dcw_enabled", "dcw_mode", "dcw_scaler", "dcw_high_scaler",
+    "dcw_wavelet", "use_adg", "cfg_interval_start", "cfg_interval_end", "guidance_scale", "audio_cover_strength",
+    "cover_noise_strength", "repaint_mode", "repaint_strength",
+)
+
+
+def batch_signature(request: GenerationRequest) -> str:
+    """Equal for requests that may run as one DiT batch (their BATCH_FIELDS agree)."""
+    fields = request.model_dump(mode="json", include=set(BATCH_FIELDS) & set(type(request).model_fields))
+    return json.dumps(fields, sort_keys=True)

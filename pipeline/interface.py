@@ -2,7 +2,8 @@
 nothing from the service (no HTTP, no SQL). The request itself is `pipeline.contract.GenerationRequest`.
 
 A pipeline object has `run(request: GenerationRequest, progress) -> GeneratedAudio` and optionally
-`run_batch(requests: list[GenerationRequest], progress) -> list[GeneratedAudio]`. `progress(stage,
+`run_batch(requests: list[GenerationRequest], progress) -> list[GeneratedAudio | PipelineError]` (one GPU
+pass for jobs that can share it; a job that fails on its own gets its PipelineError in its place). `progress(stage,
 fraction, **facts)` reports where it stands (`pipeline.contract.stage_progress`; facts such as
 `audio_seconds`, the seconds per song once known) and raises `Canceled` when the job should stop, so
 cancellation takes effect at the next report (a DiT step, an LM token chunk, a VAE decoder block).

@@ -183,17 +183,36 @@ class Condition:
     encoder_hidden_states: torch.Tensor
     context_latents: torch.Tensor
     cache: CrossAttentionCache | None = None
+    key_mask: torch.Tensor | None = None  # [B, L] bool: the positions each item attends to (None: all)
 
     def cached(self, model: AceStepDiT) -> CrossAttentionCache:
         if self.cache is None:
-            self.cache = model.decoder.cross_cache(self.encoder_hidden_states)
+            self.cache = model.decoder.cross_cache(self.encoder_hidden_states, self.key_mask)
         return self.cache
 
     def with_unconditional(self, null_embedding: torch.Tensor) -> "Condition":
         """Batch [conditional; unconditional]: the second half sees `null_embedding` everywhere."""
         states = self.encoder_hidden_states
         null = null_embedding.to(states.dtype).expand_as(states)
-        return Condition(torch.cat([states, null]), torch.cat([self.context_latents, self.context_latents]))
+        mask = None if self.key_mask is None else torch.cat([self.key_mask, self.key_mask])
+        return Condition(torch.cat([states, null]), torch.cat([self.context_latents, self.context_latents]), key_mask=mask)
+
+
+def merge_conditions(conditions: list[Condition]) -> Condition:
+    """Several jobs' conditions (equal frames) as one batch: each job's condition states padded to
+    the longest with zeros that its items do not attend to, so every item sees exactly what it would
+    alone."""
+    if len(conditions) == 1:
+        return conditions[0]
+    longest = max(c.encoder_hidden_states.shape[1] for c in conditions)
+    states, masks = [], []
+    for c in conditions:
+        batch, length, width = c.encoder_hidden_states.shape
+        pad = c.encoder_hidden_states.new_zeros(batch, longest - length, width)
+        states.append(torch.cat([c.encoder_hidden_states, pad], dim=1))
+        own = torch.ones(batch, length, dtype=torch.bool, device=pad.device) if c.key_mask is None else c.key_mask
+        masks.append(torch.cat([own, torch.zeros(batch, longest - length, dtype=torch.bool, device=pad.device)], dim=1))
+    return Condition(torch.cat(states), torch.cat([c.context_latents for c in conditions]), key_mask=torch.cat(masks))
 
 
 def prepare_condition(
@@ -319,7 +338,7 @@ def sample(
     guidance: Guidance | None = None,
     sampling: Sampling = Sampling(),
     sde_noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[tuple[torch.Generator, int]] | None = None,
     progress: ProgressFn | None = None,
 ) -> torch.Tensor:
     """The sampling loop over `timesteps` (descending; turbo: 0 excluded, the last step goes to 0;
@@ -330,7 +349,7 @@ def sample(
     the noised clean source outside `repaint_mask` after each of the first round(ratio x steps) steps
     (turbo: never after the last), then blends the span's edges over `repaint_crossfade_frames`.
     SDE re-noising draws from `sde_noise` [steps, B, T, C] when given (fixtures), else from
-    `generator`. Base models (`base`) also run a Heun corrector, re-injection and an SDE draw on the
+    `generator` (a list of (generator, rows): several jobs in one batch, each with its own). Base models (`base`) also run a Heun corrector, re-injection and an SDE draw on the
     last step. Returns x0 latents."""
     points = [float(t) for t in torch.tensor(timesteps, dtype=torch.float32).tolist()]  # held in float32
     if not base:
@@ -377,6 +396,9 @@ def sample(
                 level = 1.0 - (step + 1) / steps if base else t_next  # base: unshifted, as upstream
                 if sde_noise is not None:
                     fresh = sde_noise[step].to(xt.device, xt.dtype)
+                elif isinstance(generator, list):  # several jobs: each draws its rows from its own generator
+                    fresh = torch.cat([torch.randn((rows, *denoised.shape[1:]), generator=g, device=xt.device,
+                                                   dtype=xt.dtype) for g, rows in generator])
                 else:
                     fresh = torch.randn(denoised.shape, generator=generator, device=xt.device, dtype=xt.dtype)
                 x_next = level * fresh + (1 - level) * denoised
@@ -400,6 +422,27 @@ def sample(
     if repainting and repaint_crossfade_frames > 0:
         xt = repaint_blend(xt, clean_src_latents, repaint_mask, repaint_crossfade_frames)
     return xt
+
+
+def schedule_for(base: bool, infer_steps: int | None, shift: float, timesteps: list[float] | None,
+                 audio_cover_strength: float = 1.0) -> tuple[list[float], int | None]:
+    """(the timesteps `sample` runs, the cover phase's steps or None for int(steps x strength)) of a
+    model kind and the request's schedule options."""
+    custom = [float(t) for t in timesteps] if timesteps is not None and len(timesteps) else None
+    if base:
+        steps = infer_steps if infer_steps is not None else TURBO_STEPS
+        schedule = custom if custom is not None else base_schedule(steps, shift)
+        # upstream main counts the cover phase on the infer_steps argument, even under custom timesteps
+        return schedule, int(steps * audio_cover_strength)
+    return (snap_timesteps(custom) if custom is not None else turbo_schedule(shift, infer_steps)), None
+
+
+def retake_mix(noise: torch.Tensor, retake_noise: torch.Tensor | None, variance: float) -> torch.Tensor:
+    """Retake: x_T = cos(v pi/2) noise + sin(v pi/2) retake_noise (unchanged without one or at v = 0)."""
+    if retake_noise is None or variance <= 0:
+        return noise
+    angle = variance * math.pi / 2
+    return math.cos(angle) * noise + math.sin(angle) * retake_noise.to(noise.dtype)
 
 
 def generate_audio(
@@ -466,20 +509,9 @@ def generate_audio(
             text_attention_mask=text_attention_mask if non_cover_text_attention_mask is None else non_cover_text_attention_mask,
             src_latents=silence, is_covers=torch.zeros_like(is_covers), **shared,
         )
-    custom = [float(t) for t in timesteps] if timesteps is not None and len(timesteps) else None
-    cover_steps = None
-    if base:
-        steps = infer_steps if infer_steps is not None else TURBO_STEPS
-        schedule = custom if custom is not None else base_schedule(steps, shift)
-        # upstream main counts the cover phase on the infer_steps argument, even under custom timesteps
-        cover_steps = int(steps * audio_cover_strength)
-    else:
-        schedule = snap_timesteps(custom) if custom is not None else turbo_schedule(shift, infer_steps)
-    if retake_noise is not None and retake_variance > 0:
-        angle = retake_variance * math.pi / 2
-        noise = math.cos(angle) * noise + math.sin(angle) * retake_noise.to(noise.dtype)
+    schedule, cover_steps = schedule_for(base, infer_steps, shift, timesteps, audio_cover_strength)
     return sample(
-        model, cover, noise, timesteps=schedule, base=base, non_cover=non_cover, cover_steps=cover_steps,
+        model, cover, retake_mix(noise, retake_noise, retake_variance), timesteps=schedule, base=base, non_cover=non_cover, cover_steps=cover_steps,
         audio_cover_strength=audio_cover_strength, cover_noise_strength=cover_noise_strength, src_latents=src_latents,
         repaint_mask=repaint_mask, clean_src_latents=clean_src_latents,
         repaint_crossfade_frames=repaint_crossfade_frames, repaint_injection_ratio=repaint_injection_ratio,

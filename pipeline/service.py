@@ -58,6 +58,7 @@ from pipeline.contract import (
     STAGE_SPANS,
     GenerationRequest,
     PipelineOptions,
+    batch_signature,
     dit_kind,
     stage_progress,
 )
@@ -71,7 +72,16 @@ from pipeline.lm import tasks as lm_tasks
 from pipeline import postprocess
 from pipeline.conditioning import build_chunk_masks_and_src_latents
 from pipeline.dcw import DCW
-from pipeline.sampler import Guidance, Sampling, generate_audio
+from pipeline.sampler import (
+    Condition,
+    Guidance,
+    Sampling,
+    merge_conditions,
+    prepare_condition,
+    retake_mix,
+    sample,
+    schedule_for,
+)
 from pipeline.text_encoder import TextEncoder
 from pipeline.vae import Vae
 
@@ -181,6 +191,23 @@ class Source:
     latents: torch.Tensor | None
     start: float | None = None
     end: float | None = None
+
+
+@dataclass
+class Prepared:
+    """One job ready for the DiT's loop (`AceStepPipeline.prepare`)."""
+
+    request: GenerationRequest  # after sample mode / format
+    seeds: list[int]
+    text: GenerationPlan
+    lm: Any
+    lm_inputs: Any  # lm_tasks.PreparedLlmInputs or None
+    plan: Latents
+    src: Source | None
+    cover: Condition
+    non_cover: Condition | None
+    strength: float  # audio_cover_strength in effect (1 unless a cover item)
+    noise: torch.Tensor  # x_T [items, frames, C], retake mixed in
 
 
 class AceStepPipeline:
@@ -475,6 +502,60 @@ class AceStepPipeline:
         stages = Stages(progress)
         if request.extract_codes_only or request.full_analysis_only or request.analysis_only:
             return self.analyse(request, self.seeds(request, 1), stages)
+        job = self.prepare(request, batch, stages)
+        return self.finish([job], self.sample_jobs([job], stages), stages)[0]
+
+    def run_batch(self, requests: list[GenerationRequest], progress: Progress) -> list[GeneratedAudio | PipelineError]:
+        """Jobs sharing one GPU pass: each is prepared on its own (its seeds, LM plan, inputs and
+        conditions; a job whose input fails gets its PipelineError in its place and the others go on),
+        then jobs that agree on `batch_signature` and on their frame count run as one DiT batch (each
+        item seeing only its own condition: `merge_conditions`) and one VAE decode, and each job is
+        post-processed on its own. The result equals running each job alone, up to floating-point
+        rounding. Jobs of other lengths or settings form their own batches in the same call."""
+        stages = Stages(progress)
+        results: list[GeneratedAudio | PipelineError | None] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, Prepared]]] = {}
+        try:
+            with torch.inference_mode():
+                for index, request in enumerate(requests):
+                    if request.extract_codes_only or request.full_analysis_only or request.analysis_only:
+                        results[index] = self._isolated(lambda r=request: self.run(r, progress))
+                        continue
+                    with_dit = lambda r=request: self._prepare_with(r, stages)  # noqa: E731
+                    job = self._isolated(with_dit)
+                    if isinstance(job, PipelineError):
+                        results[index] = job
+                        continue
+                    key = (batch_signature(request), job.request.model or self.dit_name, job.plan.frames)
+                    groups.setdefault(key, []).append((index, job))
+                for key, members in groups.items():
+                    jobs = [job for _, job in members]
+                    with self.using(key[1]):
+                        try:
+                            made = self.finish(jobs, self.sample_jobs(jobs, stages), stages)
+                        except PipelineError as exc:  # the shared pass failed: every job of it
+                            made = [exc] * len(jobs)
+                    for (index, _), result in zip(members, made, strict=True):
+                        results[index] = result
+        except torch.cuda.OutOfMemoryError as exc:
+            raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
+        return results
+
+    @staticmethod
+    def _isolated(call):
+        """`call()`, or the PipelineError it raised (a fault of this job's input, kept to this job)."""
+        try:
+            return call()
+        except PipelineError as exc:
+            return exc
+
+    def _prepare_with(self, request: GenerationRequest, stages: Stages) -> "Prepared":
+        with self.using(request.model or self.dit_name):
+            return self.prepare(request, request.items, stages)
+
+    def prepare(self, request: GenerationRequest, batch: int, stages: Stages) -> "Prepared":
+        """Everything before the DiT's loop for one job: seeds, source, the LM stage and prompts,
+        latents and masks, text and timbre encodings, the conditions, x_T (retake mixed in)."""
         self.check_task_type(request.task_type)
         stages("preparing")
         seeds = self.seeds(request, batch)
@@ -486,59 +567,84 @@ class AceStepPipeline:
         stages("conditioning", audio_seconds=plan.samples / SAMPLE_RATE)
         captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])
         lyrics, lyric_mask = self.text.embed_lyrics([item.lyric_prompt for item in text.items])
-        timbre = self.timbre_latents(request.reference_audio_path, seeds)
-        non_cover_text = non_cover_mask = None
-        strength = request.audio_cover_strength if bool(plan.is_covers.any()) else 1.0
-        if strength < 1.0:
-            non_cover_text, non_cover_mask = self.text.encode_text([item.non_cover_caption_prompt for item in text.items])
-        injection_ratio, crossfade_frames, wav_crossfade = postprocess.repaint_config(request.repaint_mode,
-                                                                                      request.repaint_strength)
-        guidance, sampling = self.sampler_settings(request)
-        stages("dit")
-        retake_noise = None
-        if request.retake_variance > 0:
-            retake_noise = self.noise(self.retake_seeds(request, batch), plan.frames)
-        config = self.dit.config
-        latents = generate_audio(
-            self.dit,
-            text_hidden_states=captions, text_attention_mask=captions_mask,
+        shared = dict(
             lyric_hidden_states=lyrics, lyric_attention_mask=lyric_mask,
-            refer_audio_acoustic_hidden_states_packed=timbre,
+            refer_audio_acoustic_hidden_states_packed=self.timbre_latents(request.reference_audio_path, seeds),
             refer_audio_order_mask=torch.arange(batch, device=self.device),
-            silence_latent=self.silence_frames(max(plan.frames, config.pool_window_size)),
-            src_latents=plan.src_latents,
+            silence_latent=self.silence_frames(max(plan.frames, self.dit.config.pool_window_size)),
             chunk_masks=plan.chunk_mask[..., None].expand(-1, -1, self.silence.shape[2]),
-            is_covers=plan.is_covers,
-            noise=self.noise(seeds, plan.frames),
-            audio_codes=plan.codes,
-            infer_steps=request.inference_steps, shift=request.shift, timesteps=request.timesteps,
-            audio_cover_strength=strength, cover_noise_strength=request.cover_noise_strength,
-            non_cover_text_hidden_states=non_cover_text, non_cover_text_attention_mask=non_cover_mask,
-            repaint_mask=plan.repaint_mask, clean_src_latents=plan.clean_src,
-            repaint_crossfade_frames=crossfade_frames, repaint_injection_ratio=injection_ratio,
-            guidance=guidance, sampling=sampling,
-            retake_noise=retake_noise, retake_variance=request.retake_variance,
-            generator=torch.Generator(self.device).manual_seed(seeds[0]),
+        )
+        cover = prepare_condition(self.dit, text_hidden_states=captions, text_attention_mask=captions_mask,
+                                  src_latents=plan.src_latents, is_covers=plan.is_covers, audio_codes=plan.codes, **shared)
+        strength = request.audio_cover_strength if bool(plan.is_covers.any()) else 1.0
+        non_cover = None
+        if strength < 1.0:  # the later steps: the non-cover caption, silence as source, no cover items
+            texts, masks = self.text.encode_text([item.non_cover_caption_prompt for item in text.items])
+            silence = shared["silence_latent"][:, :plan.frames].expand(batch, -1, -1)
+            non_cover = prepare_condition(self.dit, text_hidden_states=texts, text_attention_mask=masks, src_latents=silence,
+                                          is_covers=torch.zeros_like(plan.is_covers), **shared)
+        retake = self.noise(self.retake_seeds(request, batch), plan.frames) if request.retake_variance > 0 else None
+        return Prepared(request=request, seeds=seeds, text=text, lm=lm, lm_inputs=prepared, plan=plan, src=src,
+                        cover=cover, non_cover=non_cover, strength=strength,
+                        noise=retake_mix(self.noise(seeds, plan.frames), retake, request.retake_variance))
+
+    def sample_jobs(self, jobs: list["Prepared"], stages: Stages) -> list[torch.Tensor]:
+        """One DiT loop for jobs that agree on `batch_signature` and on their frames: x0 latents per job."""
+        first = jobs[0].request
+        base = not self.dit.config.turbo
+        schedule, cover_steps = schedule_for(base, first.inference_steps, first.shift, first.timesteps, jobs[0].strength)
+        injection_ratio, crossfade_frames, _ = postprocess.repaint_config(first.repaint_mode, first.repaint_strength)
+        guidance, sampling = self.sampler_settings(first)
+        repainting = any(job.plan.repaint_mask is not None for job in jobs)
+        cat = lambda tensors: torch.cat(tensors) if len(tensors) > 1 else tensors[0]  # noqa: E731
+        clean = mask = None
+        if repainting:  # items without a window: all regenerated, never re-injected
+            mask = cat([job.plan.repaint_mask if job.plan.repaint_mask is not None
+                        else torch.ones(job.noise.shape[:2], dtype=torch.bool, device=self.device) for job in jobs])
+            clean = cat([job.plan.clean_src if job.plan.clean_src is not None else job.plan.src_latents for job in jobs])
+        non_covers = [job.non_cover for job in jobs]
+        stages("dit")
+        latents = sample(
+            self.dit, merge_conditions([job.cover for job in jobs]), cat([job.noise for job in jobs]),
+            timesteps=schedule, base=base,
+            non_cover=merge_conditions(non_covers) if all(c is not None for c in non_covers) else None,
+            cover_steps=cover_steps, audio_cover_strength=jobs[0].strength,
+            cover_noise_strength=first.cover_noise_strength, src_latents=cat([job.plan.src_latents for job in jobs]),
+            repaint_mask=mask, clean_src_latents=clean, repaint_crossfade_frames=crossfade_frames,
+            repaint_injection_ratio=injection_ratio, guidance=guidance, sampling=sampling,
+            generator=[(torch.Generator(self.device).manual_seed(job.seeds[0]), job.noise.shape[0]) for job in jobs],
             progress=stages.steps("dit"),
         )
+        return list(latents.split([job.noise.shape[0] for job in jobs]))
+
+    def finish(self, jobs: list["Prepared"], latents: list[torch.Tensor], stages: Stages) -> list[GeneratedAudio]:
+        """Latent shift/rescale, one VAE decode for the jobs (equal frames), then each job's own
+        post-processing (clipping guard, repaint splice, normalisation, fades) and result info."""
         try:
-            latents = postprocess.postprocess_latents(latents, request.latent_shift, request.latent_rescale)
+            latents = [postprocess.postprocess_latents(x, job.request.latent_shift, job.request.latent_rescale)
+                       for job, x in zip(jobs, latents, strict=True)]
         except RuntimeError as exc:
             raise PipelineError(f"the DiT's output cannot be decoded: {exc}") from None
         stages("vae")
-        wavs = self.vae.decode(latents, progress=stages.steps("vae"))[:, :, : plan.samples].float()
-        splice = None
-        if plan.repaint_mask is not None and request.repaint_mode != "aggressive":
-            source = src.audio.to(wavs.device, wavs.dtype).expand(batch, -1, -1)
-            splice = (source, [src.start] * batch, [src.end] * batch, wav_crossfade)
-        wavs = postprocess.postprocess_audio(
-            wavs, repaint=splice, normalize=request.enable_normalization, normalization_db=request.normalization_db,
-            fade_in=request.fade_in_duration, fade_out=request.fade_out_duration,
-        )
-        info = self.result_info(text, plan, seeds, lm)
-        if prepared is not None:
-            info = self.lm_inputs_info(info, request, prepared)
-        return GeneratedAudio(list(wavs.cpu().numpy()), SAMPLE_RATE, info)
+        decoded = self.vae.decode(torch.cat(latents) if len(latents) > 1 else latents[0], progress=stages.steps("vae"))
+        made = []
+        for job, wavs in zip(jobs, decoded.split([x.shape[0] for x in latents]), strict=True):
+            request, plan, src, items = job.request, job.plan, job.src, job.noise.shape[0]
+            wavs = wavs[:, :, : plan.samples].float()
+            splice = None
+            if plan.repaint_mask is not None and request.repaint_mode != "aggressive":
+                wav_crossfade = postprocess.repaint_config(request.repaint_mode, request.repaint_strength)[2]
+                source = src.audio.to(wavs.device, wavs.dtype).expand(items, -1, -1)
+                splice = (source, [src.start] * items, [src.end] * items, wav_crossfade)
+            wavs = postprocess.postprocess_audio(
+                wavs, repaint=splice, normalize=request.enable_normalization, normalization_db=request.normalization_db,
+                fade_in=request.fade_in_duration, fade_out=request.fade_out_duration,
+            )
+            info = self.result_info(job.text, plan, job.seeds, job.lm)
+            if job.lm_inputs is not None:
+                info = self.lm_inputs_info(info, request, job.lm_inputs)
+            made.append(GeneratedAudio(list(wavs.cpu().numpy()), SAMPLE_RATE, info))
+        return made
 
     # ---- the LM's own tasks -----------------------------------------------------------------------
 

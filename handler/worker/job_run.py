@@ -312,7 +312,8 @@ class JobRun:
                 return {str(job.id): self._fail(job, str(exc), retryable=exc.retryable) for job in jobs}
         self._on_progress("uploading", stage_progress("uploading", 0.0))
         return {
-            str(job.id): self._finish(job, request, result, share=len(jobs))
+            str(job.id): self._fail(job, result.error, retryable=result.retryable) if result.error is not None
+            else self._finish(job, request, result, share=len(jobs))
             for job, request, result in zip(jobs, requests, finished, strict=True)
         }
 

@@ -47,6 +47,8 @@ class PipelineTimeout(PipelineError):
 class Finished:
     files: list[Path]
     info: dict[str, Any]
+    error: str | None = None  # this job of a batch failed on its own (the others did not)
+    retryable: bool = False
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
@@ -116,11 +118,21 @@ def run_jobs(pipeline, message: msg.RunJobs, progress) -> msg.Done | msg.RunCanc
         generated = _generate(pipeline, message.requests, progress)
         progress("encoding", stage_progress("encoding", 0.0))
         return msg.Done([
-            msg.JobFiles(_encode(audio, request, Path(message.out_dir) / str(index)), audio.info)
+            _job_files(audio, request, Path(message.out_dir) / str(index))
             for index, (request, audio) in enumerate(zip(message.requests, generated, strict=True))
         ])
 
     return _answered(generate, "the pipeline failed")
+
+
+def _job_files(audio, request: GenerationRequest, prefix: Path) -> msg.JobFiles:
+    """One job's answer: its files, or (a batch's job that failed on its own) its error."""
+    if isinstance(audio, PipelineError):
+        return msg.JobFiles([], {}, str(audio), audio.retryable)
+    try:
+        return msg.JobFiles(_encode(audio, request, prefix), audio.info)
+    except PipelineError as exc:
+        return msg.JobFiles([], {}, str(exc), exc.retryable)
 
 
 def _answered(run, failed: str):
@@ -156,7 +168,10 @@ def finished(answer) -> "list[Finished] | dict":
     """A run's answer as the parent returns it: the Finished files (an LM task: its result), or the
     raise it stands for."""
     if isinstance(answer, msg.Done):
-        return [Finished(files=[Path(p) for p in r.files], info=r.info) for r in answer.results]
+        if len(answer.results) == 1 and answer.results[0].error is not None:  # a job alone: its failure
+            raise PipelineError(answer.results[0].error, retryable=answer.results[0].retryable)
+        return [Finished(files=[Path(p) for p in r.files], info=r.info, error=r.error, retryable=r.retryable)
+                for r in answer.results]
     if isinstance(answer, msg.LmTaskDone):
         return answer.result
     if isinstance(answer, msg.RunCanceled):
@@ -166,8 +181,9 @@ def finished(answer) -> "list[Finished] | dict":
     raise PipelineError(f"unexpected message from the pipeline process: {answer!r}", retryable=True)
 
 
-def _generate(pipeline, requests: list[GenerationRequest], progress) -> list[GeneratedAudio]:
-    """One GPU batch for jobs that can share it (`run_batch`), else one job after another."""
+def _generate(pipeline, requests: list[GenerationRequest], progress) -> list:
+    """One GPU batch for jobs that can share it (`run_batch`: a GeneratedAudio per job, or the
+    PipelineError of a job that failed on its own), else one job after another."""
     if len(requests) > 1 and hasattr(pipeline, "run_batch"):
         return pipeline.run_batch(requests, progress)
     return [pipeline.run(request, progress) for request in requests]

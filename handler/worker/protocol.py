@@ -65,10 +65,13 @@ class Progress:
 
 @dataclass(frozen=True)
 class JobFiles:
-    """One request's encoded audio files and result metadata."""
+    """One request's encoded audio files and result metadata; or, in a batch, why that one job failed
+    (`error`, and whether another attempt may do better) while the others went on."""
 
     files: list[str]
     info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    retryable: bool = False
 
 
 @dataclass(frozen=True)

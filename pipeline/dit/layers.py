@@ -189,10 +189,10 @@ class DiTLayer(nn.Module):
         self.mlp = GatedMLP(width, config.intermediate_size)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, width))
 
-    def forward(self, x, rotary, mask, modulation: torch.Tensor, cross_kv) -> torch.Tensor:
+    def forward(self, x, rotary, mask, modulation: torch.Tensor, cross_kv, cross_mask=None) -> torch.Tensor:
         shift, scale, gate, mlp_shift, mlp_scale, mlp_gate = (self.scale_shift_table + modulation).chunk(6, dim=1)
         h = self.self_attn_norm(x) * (1 + scale) + shift
         x = x + self.self_attn(h.to(x.dtype), rotary=rotary, mask=mask) * gate
-        x = x + self.cross_attn(self.cross_attn_norm(x), kv=cross_kv)
+        x = x + self.cross_attn(self.cross_attn_norm(x), kv=cross_kv, mask=cross_mask)
         h = self.mlp_norm(x) * (1 + mlp_scale) + mlp_shift
         return x + self.mlp(h.to(x.dtype)) * mlp_gate

@@ -143,9 +143,11 @@ class CrossAttentionCache:
     """The condition states after `condition_embedder` and every layer's cross-attention keys and
     values: computed once per condition and reused by every sampler step."""
 
-    def __init__(self, states: torch.Tensor, keys_values: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, states: torch.Tensor, keys_values: list[tuple[torch.Tensor, torch.Tensor]],
+                 mask: torch.Tensor | None = None):
         self.states = states
         self.keys_values = keys_values
+        self.mask = mask  # additive [B, 1, 1, L] over the condition positions, or None: every one is seen
 
 
 class DiTDecoder(nn.Module):
@@ -165,9 +167,14 @@ class DiTDecoder(nn.Module):
         )
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, width))
 
-    def cross_cache(self, encoder_hidden_states: torch.Tensor) -> CrossAttentionCache:
+    def cross_cache(self, encoder_hidden_states: torch.Tensor, key_mask: torch.Tensor | None = None) -> CrossAttentionCache:
+        """`key_mask` [B, L] (True: attend) hides condition positions from cross-attention: only the
+        padding a batch of several jobs adds (one job alone sees all of its own, as the reference)."""
         states = self.condition_embedder(encoder_hidden_states)
-        return CrossAttentionCache(states, [layer.cross_attn.keys_values(states) for layer in self.layers])
+        mask = None
+        if key_mask is not None and not bool(key_mask.all()):
+            mask = window_mask(key_mask.shape[1], None, key_mask, states.dtype, states.device)[:, :, :1]
+        return CrossAttentionCache(states, [layer.cross_attn.keys_values(states) for layer in self.layers], mask)
 
     def forward(
         self,
@@ -200,7 +207,7 @@ class DiTDecoder(nn.Module):
             window = config.window_for(index)
             if window not in masks:
                 masks[window] = window_mask(length, window, None, x.dtype, x.device)
-            x = layer(x, rotary, masks[window], modulation, cache.keys_values[index])
+            x = layer(x, rotary, masks[window], modulation, cache.keys_values[index], cache.mask)
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)
         x = (self.norm_out(x) * (1 + scale) + shift).to(x.dtype)
         return self.proj_out(x)[:, :frames]

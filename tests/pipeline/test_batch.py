@@ -1,0 +1,83 @@
+"""`run_batch` in the real pipeline (issue 18): jobs that agree on their settings and length share one
+DiT batch and one VAE decode, each item seeing only its own condition, so the batch gives what each
+job alone gives; other jobs form their own batches in the same call, and a job whose input fails
+fails alone."""
+
+import numpy as np
+import pytest
+
+from pipeline.contract import SAMPLE_RATE, PipelineOptions
+from pipeline.interface import PipelineError
+from pipeline.service import load_pipeline
+from pipeline.tiny import TINY_DITS
+from tests.pipeline.test_service import request, tone_file
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoints):
+    return load_pipeline(tiny_checkpoints, PipelineOptions(dit_models=TINY_DITS[1:]))
+
+
+def decoder_batches(pipe, monkeypatch) -> list[int]:
+    """The batch size of every DiT decoder call from now on."""
+    sizes: list[int] = []
+    forward = type(pipe.dit.decoder).forward
+
+    def counted(module, hidden_states, *args, **kwargs):
+        sizes.append(hidden_states.shape[0])
+        return forward(module, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe.dit.decoder), "forward", counted)
+    return sizes
+
+
+def test_a_batch_gives_what_each_job_gives_alone(pipe, tmp_path, monkeypatch, capsys):
+    jobs = [
+        request(caption="calm piano", batch_size=2, seed=1),
+        request(caption="an energetic rock song with loud drums and a long caption", lyrics="[verse]\nla la la la",
+                seed=5),
+        request(caption="calm piano", audio_duration=4.2, seed=9),  # another length: its own DiT batch
+        request(caption="sde", infer_method="sde", seed=3),  # other settings: its own DiT batch
+        request(caption="base", model="acestep-v15-base", inference_steps=3, seed=4),
+        request(task_type="cover", src_audio_path=str(tmp_path / "missing.wav"), seed=2),  # fails alone
+        request(caption="retake", retake_seed=8, retake_variance=0.4, seed=6, batch_size=2),
+    ]
+    alone = []
+    for job in jobs:
+        try:
+            alone.append(pipe.run(job, lambda *_, **__: None))
+        except PipelineError as exc:
+            alone.append(exc)
+    sizes = decoder_batches(pipe, monkeypatch)
+    together = pipe.run_batch(jobs, lambda *_, **__: None)
+    assert isinstance(alone[5], PipelineError) and isinstance(together[5], PipelineError)
+    assert str(together[5]) == str(alone[5])
+    worst = 0.0
+    for one, many in zip(alone, together, strict=True):
+        if isinstance(one, PipelineError):
+            continue
+        assert len(one.audios) == len(many.audios) and one.info["seed_value"] == many.info["seed_value"]
+        for a, b in zip(one.audios, many.audios, strict=True):
+            assert a.shape == b.shape
+            worst = max(worst, float(np.abs(a - b).max()))
+    with capsys.disabled():
+        print(f"\nbatched vs one by one: max |difference| {worst:.2e} over {sum(len(r.audios) for r in alone if not isinstance(r, PipelineError))} songs")
+    assert worst < 1e-4
+    # jobs 0, 1 and 6 (5 songs, captions of three lengths) share one DiT batch: 5 items per call
+    assert 5 in sizes and max(sizes) == 5
+    assert alone[2].audios[0].shape == (2, round(4.2 * SAMPLE_RATE))
+
+
+def test_a_job_alone_fails_as_before(pipe, tmp_path):
+    with pytest.raises(PipelineError, match="source audio"):
+        pipe.run(request(task_type="cover", src_audio_path=str(tmp_path / "missing.wav")), lambda *_, **__: None)
+
+
+def test_jobs_of_one_length_and_different_prompts_batch(pipe, tmp_path):
+    src = tone_file(tmp_path / "src.wav", 3.0)
+    jobs = [request(task_type="repaint", src_audio_path=src, repainting_start=1.0, repainting_end=2.0, seed=s,
+                    caption=c) for s, c in ((1, "a"), (2, "a much longer caption for the second repaint job"))]
+    alone = [pipe.run(job, lambda *_, **__: None) for job in jobs]
+    together = pipe.run_batch(jobs, lambda *_, **__: None)
+    for one, many in zip(alone, together, strict=True):
+        assert np.abs(one.audios[0] - many.audios[0]).max() < 1e-4
