@@ -35,9 +35,9 @@
 -- running (the queued ones through their partial index; running jobs, few as the worker slots,
 -- through the lease index).
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)
-INSERT INTO jobs (id, owner, idempotency_key, request_hash, priority, request, model, task_type,
+INSERT INTO jobs (id, owner, idempotency_key, request_hash, priority, request, model, lm_model, task_type,
                   items, audio_seconds, dit_steps, lm_mode, max_attempts, created_at, run_after)
-SELECT :id, :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS jsonb), :model, :task_type,
+SELECT :id, :owner, :idempotency_key, :request_hash, :priority, CAST(:request AS jsonb), :model, :lm_model, :task_type,
        :items, :audio_seconds, :dit_steps, :lm_mode, :max_attempts, clock.now, clock.now
 FROM clock
 WHERE CAST(:max_queued AS int) IS NULL
@@ -50,18 +50,18 @@ RETURNING id, request_hash, status, (xmax = 0) AS created;
 
 -- name: submit_jobs
 -- Insert many jobs of one owner in one statement (bulk clients, benchmarks). :jobs is a JSON array
--- of {id, request, priority?, model?, task_type?, items?, audio_seconds?, dit_steps?, lm_mode?}
+-- of {id, request, priority?, model?, lm_model?, task_type?, items?, audio_seconds?, dit_steps?, lm_mode?}
 -- (absent: the column's default); returns how many were inserted.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 inserted AS (
-    INSERT INTO jobs (id, owner, priority, request, model, task_type, items, audio_seconds, dit_steps,
+    INSERT INTO jobs (id, owner, priority, request, model, lm_model, task_type, items, audio_seconds, dit_steps,
                       lm_mode, max_attempts, created_at, run_after)
-    SELECT n.id, :owner, COALESCE(n.priority, 0), n.request, COALESCE(n.model, ''),
+    SELECT n.id, :owner, COALESCE(n.priority, 0), n.request, COALESCE(n.model, ''), COALESCE(n.lm_model, ''),
            COALESCE(n.task_type, 'text2music'), COALESCE(n.items, 1), n.audio_seconds, COALESCE(n.dit_steps, 8),
            COALESCE(n.lm_mode, 0), :max_attempts, clock.now, clock.now
     FROM clock,
          jsonb_to_recordset(CAST(:jobs AS jsonb)) AS n(id uuid, priority int, request jsonb, model text,
-                                                      task_type text, items int, audio_seconds float8,
+                                                      lm_model text, task_type text, items int, audio_seconds float8,
                                                       dit_steps int, lm_mode smallint)
     RETURNING 1
 )
@@ -75,12 +75,20 @@ SELECT count(*) AS inserted FROM inserted;
 -- :job_id, that job alone if it is claimable (a platform invocation that carries its own job).
 -- Exactly one of the three pickers runs (the others' conditions are one-time filters); all share
 -- the claim below.
+-- Routing: each picker takes only jobs the caller serves. :dits (text[]) are its DiTs: a job's
+-- `model` must be one of them ('' = any DiT, rows from before routing). :lms (text[]) are its LMs:
+-- a job's `lm_model` is '' (needs none), one of them, or '*' (any LM: the caller has at least one).
+-- NULL for either means "any" (a claimer that declares nothing: tests, benchmarks). Both columns
+-- are INCLUDEd in ix_jobs_queue, so the filter is read from the index entries the walk visits.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now),
 next_jobs AS (
     SELECT j.id
     FROM jobs AS j
     WHERE CAST(:batch_key AS text) IS NULL AND CAST(:job_id AS uuid) IS NULL
       AND j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+      AND (CAST(:dits AS text[]) IS NULL OR j.model = '' OR j.model = ANY(CAST(:dits AS text[])))
+      AND (j.lm_model = '' OR CAST(:lms AS text[]) IS NULL OR j.lm_model = ANY(CAST(:lms AS text[]))
+           OR (j.lm_model = '*' AND cardinality(CAST(:lms AS text[])) > 0))
     ORDER BY j.priority, j.created_at, j.id
     LIMIT :limit
     FOR UPDATE OF j SKIP LOCKED
@@ -90,6 +98,9 @@ ahead AS (
     FROM jobs AS j
     WHERE CAST(:batch_key AS text) IS NOT NULL
       AND j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+      AND (CAST(:dits AS text[]) IS NULL OR j.model = '' OR j.model = ANY(CAST(:dits AS text[])))
+      AND (j.lm_model = '' OR CAST(:lms AS text[]) IS NULL OR j.lm_model = ANY(CAST(:lms AS text[]))
+           OR (j.lm_model = '*' AND cardinality(CAST(:lms AS text[])) > 0))
     ORDER BY j.priority, j.created_at, j.id
     LIMIT :lookahead
 ),
@@ -106,6 +117,9 @@ this_job AS (
     FROM jobs AS j
     WHERE CAST(:job_id AS uuid) IS NOT NULL AND j.id = CAST(:job_id AS uuid)
       AND j.status = 'queued' AND j.run_after <= (SELECT now FROM clock)
+      AND (CAST(:dits AS text[]) IS NULL OR j.model = '' OR j.model = ANY(CAST(:dits AS text[])))
+      AND (j.lm_model = '' OR CAST(:lms AS text[]) IS NULL OR j.lm_model = ANY(CAST(:lms AS text[]))
+           OR (j.lm_model = '*' AND cardinality(CAST(:lms AS text[])) > 0))
     FOR UPDATE OF j SKIP LOCKED
 ),
 picked AS (
@@ -288,7 +302,7 @@ RETURNING j.id, j.status, j.attempt;
 SELECT id, request FROM jobs WHERE owner = :owner AND idempotency_key = :key;
 
 -- name: get_job
-SELECT id, status, priority, owner, request, model, task_type, items, audio_seconds, dit_steps, lm_mode, attempt,
+SELECT id, status, priority, owner, request, model, lm_model, task_type, items, audio_seconds, dit_steps, lm_mode, attempt,
        max_attempts, worker_id,
        cancel_requested, stage, progress, result, error, errors, created_at, started_at,
        finished_at, lease_expires_at
@@ -299,12 +313,17 @@ WHERE id = :id;
 -- 1-based rank in claim order for a queued job, 0 otherwise. Two index range counts: higher
 -- priorities, then the same priority up to this job (a single row comparison would make the
 -- index walk every job of the leading priority).
+-- :models (text[]) in this and the other queue_* statements: count only the jobs of these DiTs,
+-- the ones that compete with the job for the same workers (handler/http/eta.py); NULL: every job.
+-- `model` is INCLUDEd in ix_jobs_queue, so the counts stay index-only.
 SELECT j.status,
        CASE WHEN j.status = 'queued' THEN
-           (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued' AND q.priority < j.priority)
+           (SELECT count(*) FROM jobs AS q WHERE q.status = 'queued' AND q.priority < j.priority
+              AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[]))))
          + (SELECT count(*) FROM jobs AS q
             WHERE q.status = 'queued' AND q.priority = j.priority
-              AND (q.created_at, q.id) <= (j.created_at, j.id))
+              AND (q.created_at, q.id) <= (j.created_at, j.id)
+              AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[]))))
        ELSE 0 END AS position
 FROM jobs AS j
 WHERE j.id = :id;
@@ -316,6 +335,7 @@ WITH me AS (SELECT priority, created_at, id FROM jobs WHERE id = :id AND status 
 SELECT q.id, q.model, q.task_type, q.items, q.audio_seconds, q.dit_steps, q.lm_mode
 FROM jobs AS q, me
 WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
+  AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[])))
 ORDER BY q.priority, q.created_at, q.id
 LIMIT :limit;
 
@@ -334,7 +354,8 @@ SELECT count(*) AS jobs,
        COALESCE(sum(acestep_job_seconds(COALESCE(c.k, CAST(:default_costs AS float8[])), q.task_type, q.items,
                                         q.audio_seconds, q.dit_steps, q.lm_mode)), 0) AS seconds
 FROM jobs AS q CROSS JOIN me LEFT JOIN costs AS c ON c.model = q.model
-WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id);
+WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
+  AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[])));
 
 -- name: running_work
 -- Every running job with its features and where it stands: the work the worker slots still hold.
@@ -504,7 +525,7 @@ ranked AS (
            sum(acestep_job_seconds(COALESCE(c.k, CAST(:default_costs AS float8[])), q.task_type, q.items,
                                    q.audio_seconds, q.dit_steps, q.lm_mode)) OVER claim_order AS seconds
     FROM jobs AS q LEFT JOIN costs AS c ON c.model = q.model
-    WHERE q.status = 'queued'
+    WHERE q.status = 'queued' AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[])))
     WINDOW claim_order AS (ORDER BY q.priority, q.created_at, q.id)
 )
 SELECT priority, created_at, id, rank, seconds
@@ -527,7 +548,8 @@ SELECT count(*) AS jobs,
 FROM jobs AS q LEFT JOIN costs AS c ON c.model = q.model
 WHERE q.status = 'queued' AND q.priority = :priority
   AND (q.created_at, q.id) > (CAST(:after_created_at AS timestamptz), CAST(:after_id AS uuid))
-  AND (q.created_at, q.id) <= (CAST(:upto_created_at AS timestamptz), CAST(:upto_id AS uuid));
+  AND (q.created_at, q.id) <= (CAST(:upto_created_at AS timestamptz), CAST(:upto_id AS uuid))
+  AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[])));
 
 -- name: count_api_keys
 SELECT count(*) AS active FROM api_keys WHERE revoked_at IS NULL;

@@ -36,12 +36,14 @@ RESCUE_LOCK_KEY = 0x4ACE57E9  # pg advisory lock that serialises rescuers
 
 @dataclass(frozen=True)
 class NewJob:
-    """What a submitter knows about a job: the request and its cost-model features (see the jobs
-    table: songs, seconds per song or None while the LM is to choose, DiT steps, LM mode)."""
+    """What a submitter knows about a job: the request, the models it runs on (`model` the DiT, ""
+    = any; `lm_model` the 5 Hz LM, "" = none needed, "*" = any) and its cost-model features (see the
+    jobs table: songs, seconds per song or None while the LM is to choose, DiT steps, LM mode)."""
 
     request: dict[str, Any]
     priority: int = 0
     model: str = ""
+    lm_model: str = ""
     task_type: str = "text2music"
     items: int = 1
     audio_seconds: float | None = None
@@ -58,7 +60,7 @@ class NewJob:
         return row
 
 
-_NEW_JOB_DEFAULTS = {"priority": 0, "model": "", "task_type": "text2music", "items": 1, "audio_seconds": None,
+_NEW_JOB_DEFAULTS = {"priority": 0, "model": "", "lm_model": "", "task_type": "text2music", "items": 1, "audio_seconds": None,
                      "dit_steps": 8, "lm_mode": 0}
 
 
@@ -108,6 +110,11 @@ class RetryPolicy:
 class CancelOutcome:
     before: JobStatus
     after: JobStatus | None  # None: the job had already finished, nothing changed
+
+
+def _names(names: Sequence[str] | None) -> list[str] | None:
+    """A text[] parameter: a list (possibly empty), or None (no filter)."""
+    return None if names is None else [str(n) for n in names]
 
 
 def request_hash(request: dict[str, Any]) -> str:
@@ -191,6 +198,7 @@ class JobStore:
             priority=job.priority,
             request=Jsonb(job.request),
             model=job.model,
+            lm_model=job.lm_model,
             task_type=job.task_type,
             items=job.items,
             audio_seconds=job.audio_seconds,
@@ -239,38 +247,47 @@ class JobStore:
         rows = self._run("list_jobs", None, owner=owner, limit=limit, before_created_at=created_at, before_id=job_id)
         return [r._asdict() for r in rows]
 
-    def queue_position(self, job_id: UUID) -> int:
-        """1-based place in claim order while queued; 0 once running or finished."""
-        rows = self._run("queue_position", None, id=job_id)
+    def queue_position(self, job_id: UUID, models: Sequence[str] | None = None) -> int:
+        """1-based place in claim order while queued; 0 once running or finished. `models`: count
+        only the jobs of these DiTs (those competing for the same workers); None: every job."""
+        rows = self._run("queue_position", None, id=job_id, models=_names(models))
         if not rows:
             raise JobNotFound(f"job {job_id} not found")
         return int(rows[0].position)
 
-    def queue_ahead(self, job_id: UUID, limit: int) -> list[dict[str, Any]]:
-        """The first `limit` queued jobs in claim order up to the job (itself last if among them)."""
-        return [r._asdict() for r in self._run("queue_ahead", None, id=job_id, limit=limit)]
+    def queue_ahead(self, job_id: UUID, limit: int, models: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The first `limit` queued jobs in claim order up to the job (itself last if among them);
+        `models` as in queue_position."""
+        return [r._asdict() for r in self._run("queue_ahead", None, id=job_id, limit=limit, models=_names(models))]
 
     def queue_ahead_total(
-        self, job_id: UUID, costs: dict[str, list[float]], default_costs: list[float]
+        self, job_id: UUID, costs: dict[str, list[float]], default_costs: list[float],
+        models: Sequence[str] | None = None,
     ) -> tuple[int, float]:
         """(jobs, priced seconds) of the queued jobs up to and including the job; `costs` maps a model
-        to its coefficients (handler/http/cost_model.py), `default_costs` prices the other models."""
-        row = self._run("queue_ahead_total", None, id=job_id, costs=Jsonb(costs), default_costs=list(default_costs))[0]
+        to its coefficients (handler/http/cost_model.py), `default_costs` prices the other models;
+        `models` as in queue_position."""
+        row = self._run("queue_ahead_total", None, id=job_id, costs=Jsonb(costs), default_costs=list(default_costs),
+                        models=_names(models))[0]
         return int(row.jobs), float(row.seconds)
 
     def queue_checkpoints(
-        self, costs: dict[str, list[float]], default_costs: list[float], *, step: int = 1000
+        self, costs: dict[str, list[float]], default_costs: list[float], *, step: int = 1000,
+        models: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """A rank snapshot: (priority, created_at, id, rank, seconds) of the first job of each priority
-        and of every `step`-th job, seconds being the priced work up to it. One pass over the queue."""
-        rows = self._run("queue_checkpoints", None, costs=Jsonb(costs), default_costs=list(default_costs), step=step)
+        and of every `step`-th job, seconds being the priced work up to it. One pass over the queue
+        (over the jobs of `models` only, when given)."""
+        rows = self._run("queue_checkpoints", None, costs=Jsonb(costs), default_costs=list(default_costs), step=step,
+                         models=_names(models))
         return [r._asdict() for r in rows]
 
     def queue_gap(
         self, priority: int, after: tuple[datetime, UUID], upto: tuple[datetime, UUID],
-        costs: dict[str, list[float]], default_costs: list[float],
+        costs: dict[str, list[float]], default_costs: list[float], models: Sequence[str] | None = None,
     ) -> tuple[int, float]:
-        """(jobs, priced seconds) of the queued jobs of `priority` after `after` up to `upto`."""
+        """(jobs, priced seconds) of the queued jobs of `priority` after `after` up to `upto` (of
+        `models` only, when given)."""
         row = self._run(
             "queue_gap",
             None,
@@ -281,6 +298,7 @@ class JobStore:
             upto_id=upto[1],
             costs=Jsonb(costs),
             default_costs=list(default_costs),
+            models=_names(models),
         )[0]
         return int(row.jobs), float(row.seconds)
 
@@ -314,30 +332,41 @@ class JobStore:
 
     # --- worker side: every write is fenced -------------------------------------------------
 
-    def claim(self, worker_id: str, limit: int, *, now: datetime | None = None) -> list[ClaimedJob]:
-        """Claim up to `limit` jobs (the caller's free slots), in priority order."""
-        return self._claim(worker_id, limit, batch_key=None, lookahead=None, now=now)
+    # Every claim takes `dits` and `lms`, what the caller serves: only jobs whose DiT is one of
+    # `dits` (or "", any) and whose LM is "" (none needed), one of `lms`, or "*" with `lms` not
+    # empty. None for either: any (a claimer that declares nothing, as tests and benchmarks).
 
-    def claim_job(self, worker_id: str, job_id: UUID, *, now: datetime | None = None) -> ClaimedJob | None:
-        """Claim this one job if it is claimable now (queued and due); None otherwise."""
-        jobs = self._claim(worker_id, 1, batch_key=None, lookahead=None, job_id=job_id, now=now)
+    def claim(
+        self, worker_id: str, limit: int, *, dits: Sequence[str] | None = None, lms: Sequence[str] | None = None,
+        now: datetime | None = None,
+    ) -> list[ClaimedJob]:
+        """Claim up to `limit` jobs (the caller's free slots) it serves, in priority order."""
+        return self._claim(worker_id, limit, batch_key=None, lookahead=None, dits=dits, lms=lms, now=now)
+
+    def claim_job(
+        self, worker_id: str, job_id: UUID, *, dits: Sequence[str] | None = None, lms: Sequence[str] | None = None,
+        now: datetime | None = None,
+    ) -> ClaimedJob | None:
+        """Claim this one job if it is claimable now (queued, due, served); None otherwise."""
+        jobs = self._claim(worker_id, 1, batch_key=None, lookahead=None, job_id=job_id, dits=dits, lms=lms, now=now)
         return jobs[0] if jobs else None
 
     def claim_batch(
-        self, worker_id: str, batch_key: str, limit: int, *, lookahead: int = 200, now: datetime | None = None
+        self, worker_id: str, batch_key: str, limit: int, *, lookahead: int = 200,
+        dits: Sequence[str] | None = None, lms: Sequence[str] | None = None, now: datetime | None = None,
     ) -> list[ClaimedJob]:
-        """Claim up to `limit` more jobs with `batch_key` from the next `lookahead` in line."""
-        return self._claim(worker_id, limit, batch_key=batch_key, lookahead=lookahead, now=now)
+        """Claim up to `limit` more jobs with `batch_key` from the next `lookahead` it serves in line."""
+        return self._claim(worker_id, limit, batch_key=batch_key, lookahead=lookahead, dits=dits, lms=lms, now=now)
 
     def _claim(
         self, worker_id: str, limit: int, *, batch_key: str | None, lookahead: int | None, now: datetime | None,
-        job_id: UUID | None = None,
+        job_id: UUID | None = None, dits: Sequence[str] | None = None, lms: Sequence[str] | None = None,
     ) -> list[ClaimedJob]:
         if limit <= 0:
             return []
         rows = self._run(
             "claim_jobs", now, worker_id=worker_id, limit=limit, batch_key=batch_key, lookahead=lookahead,
-            job_id=job_id, lease_seconds=self.lease_seconds,
+            job_id=job_id, lease_seconds=self.lease_seconds, dits=_names(dits), lms=_names(lms),
         )
         return sorted((ClaimedJob(**row._asdict()) for row in rows), key=lambda j: (j.priority, j.created_at, j.id))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,58 @@ def within_stage(stage: str | None, progress: float | None) -> float:
 # Codes for the longest song: 5 per second, each written "<|audio_code_N|>" (at most 20 characters).
 MAX_CODE_STRING_CHARS = DURATION_MAX * 5 * 20 + 1000
 _CodeString = Annotated[str, StringConstraints(max_length=MAX_CODE_STRING_CHARS)]
+
+
+LORA_MAX_ADAPTERS = 4
+LORA_SCALE_MAX = 2.0
+LORA_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+_LORA_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class LoraChoice(BaseModel):
+    """One LoRA/LoKr adapter a job runs with: an adapter the caller uploaded (POST /v1/lora/adapters)
+    or a folder under the workers' <checkpoint dir>/loras/, by name, at a scale. The server fills
+    `storage_key` and `digest` at submit (the caller's upload of that name; null: a checkpoint-dir
+    adapter) and the worker `path` (the local folder); what a client sends there is replaced."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(..., pattern=LORA_NAME_PATTERN, description="Adapter name ([A-Za-z0-9._-], 1-64 characters)")
+    scale: float = Field(1.0, ge=0, le=LORA_SCALE_MAX, description="Strength (0-2; 0: as without the adapter)")
+    storage_key: SkipJsonSchema[str | None] = Field(None, max_length=500)
+    digest: SkipJsonSchema[str | None] = Field(None, max_length=80)
+    path: SkipJsonSchema[str | None] = Field(None, max_length=4096)
+
+    @field_validator("name")
+    @classmethod
+    def _not_dots(cls, value: str) -> str:
+        if set(value) == {"."}:
+            raise ValueError("must not be . or .. (it names a folder)")
+        return value
+
+    @field_validator("digest")
+    @classmethod
+    def _digest_form(cls, value: str | None) -> str | None:
+        if value is not None and not _LORA_DIGEST.fullmatch(value):
+            raise ValueError("must be sha256:<64 hex digits>")
+        return value
+
+
+def _lora_text(text: str) -> Any:
+    """A form's `lora`: JSON text (a list or one object), or "name[:scale]" entries separated by commas."""
+    text = text.strip()
+    if not text or text == "null":
+        return None
+    if text[0] in "[{":
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError('must be a list of {"name", "scale"} objects (or JSON text of one)') from None
+    entries = []
+    for part in text.split(","):
+        name, _, scale = part.strip().partition(":")
+        entries.append({"name": name.strip()} | ({"scale": scale.strip()} if scale.strip() else {}))
+    return entries
 
 
 class GenerationRequest(BaseModel):
@@ -227,6 +280,13 @@ class GenerationRequest(BaseModel):
     fade_in_duration: float = Field(0.0, ge=0, le=60, description="Fade-in (s, 0-60)")
     fade_out_duration: float = Field(0.0, ge=0, le=60, description="Fade-out (s, 0-60)")
 
+    # ---- LoRA / LoKr adapters ----
+    lora: list[LoraChoice] | None = Field(
+        None, description=f"Adapters to run the DiT with (at most {LORA_MAX_ADAPTERS}), each {{\"name\", \"scale\" (0-2, "
+                          "default 1)}: an adapter uploaded with POST /v1/lora/adapters, else a folder under the workers' "
+                          "<checkpoint dir>/loras/. A form may send JSON text or \"name:scale,name\". null: the API key's "
+                          "default from /v1/lora/load (if any); []: no adapter")
+
     webhook_url: str | None = Field(None, max_length=2048, description="http(s) URL POSTed when the job finishes")
 
     @field_validator("*")
@@ -235,6 +295,30 @@ class GenerationRequest(BaseModel):
         texts = value if isinstance(value, list) else [value]
         if any(isinstance(text, str) and "\x00" in text for text in texts):
             raise ValueError("must not contain NUL characters (\\u0000)")
+        return value
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_forms(cls, value: Any) -> Any:
+        """JSON or short text (forms), one object, or a list of names or objects."""
+        if isinstance(value, str):
+            value = _lora_text(value)
+        if isinstance(value, dict):
+            value = [value]
+        if isinstance(value, list):
+            value = [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_set(cls, value: list[LoraChoice] | None) -> list[LoraChoice] | None:
+        if value is None:
+            return None
+        if len(value) > LORA_MAX_ADAPTERS:
+            raise ValueError(f"at most {LORA_MAX_ADAPTERS} adapters")
+        names = [choice.name for choice in value]
+        if len(set(names)) != len(names):
+            raise ValueError("names an adapter more than once")
         return value
 
     @field_validator("vocal_language")

@@ -70,6 +70,7 @@ from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.lm import tasks as lm_tasks
 from pipeline import postprocess
+from pipeline.lora import AdapterCache, AdapterError, job_adapters
 from pipeline.conditioning import build_chunk_masks_and_src_latents
 from pipeline.dcw import DCW
 from pipeline.sampler import (
@@ -223,6 +224,7 @@ class AceStepPipeline:
                 raise PipelineError(f"the VAE's latent width {self.vae.latent_dim} does not match {name}'s "
                                     f"audio_acoustic_hidden_dim {dit.config.audio_acoustic_hidden_dim}")
         self.models = [*self.dits, *sorted(self.lms)]  # reported to the workers table
+        self.adapters = AdapterCache()  # LoRA/LoKr adapters loaded onto the DiTs (least recently used evicted)
 
     @contextmanager
     def using(self, name: str):
@@ -502,8 +504,19 @@ class AceStepPipeline:
         stages = Stages(progress)
         if request.extract_codes_only or request.full_analysis_only or request.analysis_only:
             return self.analyse(request, self.seeds(request, 1), stages)
-        job = self.prepare(request, batch, stages)
-        return self.finish([job], self.sample_jobs([job], stages), stages)[0]
+        with self.adapted(request):
+            job = self.prepare(request, batch, stages)
+            return self.finish([job], self.sample_jobs([job], stages), stages)[0]
+
+    @contextmanager
+    def adapted(self, request: GenerationRequest):
+        """The job's DiT with exactly its LoRA/LoKr adapters active (the worker has set each one's
+        local `path`); an adapter that cannot load fails the job, naming it."""
+        try:
+            with self.adapters.activate(self.dit, job_adapters(request.lora)):
+                yield
+        except AdapterError as exc:
+            raise PipelineError(f"lora: {exc}") from None
 
     def run_batch(self, requests: list[GenerationRequest], progress: Progress) -> list[GeneratedAudio | PipelineError]:
         """Jobs sharing one GPU pass: each is prepared on its own (its seeds, LM plan, inputs and
@@ -532,7 +545,9 @@ class AceStepPipeline:
                     jobs = [job for _, job in members]
                     with self.using(key[1]):
                         try:
-                            made = self.finish(jobs, self.sample_jobs(jobs, stages), stages)
+                            with self.adapted(jobs[0].request):  # one set of adapters: part of the signature
+                                latents = self.sample_jobs(jobs, stages)
+                            made = self.finish(jobs, latents, stages)
                         except PipelineError as exc:  # the shared pass failed: every job of it
                             made = [exc] * len(jobs)
                     for (index, _), result in zip(members, made, strict=True):
@@ -550,7 +565,7 @@ class AceStepPipeline:
             return exc
 
     def _prepare_with(self, request: GenerationRequest, stages: Stages) -> "Prepared":
-        with self.using(request.model or self.dit_name):
+        with self.using(request.model or self.dit_name), self.adapted(request):
             return self.prepare(request, request.items, stages)
 
     def prepare(self, request: GenerationRequest, batch: int, stages: Stages) -> "Prepared":

@@ -5,8 +5,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from handler.http import (audio_links, routes_chat, routes_files, routes_jobs, routes_lm, routes_models, routes_release,
-                          routes_system)
+from handler.http import (audio_links, routes_chat, routes_files, routes_jobs, routes_lm, routes_lora, routes_models,
+                          routes_release, routes_system)
 from handler.http.errors import install_error_handlers
 from pipeline.contract import GenerationRequest
 from handler.http.services import Services, build_services
@@ -65,6 +65,7 @@ def create_app(services: Services) -> FastAPI:
         )
     app.include_router(routes_jobs.router)
     app.include_router(routes_system.router)
+    app.include_router(routes_lora.router)  # before routes_models: its /v1/lora/* answer here
     app.include_router(routes_models.router)
     app.include_router(audio_links.router)
     app.include_router(routes_files.router)

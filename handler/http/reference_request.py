@@ -102,6 +102,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "normalization_db": ("normalization_db", "normalizationDb", "normalizationDB"),
     "fade_in_duration": ("fade_in_duration", "fadeInDuration"),
     "fade_out_duration": ("fade_out_duration", "fadeOutDuration"),
+    # per-job LoRA/LoKr adapters: a list of {name, scale}, JSON text of one, or "name:scale,name"
+    "lora": ("lora", "loras"),
 }
 KNOWN_KEYS = frozenset(alias for aliases in ALIASES.values() for alias in aliases)
 METAS_KEYS = ("metas", "meta", "metadata", "user_metadata", "userMetadata")

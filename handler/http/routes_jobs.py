@@ -7,6 +7,7 @@ import io
 import json
 import math
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
@@ -15,9 +16,10 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 
+from db.lora_store import apply_default_lora
 from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
 from db.store import request_hash
-from db.states import JobStatus as State
+from db.states import JobStatus as State, WorkerState
 from db.ids import new_job_id
 from handler.http.auth import Caller
 from handler.http.cost_model import Work, work_of
@@ -116,7 +118,7 @@ SAMPLER_FIELDS = (
     "guidance_scale", "shift", "timesteps", "infer_method", "sampler_mode", "velocity_norm_threshold",
     "velocity_ema_factor", "dcw_enabled", "dcw_mode", "dcw_scaler", "dcw_high_scaler", "dcw_wavelet", "use_adg",
     "cfg_interval_start", "cfg_interval_end", "cover_noise_strength", "chunk_mask_mode", "repaint_mode",
-    "repaint_strength", "retake_variance", "extract_codes_only", "full_analysis_only", "analysis_only",
+    "repaint_strength", "retake_variance", "extract_codes_only", "full_analysis_only", "analysis_only", "lora",
 )
 
 
@@ -124,44 +126,108 @@ def batch_key(params: GenerationRequest, model: str) -> str:
     """Jobs with equal keys can share one GPU batch: same model, task, steps, 30 s duration bucket
     and sampler options (a digest of SAMPLER_FIELDS)."""
     bucket = "lm" if params.audio_duration is None else str(math.ceil(params.audio_duration / 30) * 30)
-    sampler = hashlib.sha256(json.dumps([getattr(params, f) for f in SAMPLER_FIELDS]).encode()).hexdigest()[:12]
+    sampler = hashlib.sha256(json.dumps(params.model_dump(mode="json", include=set(SAMPLER_FIELDS)),
+                                        sort_keys=True).encode()).hexdigest()[:12]
     return (f"{model}|{params.task_type}|{params.inference_steps}|{bucket}|{'thinking' if params.thinking else 'dit'}"
             f"|{sampler}")
 
 
-def with_model(params: GenerationRequest, settings) -> GenerationRequest:
+@dataclass(frozen=True)
+class Registered:
+    """What the worker rows list, alive or not: the models registered workers serve (or served).
+    `loaded`: some row is past its model load (a starting worker lists what it is configured to
+    load, which may leave out the LMs it will find in its checkpoints)."""
+
+    models: frozenset[str] = frozenset()
+    loaded: bool = False
+
+
+def registered_models(svc: Services) -> Registered:
+    rows = svc.store.workers()
+    return Registered(frozenset(str(m) for w in rows for m in w["models"] or []),
+                      any(w["state"] != WorkerState.STARTING for w in rows))
+
+
+def with_model(params: GenerationRequest, settings, registered: frozenset[str] = frozenset()) -> GenerationRequest:
     """The request with the DiT it runs on in `model` (resolve_model: the one named, else the
     deployment's default, or a base model for lego/extract/complete); 422 naming the field for an
-    option that model cannot honour (check_model_options). Every submit path comes through here:
-    /v1/music/generate, the reference routes and the RunPod native input."""
+    option that model cannot honour (check_model_options), or for a DiT no worker is configured
+    (ACESTEP_DIT_MODEL, ACESTEP_DIT_MODELS) or registered (`registered`: Registered.models) to
+    serve: no worker would ever claim it. Every submit path comes through here: /v1/music/generate,
+    the reference routes and the RunPod native input."""
     model = resolve_model(params, settings.dit_model)
     try:
         check_model_options(params, model)
     except RequestOptionError as exc:
         raise refusal(422, exc.field, exc.message) from None
     served = settings.served_dit_models()
-    if model not in served:  # no worker would ever claim it (ACESTEP_DIT_MODEL, ACESTEP_DIT_MODELS)
+    if model not in served and model not in registered:
+        fleet = sorted({*served, *(m for m in registered if not m.startswith(LM_PREFIX))})
         field, why = ("model", f"{model} is not served here") if params.model else (
             "task_type", f"{params.task_type} runs on a base model ({model}), which is not served here")
-        raise refusal(422, field, f"{why}; this fleet runs {', '.join(served)}")
+        raise refusal(422, field, f"{why}; this fleet runs {', '.join(fleet)}")
     return params if params.model == model else params.model_copy(update={"model": model})
 
 
-def new_job(params: GenerationRequest, inputs: AudioInputs, settings, lm_task: dict[str, Any] | None = None) -> NewJob:
-    """The job row of a request: the stored request (its `model` resolved) and its cost features."""
+# What makes a job need a 5 Hz LM to run at all (without them the LM is optional: a worker without
+# one fills missing metas with N/A).
+LM_NEEDING_FIELDS = ("thinking", "sample_mode", "sample_query", "use_format", "full_analysis_only", "analysis_only")
+
+
+def lm_model_of(params: GenerationRequest, settings, lm_task: dict[str, Any] | None = None) -> str:
+    """The `lm_model` of a job: the LM named in lm_model_path; else, for a job that needs an LM
+    (LM_NEEDING_FIELDS, the LM's own tasks) ACESTEP_LM_MODEL, or "*" (any LM) when that is unset;
+    else "" (runs with or without one)."""
+    if params.lm_model_path and params.lm_model_path.strip():
+        return params.lm_model_path.strip()
+    if lm_task is not None or any(getattr(params, name) for name in LM_NEEDING_FIELDS):
+        return settings.lm_model or "*"
+    return ""
+
+
+def check_lm_model(lm_model: str, settings, registered: Registered) -> None:
+    """422 naming lm_model_path for an LM no worker is configured (ACESTEP_LM_MODELS,
+    ACESTEP_LM_MODEL) or registered to serve. An empty ACESTEP_LM_MODELS means every LM in the
+    checkpoints, unknown here: then an LM is refused only when registered workers have loaded (their
+    rows list the LMs they found) and none lists it ("*", any LM: none lists an LM)."""
+    if not lm_model:
+        return
+    listed = [name.strip() for name in settings.lm_models.split(",") if name.strip()]
+    configured = {*listed, *([settings.lm_model] if settings.lm_model else [])}
+    known = sorted({m for m in registered.models if m.startswith(LM_PREFIX)})
+    if lm_model == "*":
+        if configured or known or not registered.loaded:
+            return
+        raise refusal(422, "lm_model_path", "this job needs a 5 Hz LM and no worker serves one; "
+                                            f"the workers serve: {', '.join(sorted(registered.models)) or 'none'}")
+    if lm_model in configured or lm_model in known:
+        return
+    if listed or registered.loaded:
+        why = f"unknown 5 Hz LM {lm_model!r}; the workers have loaded: {', '.join(known) or 'none'}"
+        if configured:
+            why += f"; configured (ACESTEP_LM_MODELS, ACESTEP_LM_MODEL): {', '.join(sorted(configured))}"
+        raise refusal(422, "lm_model_path", why)
+
+
+def new_job(params: GenerationRequest, inputs: AudioInputs, settings, lm_task: dict[str, Any] | None = None,
+            registered: frozenset[str] = frozenset()) -> NewJob:
+    """The job row of a request: the stored request (its `model` resolved), the models it runs on
+    and its cost features. `registered`: what worker rows list (see with_model)."""
+    lm_model = lm_model_of(params, settings, lm_task)
     if lm_task is not None:  # one of the LM's own tasks: never batched, no audio
         request = request_document(params.model_copy(update={"batch_size": 1}), inputs={}, lm_task=lm_task,
                                    batch_key=f"lm|{uuid.uuid4()}")
         work = work_of(params, settings.dit_model, lm_task=True)
-        return NewJob(request=request, model=work.model, task_type=f"lm_{lm_task['task']}", lm_mode=work.lm_mode)
-    params = with_model(params, settings)
+        return NewJob(request=request, model=work.model, lm_model=lm_model, task_type=f"lm_{lm_task['task']}",
+                      lm_mode=work.lm_mode)
+    params = with_model(params, settings, registered)
     params = params.model_copy(update={"batch_size": params.effective_batch_size(settings.default_batch_size)})
     digests = {"input_digests": {u.role: u.digest for u in inputs.uploads}} if inputs.uploads else {}
     request = request_document(params, inputs=dict(inputs.references), batch_key=batch_key(params, params.model),
                                **digests)
     source = next((u.seconds for u in inputs.uploads if u.role == "src"), None)
     work = work_of(params, params.model, source_seconds=source)
-    return NewJob(request=request, model=work.model, task_type=work.task_type, items=work.items,
+    return NewJob(request=request, model=work.model, lm_model=lm_model, task_type=work.task_type, items=work.items,
                   audio_seconds=work.audio_seconds, dit_steps=work.dit_steps, lm_mode=work.lm_mode)
 
 
@@ -242,26 +308,17 @@ def spec_codes(params: GenerationRequest) -> GenerationRequest:
     return params.model_copy(update={"audio_code_string": "", "batch_size": batch})
 
 
-def check_lm_model(svc: Services, name: str | None) -> None:
-    """An `lm_model_path` must name a 5 Hz LM the registered workers have loaded (what their rows
-    report). With no worker registered (scaled to zero) there is nothing to check against, and a
-    worker without that LM fails the job saying so."""
-    if not name:
-        return
-    known = sorted({m for w in svc.store.workers() for m in w["models"] if m.startswith(LM_PREFIX)})
-    if known and name not in known:
-        raise refusal(422, "lm_model_path", f"unknown 5 Hz LM {name!r}; the workers have loaded: {', '.join(known)}")
-
-
 def persist_generation(
     svc: Services, who: Caller, params: GenerationRequest, inputs: AudioInputs, job_id: UUID, idempotency_key: str | None,
     lm_task: dict[str, Any] | None = None,
 ) -> dict:
     settings = svc.settings
     uploaded = {u.role for u in inputs.uploads}
-    check_lm_model(svc, params.lm_model_path)
+    registered = registered_models(svc)
     if lm_task is None:  # refused before any input is read or stored
-        params = with_model(params, settings)
+        # the DiT it runs on; its adapters: the ones it names, else the key's /v1/lora/* state
+        params = apply_default_lora(svc, who.owner, with_model(params, settings, registered.models))
+    check_lm_model(lm_model_of(params, settings, lm_task), settings, registered)
     try:
         for role, (_, path_field) in ROLES.items():
             value = getattr(params, path_field)
@@ -275,7 +332,7 @@ def persist_generation(
         raise refusal(exc.status, exc.field, exc.message) from None
     for upload in inputs.uploads:
         inputs.references[upload.role] = {"key": f"jobs/{job_id}/input-{upload.role}.{upload.ext}"}
-    job = new_job(params, inputs, settings, lm_task)
+    job = new_job(params, inputs, settings, lm_task, registered.models)
     refuse_if_too_costly(svc, job)
     if idempotency_key:  # a retry of a submit already made answers with its job, queue full or not
         existing = _idempotent_job(svc, who, idempotency_key, job)

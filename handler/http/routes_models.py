@@ -1,14 +1,13 @@
 """The reference API server's model routes, with a serverless meaning: `/v1/models` (its OpenRouter
-list), `/v1/model_inventory`, `/v1/init`, `/v1/reinitialize` and `/v1/lora/*`.
+list), `/v1/model_inventory`, `/v1/init` and `/v1/reinitialize` (`/v1/lora/*`: routes_lora.py).
 
 The HTTP function never loads a model. What is "loaded" is what the live workers serve (they report
 their models in their worker row); `/v1/init` succeeds when the model asked for is served, and
-says what is served when it is not. LoRA adapters are not available yet: the `/v1/lora/*` routes
-answer in the reference's shapes that no adapter is loaded.
+says what is served when it is not.
 
 Shapes follow the reference (ace-step/ACE-Step-1.5): `acestep/openrouter_adapter.py` +
 `acestep/openrouter_models.py` (`/v1/models`), `acestep/api/http/model_service_routes.py`
-(inventory, init), `acestep/api/http/reinitialize_route.py`, `acestep/api/http/lora_routes.py`.
+(inventory, init), `acestep/api/http/reinitialize_route.py`.
 """
 
 import json
@@ -33,7 +32,6 @@ WORKER_STALE_SECONDS = 30.0
 OPENROUTER_PREFIX = "acestep"  # the reference's OpenRouter ids: acestep/<model folder>
 TASK_ORDER = ("text2music", "repaint", "cover", "cover-nofsq", "extract", "lego", "complete")  # the reference's order
 MAX_BODY_BYTES = 64 * 1024
-NO_LORA = "LoRA adapters are not available on this server yet (per-job adapters come in a later release)"
 SERVERLESS_NOTE = ("this server loads nothing on request: GPU workers load their models when they start; "
                    "this answer reports what the live workers serve")
 
@@ -49,6 +47,7 @@ class Fleet:
     all_workers: list[dict[str, Any]] = field(default_factory=list)
     dit: dict[str, int] = field(default_factory=dict)  # DiT folder -> when its first live worker started (epoch s)
     lm: dict[str, int] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)  # model (DiT or LM) -> job slots of the live workers serving it
 
     def preferred_dit(self, default: str) -> str | None:
         return default if default in self.dit else min(self.dit, default=None)
@@ -68,6 +67,7 @@ def live_fleet(store) -> Fleet:
         for name in worker["models"] or []:
             kind = fleet.lm if str(name).startswith(LM_PREFIX) else fleet.dit
             kind[name] = min(kind.get(name, started), started)
+            fleet.slots[name] = fleet.slots.get(name, 0) + int(worker["capacity"])
     return fleet
 
 
@@ -84,10 +84,11 @@ def supported_task_types(model: str) -> list[str]:
 def model_inventory(settings, fleet: Fleet) -> dict[str, Any]:
     """The reference's inventory: every DiT a live worker serves plus the configured ones
     (ACESTEP_DIT_MODEL and ACESTEP_DIT_MODELS: jobs for them are accepted while no worker is live),
-    and the LMs."""
+    and the LMs likewise (ACESTEP_LM_MODELS, ACESTEP_LM_MODEL); `is_loaded`: a live worker serves it."""
     default = settings.dit_model
     dits = sorted(set(fleet.dit) | set(settings.served_dit_models()))
-    lms = sorted(set(fleet.lm) | ({settings.lm_model} if settings.lm_model else set()))
+    configured_lms = {name.strip() for name in settings.lm_models.split(",") if name.strip()}
+    lms = sorted(set(fleet.lm) | configured_lms | ({settings.lm_model} if settings.lm_model else set()))
     return {
         "models": [
             {"name": name, "is_default": name == default, "is_loaded": name in fleet.dit,
@@ -265,74 +266,3 @@ async def reinitialize(request: Request, who: Annotated[Caller, Depends(caller)]
         return envelope({"message": "\u2705 Service reinitialized", "reloaded": [], "note": SERVERLESS_NOTE})
 
     return await answer(run())
-
-
-# --- /v1/lora/* -------------------------------------------------------------------------------
-
-
-class LoadLoRARequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    lora_path: str = Field(..., max_length=2000, description="LoRA adapter directory or LoKr/LyCORIS safetensors file")
-    adapter_name: str | None = Field(None, max_length=200)
-
-
-class SetLoRAScaleRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    scale: float = Field(..., ge=0.0, le=1.0, description="LoRA strength (0.0 to 1.0)")
-    adapter_name: str | None = Field(None, max_length=200)
-
-
-class ToggleLoRARequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    use_lora: bool
-
-
-def lora_status() -> dict[str, Any]:
-    """The reference's status payload with no adapter loaded."""
-    return {
-        "lora_loaded": False, "use_lora": False, "lora_scale": 1.0, "adapter_type": None, "scales": {},
-        "active_adapter": None, "adapters": [], "synthetic_default_mode": False,
-    }
-
-
-@router.post("/v1/lora/load", summary="Load a LoRA adapter (not available yet: answers 400)",
-             responses={400: {}, 401: {}, 413: {}, 422: {}}, openapi_extra=body_schema(LoadLoRARequest))
-async def lora_load(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
-    async def run():
-        body = await json_body(request, LoadLoRARequest)
-        raise HTTPException(400, f"\u274c {NO_LORA}; {body.lora_path!r} was not loaded and no adapter is loaded")
-
-    return await answer(run())
-
-
-@router.post("/v1/lora/unload", summary="Unload the LoRA adapter (none is loaded)", responses={401: {}})
-def lora_unload(who: Annotated[Caller, Depends(caller)]) -> Any:
-    return envelope({"message": f"\u26a0\ufe0f No LoRA adapter is loaded; nothing to unload ({NO_LORA})"})
-
-
-@router.post("/v1/lora/toggle", summary="Enable or disable the LoRA adapter (none is loaded: code 400)",
-             responses={401: {}, 413: {}, 422: {}}, openapi_extra=body_schema(ToggleLoRARequest))
-async def lora_toggle(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
-    async def run():
-        await json_body(request, ToggleLoRARequest)
-        return envelope(None, code=400, error=f"\u274c No LoRA adapter is loaded. {NO_LORA}")
-
-    return await answer(run())
-
-
-@router.post("/v1/lora/scale", summary="Set the LoRA strength (none is loaded: code 400)",
-             responses={401: {}, 413: {}, 422: {}}, openapi_extra=body_schema(SetLoRAScaleRequest))
-async def lora_scale(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
-    async def run():
-        await json_body(request, SetLoRAScaleRequest)
-        return envelope(None, code=400, error=f"\u274c No LoRA adapter is loaded. {NO_LORA}")
-
-    return await answer(run())
-
-
-@router.get("/v1/lora/status", summary="LoRA state (no adapter is loaded)", responses={401: {}})
-def lora_status_route(who: Annotated[Caller, Depends(caller)]) -> Any:
-    return envelope(lora_status())

@@ -56,6 +56,7 @@ def health(request: Request) -> Any:
         "workers": [({"id": w["id"]} if insider else {}) | {"state": w["state"], "alive": w["alive"], "models": w["models"]}
                     for w in fleet.all_workers],
         "models_loaded": sorted({*fleet.dit, *fleet.lm}),
+        "model_slots": dict(sorted(fleet.slots.items())),  # job slots of the live workers serving each model
     })
 
 

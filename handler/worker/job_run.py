@@ -11,6 +11,7 @@ from typing import Any
 from db import DatabaseUnavailable, JobLost, JobStatus, JobStore, StoreError
 from db.store import ClaimedJob
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
+from handler.worker.adapters import localize_lora
 from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
 from pipeline.contract import INPUT_PATH_FIELDS, RESULT_INFO_FIELDS, GenerationRequest, StoredRequestError, request_from_row, stage_progress
 
@@ -268,7 +269,8 @@ class JobRun:
             target = out_dir / f"{job.id}-input-{role}{Path(ref['key']).suffix}"
             self._with_storage_retries(self._download, ref["key"], target)
             files[INPUT_PATH_FIELDS[role]] = str(target)
-        return request.model_copy(update=files)
+        # its LoRA adapters as local folders too (handler/worker/adapters.py)
+        return localize_lora(request.model_copy(update=files), job.owner, self._storage, retry=self._with_storage_retries)
 
     def _one_after_another(self, jobs: list[ClaimedJob], out_dir: Path) -> dict[str, str]:
         """Each job on its own run of the pipeline, timed on its own (the first from the claim)."""

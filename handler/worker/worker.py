@@ -23,7 +23,7 @@ from handler.settings import Settings
 from handler.storage import ObjectStorage
 from handler.worker.job_run import JobRun, with_db_retries
 from handler.worker.pipeline_process import PipelineError, PipelineProcess
-from pipeline.contract import PipelineOptions
+from pipeline.contract import LM_PREFIX, PipelineOptions
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ class WorkerOptions:
     upload_tries: int = 6  # per attempt, with doubling backoff, before the attempt fails (retryable)
     storage_patience_seconds: float = 300.0  # and on for this long (within the job's deadline)
     poll_seconds: float = 5.0
+    # The DiTs and LMs this worker is configured to serve, registered before its pipeline loads (a
+    # scale-from-zero fleet's rows say what it will serve). Once loaded, it registers and claims by
+    # what the pipeline reports it serves (its `models`); a pipeline that reports nothing (a test
+    # fake) claims every job.
     model_names: tuple[str, ...] = ()
     keep_warm: bool = False  # leave the pipeline processes running after `run` (for the next invocation)
 
@@ -67,12 +71,32 @@ def worker_from_settings(settings: Settings, **options) -> "Worker":
         "upload_tries": settings.upload_tries,
         "storage_patience_seconds": settings.storage_patience_seconds,
         "retention_seconds": settings.retention_seconds,
-        "model_names": (settings.dit_model,),
+        "model_names": configured_models(settings),
     }
     return Worker(
         build_store(settings, settings.database_url, worker=True), build_storage(settings), settings.database_url,
         WorkerOptions(**(defaults | options)),
     )
+
+
+def configured_models(settings: Settings) -> tuple[str, ...]:
+    """What a worker of these settings serves, before it loads: ACESTEP_DIT_MODEL and
+    ACESTEP_DIT_MODELS, then the LMs of ACESTEP_LM_MODELS (empty: every LM folder in the checkpoint
+    directory) and ACESTEP_LM_MODEL."""
+    lms = [name.strip() for name in settings.lm_models.split(",") if name.strip()]
+    if not lms and settings.checkpoint_dir is not None and settings.checkpoint_dir.is_dir():
+        lms = sorted(p.name for p in settings.checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(LM_PREFIX))
+    if settings.lm_model:
+        lms.append(settings.lm_model)
+    return tuple(dict.fromkeys([*settings.served_dit_models(), *lms]))
+
+
+def claim_filter(served: list[str] | tuple[str, ...]) -> tuple[list[str] | None, list[str] | None]:
+    """(DiTs, LMs) a worker serving `served` passes to its claims; (None, None), any job, when it
+    declares nothing."""
+    if not served:
+        return None, None
+    return [m for m in served if not m.startswith(LM_PREFIX)], [m for m in served if m.startswith(LM_PREFIX)]
 
 
 class Slot:
@@ -110,6 +134,8 @@ class Worker:
         self._only: UUID | None = None  # the one job this run may claim
         self._only_tried = False
         self._db_down_since: float | None = None
+        self._dits: list[str] | None = None  # what the claims ask for (claim_filter); None: any
+        self._lms: list[str] | None = None
         self._job_seconds: float | None = None  # mean wall time of the runs this worker finished
         self._runs_timed = 0
         self.outcomes: Counter[str] = Counter()
@@ -193,7 +219,9 @@ class Worker:
                 pass
             self._stop_processes()
             return 1
-        loaded = sorted({m for slot in self._slots for m in slot.process.models}) or list(opts.model_names)
+        reported = sorted({m for slot in self._slots for m in slot.process.models})
+        self._dits, self._lms = claim_filter(reported)
+        loaded = reported or list(opts.model_names)
         try:
             with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
                             capacity=opts.concurrency, models=loaded, state=WorkerState.READY)
@@ -319,11 +347,11 @@ class Worker:
         self._maintenance.tick(only=("rescue",))  # expired leases back in the queue before we look; failures are its own
         try:
             if self._only is not None:
-                job = self._store.claim_job(self.worker_id, self._only)
+                job = self._store.claim_job(self.worker_id, self._only, dits=self._dits, lms=self._lms)
                 self._only_tried = True
                 jobs = [job] if job is not None else []
             else:
-                jobs = self._store.claim(self.worker_id, free)
+                jobs = self._store.claim(self.worker_id, free, dits=self._dits, lms=self._lms)
         except StoreError as exc:
             log.warning("claim failed, retrying: %s", exc, extra={"action": "claim_failed", "error": str(exc)})
             if self._db_down_since is None:
@@ -352,7 +380,7 @@ class Worker:
         if room <= 0 or not key:
             return []
         try:
-            mates = self._store.claim_batch(self.worker_id, key, room)
+            mates = self._store.claim_batch(self.worker_id, key, room, dits=self._dits, lms=self._lms)
         except StoreError:
             return []
         self._claimed += len(mates)

@@ -25,7 +25,7 @@ ROOT = HERE.parents[1]
 GPU_PINS = ["torch==2.13.0", "torchaudio==2.11.0", "vllm==0.32.0"]
 # What the API, maintenance and kicker functions never import (the HTTP function loads no model;
 # pgserver is the embedded Postgres of `dev`): left out of the API image to keep it small and its start fast.
-API_LEAVES_OUT = {"torch", "transformers", "diffusers", "safetensors", "pgserver", "huggingface-hub"}
+API_LEAVES_OUT = {"torch", "transformers", "diffusers", "safetensors", "peft", "pgserver", "huggingface-hub"}
 GPU_LEAVES_OUT = {"pgserver"}
 PYTHON_VERSION = "3.11"
 

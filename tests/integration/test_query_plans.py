@@ -41,16 +41,27 @@ def big_queue(engine):
 COSTS = PRIORS["gpu"].sql_array()
 
 
+ANY_MODEL = {"dits": None, "lms": None}  # a claimer that declares no models
+ROUTED = {"dits": ["turbo", "acestep-v15-base"], "lms": ["acestep-5Hz-lm-1.7B"]}  # a worker's served lists
+
+
 @pytest.mark.parametrize(
     "name,params",
     [
         ("claim_jobs", {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
-                        "lookahead": None, "job_id": None}),
+                        "lookahead": None, "job_id": None, **ANY_MODEL}),
         ("claim_jobs", {"limit": 7, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": "k",
-                        "lookahead": 200, "job_id": None}),
-        ("queue_position", {"id": "MIDDLE"}),
-        ("queue_ahead", {"id": "MIDDLE", "limit": 64}),
-        ("queue_ahead_total", {"id": "MIDDLE", "costs": "{}", "default_costs": COSTS}),
+                        "lookahead": 200, "job_id": None, **ANY_MODEL}),
+        ("claim_jobs", {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
+                        "lookahead": None, "job_id": None, **ROUTED}),
+        ("claim_jobs", {"limit": 7, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": "k",
+                        "lookahead": 200, "job_id": None, **ROUTED}),
+        ("queue_position", {"id": "MIDDLE", "models": None}),
+        ("queue_position", {"id": "MIDDLE", "models": ["turbo", ""]}),
+        ("queue_ahead", {"id": "MIDDLE", "limit": 64, "models": None}),
+        ("queue_ahead", {"id": "MIDDLE", "limit": 64, "models": ["turbo", ""]}),
+        ("queue_ahead_total", {"id": "MIDDLE", "costs": "{}", "default_costs": COSTS, "models": None}),
+        ("queue_ahead_total", {"id": "MIDDLE", "costs": "{}", "default_costs": COSTS, "models": ["turbo", ""]}),
     ],
 )
 def test_hot_queries_use_the_queue_index(engine, big_queue, name, params):
@@ -64,7 +75,7 @@ def test_hot_queries_use_the_queue_index(engine, big_queue, name, params):
 
 def test_claiming_one_named_job_reads_only_that_row(engine, big_queue):
     params = {"limit": 1, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
-              "lookahead": None, "job_id": big_queue}
+              "lookahead": None, "job_id": big_queue, **ROUTED}
     with engine.connect() as conn:
         nodes = explain(conn, "claim_jobs", params)
     assert [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "jobs"] == []
@@ -85,10 +96,10 @@ def test_the_workers_hot_statements_use_their_indexes_right_after_a_burst(engine
                           "now() + g * interval '1 ms' FROM generate_series(1, 100000) AS g"))
     worker_engine = make_engine(db_url, pool_size=1, index_plans=True)
     try:
-        claimed = JobStore(worker_engine).claim("w", 100)
+        claimed = JobStore(worker_engine).claim("w", 100, dits=ROUTED["dits"], lms=ROUTED["lms"])
         done = json.dumps([{"id": str(j.id), "attempt": j.attempt, "result": {}, "timings": None} for j in claimed])
         plans = {"claim_jobs": {"limit": 100, "worker_id": "w", "lease_seconds": 60.0, "now": None, "batch_key": None,
-                                "lookahead": None, "job_id": None},
+                                "lookahead": None, "job_id": None, **ROUTED},
                  "complete_jobs": {"done": done, "worker_id": "w", "now": None}}
         for name, params in plans.items():
             with worker_engine.connect() as conn:

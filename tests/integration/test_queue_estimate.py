@@ -8,7 +8,7 @@ import pytest
 
 from db import NewJob, WorkerState
 from handler.http.cost_model import PRIORS, Work, fit_cost_model
-from handler.http.eta import QueueEstimator
+from handler.http.eta import QueueEstimator, competition
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 FEATURES = ("model", "task_type", "items", "audio_seconds", "dit_steps", "lm_mode")
@@ -45,9 +45,14 @@ def deep_queue(store):
     return ids
 
 
+def competing(store, job_id):
+    """The DiTs whose jobs compete with this one while no worker is live: its own (and "", any)."""
+    return competition([], store.get(job_id))[0]
+
+
 def priced_ahead(store, job_id, model) -> float:
-    """The work up to and including the job, priced in Python over every queued row in claim order."""
-    rows = store.queue_ahead(job_id, 10**6)
+    """The work up to and including the job, priced in Python over every competing queued row in claim order."""
+    rows = store.queue_ahead(job_id, 10**6, competing(store, job_id))
     assert rows[-1]["id"] == job_id
     return sum(model.seconds(Work.of(r)) for r in rows)
 
@@ -75,17 +80,18 @@ def test_snapshot_positions_and_work_match_the_exact_count(store, deep_queue):
     for job_id in random.Random(5).sample(deep_queue, 150):
         job = store.get(job_id)
         position, eta = estimator.estimate(job)
-        assert position == store.queue_position(job_id)
+        assert position == store.queue_position(job_id, competing(store, job_id))
         assert eta == pytest.approx(priced_ahead(store, job_id, model), abs=0.1)  # one slot, nothing running
 
 
 def test_a_stale_snapshot_is_off_by_at_most_what_changed_and_refreshes(store, deep_queue):
     estimator = QueueEstimator(store, step=100, exact_up_to=200, simulate_up_to=0, snapshot_seconds=3600)
     last = store.get(deep_queue[-1])
-    assert estimator.estimate(last)[0] == store.queue_position(last["id"])
+    models = competing(store, last["id"])
+    assert estimator.estimate(last)[0] == store.queue_position(last["id"], models)
     store.claim("w", 50)
     stale = estimator.estimate(last)[0]
-    exact = store.queue_position(last["id"])
+    exact = store.queue_position(last["id"], models)
     assert 0 <= stale - exact <= 50
     fresh = QueueEstimator(store, step=100, exact_up_to=200, simulate_up_to=0, snapshot_seconds=0)
     assert fresh.estimate(last)[0] == exact

@@ -81,3 +81,22 @@ def test_jobs_of_one_length_and_different_prompts_batch(pipe, tmp_path):
     together = pipe.run_batch(jobs, lambda *_, **__: None)
     for one, many in zip(alone, together, strict=True):
         assert np.abs(one.audios[0] - many.audios[0]).max() < 1e-4
+
+
+def test_jobs_with_a_lora_run_with_it_and_batch_only_with_the_same_adapters(pipe, tmp_path):
+    """A job's adapters (local `path` set by the worker) act on its DiT for that job only; jobs that
+    name other adapters (or none) never share its pass."""
+    from tests.pipeline.test_lora import make_adapter
+
+    folder = make_adapter(pipe.dit, tmp_path / "style", seed=3)
+    styled = request(seed=1, lora=[{"name": "style", "scale": 1.0, "path": str(folder)}])
+    plain = request(seed=1)
+    alone = [pipe.run(job, lambda *_, **__: None) for job in (styled, plain)]
+    assert np.abs(alone[0].audios[0] - alone[1].audios[0]).max() > 1e-3  # the adapter changed the song
+    together = pipe.run_batch([styled, plain], lambda *_, **__: None)
+    for one, many in zip(alone, together, strict=True):
+        assert np.abs(one.audios[0] - many.audios[0]).max() < 1e-4
+    missing = pipe.run_batch([request(lora=[{"name": "gone", "path": str(tmp_path / "gone")}]), plain],
+                             lambda *_, **__: None)
+    assert isinstance(missing[0], PipelineError) and "lora" in str(missing[0])
+    assert np.abs(missing[1].audios[0] - alone[1].audios[0]).max() < 1e-4

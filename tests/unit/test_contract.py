@@ -30,7 +30,7 @@ SAMPLER_DEFAULTS = {
     "repaint_strength": 0.5, "repaint_latent_crossfade_frames": 10, "repaint_wav_crossfade_sec": 0.0,
     "retake_seed": None, "retake_variance": 0.0, "latent_shift": 0.0, "latent_rescale": 1.0,
     "enable_normalization": True, "normalization_db": -1.0, "fade_in_duration": 0.0, "fade_out_duration": 0.0,
-    "extract_codes_only": False, "full_analysis_only": False, "analysis_only": False,
+    "extract_codes_only": False, "full_analysis_only": False, "analysis_only": False, "lora": None,
 }
 
 

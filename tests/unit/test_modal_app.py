@@ -292,9 +292,9 @@ def test_the_gpu_lock_has_the_pinned_torch_and_the_api_lock_none():
 
 def test_the_api_side_runs_without_what_its_image_leaves_out(loaded, tmp_path):
     """The API, the kicker's store and the maintenance round import and build with torch, transformers,
-    diffusers, safetensors, pgserver and huggingface_hub made unimportable, and every third-party
+    diffusers, safetensors, peft, pgserver and huggingface_hub made unimportable, and every third-party
     package the project's loaded modules import is pinned in the API lock."""
-    blocked = ["torch", "transformers", "diffusers", "safetensors", "pgserver", "huggingface_hub"]
+    blocked = ["torch", "transformers", "diffusers", "safetensors", "peft", "pgserver", "huggingface_hub"]
     script = f"""
 import ast, importlib.util, json, sys
 from importlib.metadata import packages_distributions
@@ -336,8 +336,8 @@ print(json.dumps({{"modules": sorted(m.__name__ for m in ours),
             unpinned[name] = sorted(names)
     # what the loaded modules import lazily for other roles (the worker's pipeline, dev's embedded Postgres,
     # the RunPod SDK) is never reached by the API image's functions
-    assert set(unpinned) <= {"torch", "transformers", "diffusers", "safetensors", "pgserver", "huggingface_hub",
-                             "runpod"}, unpinned
+    assert set(unpinned) <= {"torch", "transformers", "diffusers", "safetensors", "peft", "pgserver",
+                             "huggingface_hub", "runpod"}, unpinned
 
 
 # --- the decisions ----------------------------------------------------------------------------------
