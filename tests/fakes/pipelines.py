@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.audio_io import SAMPLE_RATE
 from pipeline.contract import stage_progress
-from pipeline.interface import GeneratedAudio, OutOfMemory
+from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError
 
 STAGES = ("lm", "dit", "vae", "done")
 
@@ -83,12 +83,14 @@ class BatchingFake(Fake):
     """Runs compatible jobs as one batch and says so in each job's generation_info."""
 
     def run_batch(self, requests, progress):
+        """A request whose caption says "bad input" fails on its own (its PipelineError in its place)."""
         results = [self.run(requests[0], progress)]  # the stages run once, for all of them
         for request in requests[1:]:
             results.append(GeneratedAudio([_tone() for _ in range(request.items)], info=dict(results[0].info)))
         for result in results:
             result.info["generation_info"] = f"one batch of {len(requests)} jobs"
-        return results
+        return [PipelineError(f"bad input in {r.caption!r}") if "bad input" in r.caption else result
+                for r, result in zip(requests, results, strict=True)]
 
 
 class EchoFake(Fake):

@@ -147,6 +147,18 @@ def test_worker_batches_compatible_jobs_into_one_pipeline_call(store, storage, d
     assert all(store.get(i)["result"]["generation_info"].endswith(", one batch of 3 jobs") for i in ids)
 
 
+def test_a_job_that_fails_in_a_batch_fails_alone(store, storage, db_url):
+    ids = [submit(store, caption=c, audio_duration=30) for c in ("song 1", "song 2 with bad input", "song 3")]
+    process = InProcessPipeline("tests.fakes.pipelines:batching")
+    w = worker(store, storage, db_url, lambda: process, batch_jobs=3)
+    assert w.run() == 0
+    assert [len(m.requests) for m in process.received] == [3]
+    jobs = [store.get(i) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded", "failed", "succeeded"]
+    assert "bad input in 'song 2 with bad input'" in jobs[1]["error"]
+    assert all(j["result"]["generation_info"].endswith(", one batch of 3 jobs") for j in (jobs[0], jobs[2]))
+
+
 def test_worker_whose_pipeline_cannot_load_takes_no_job(store, storage, db_url):
     job_id = submit(store, caption="x")
     w = worker(store, storage, db_url, lambda: InProcessPipeline("tests.fakes.pipelines:broken_setup"))
