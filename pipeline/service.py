@@ -632,6 +632,16 @@ class AceStepPipeline:
         )
         return list(latents.split([job.noise.shape[0] for job in jobs]))
 
+    def decode(self, latents: torch.Tensor, stages: Stages) -> torch.Tensor:
+        """The VAE decode of [B, T, C] latents: all items at once on a GPU; on a CPU item by item
+        (one wide batch of waveform-rate activations runs slower there than the items one at a time:
+        2.4x for 8 tiny 10 s songs)."""
+        if self.device.type != "cpu" or latents.shape[0] == 1:
+            return self.vae.decode(latents, progress=stages.steps("vae"))
+        items = latents.shape[0]
+        return torch.cat([self.vae.decode(latents[i:i + 1], progress=stages.steps("vae", i / items, (i + 1) / items))
+                          for i in range(items)])
+
     def finish(self, jobs: list["Prepared"], latents: list[torch.Tensor], stages: Stages) -> list[GeneratedAudio]:
         """Latent shift/rescale, one VAE decode for the jobs (equal frames), then each job's own
         post-processing (clipping guard, repaint splice, normalisation, fades) and result info."""
@@ -641,7 +651,7 @@ class AceStepPipeline:
         except RuntimeError as exc:
             raise PipelineError(f"the DiT's output cannot be decoded: {exc}") from None
         stages("vae")
-        decoded = self.vae.decode(torch.cat(latents) if len(latents) > 1 else latents[0], progress=stages.steps("vae"))
+        decoded = self.decode(torch.cat(latents) if len(latents) > 1 else latents[0], stages)
         made = []
         for job, wavs in zip(jobs, decoded.split([x.shape[0] for x in latents]), strict=True):
             request, plan, src, items = job.request, job.plan, job.src, job.noise.shape[0]
