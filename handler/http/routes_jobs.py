@@ -30,6 +30,7 @@ from handler.http.job_view import epoch, job_response
 from handler.http.services import Services
 from handler.storage import AUDIO_CONTENT_TYPES
 from pipeline.contract import (
+    BATCH_FIELDS,
     LM_PREFIX,
     GenerationRequest,
     RequestOptionError,
@@ -113,13 +114,11 @@ def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
-# The options one DiT loop runs with for the whole batch: jobs that differ in any never share one.
-SAMPLER_FIELDS = (
-    "guidance_scale", "shift", "timesteps", "infer_method", "sampler_mode", "velocity_norm_threshold",
-    "velocity_ema_factor", "dcw_enabled", "dcw_mode", "dcw_scaler", "dcw_high_scaler", "dcw_wavelet", "use_adg",
-    "cfg_interval_start", "cfg_interval_end", "cover_noise_strength", "chunk_mask_mode", "repaint_mode",
-    "repaint_strength", "retake_variance", "extract_codes_only", "full_analysis_only", "analysis_only", "lora",
-)
+# What jobs must agree on to be claimed together: what one DiT loop runs with for the whole batch
+# (pipeline.contract.BATCH_FIELDS: the pipeline's run_batch splits by the same fields) and a few
+# more that would only split the claimed batch again (the analysis modes, retake, the chunk mask).
+SAMPLER_FIELDS = (*BATCH_FIELDS, "chunk_mask_mode", "retake_variance", "extract_codes_only", "full_analysis_only",
+                  "analysis_only")
 
 
 def batch_key(params: GenerationRequest, model: str) -> str:
