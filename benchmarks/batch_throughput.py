@@ -11,7 +11,6 @@ job's end. Printed: jobs/s, seconds per job, and the speed-up over the first set
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.http_harness import free_port  # noqa: E402
+from tests.integration.http_harness import free_port, interrupt  # noqa: E402
 
 
 def start_dev(data_dir: Path, batch_jobs: int) -> tuple[subprocess.Popen, str]:
@@ -69,11 +68,7 @@ def run(batch_jobs: int, jobs: int, seconds: float) -> dict:
                     time.sleep(0.2)
                 elapsed = time.monotonic() - start
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            interrupt(proc)
     return {"batch_jobs": batch_jobs, "jobs": jobs, "seconds": elapsed}
 
 

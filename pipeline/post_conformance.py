@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import postprocess as pp
-from pipeline.conformance import Outcome
+from pipeline.conformance import Outcome, compare
 
 TOLERANCE = 1e-6
 
@@ -50,23 +50,12 @@ def _inputs(case: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {arg: _tensor(tensors, spec) for arg, spec in case.get("inputs", {}).items()}
 
 
-def _compare_tensor(name: str, ours: torch.Tensor, expected: torch.Tensor, tolerance: float) -> tuple[bool, str]:
-    if tuple(ours.shape) != tuple(expected.shape):
-        return False, f"{name}: shape {tuple(ours.shape)} != {tuple(expected.shape)}"
-    if expected.dtype.is_floating_point:
-        diff = (ours.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-        ok = diff <= tolerance and bool(torch.isfinite(ours).all())
-        return ok, f"{name}: max |diff| {diff:.2e}"
-    mismatches = int((ours.to(torch.int64) != expected.to(torch.int64)).sum())
-    return mismatches == 0, f"{name}: {mismatches} of {expected.numel()} differ"
-
-
 def _same(ours: Any, expected: Any, tensors: dict, tolerance: float) -> str | None:
     """None when equal, else why not. Floats within tolerance, everything else exactly with its type."""
     if isinstance(expected, dict) and "tensor" in expected:
         if not isinstance(ours, torch.Tensor):
             return f"expected a tensor, got {type(ours).__name__}"
-        ok, text = _compare_tensor("tensor", ours, _tensor(tensors, expected), tolerance)
+        ok, text = compare("tensor", ours, _tensor(tensors, expected), tolerance)
         return None if ok else text
     if isinstance(expected, dict):
         if not isinstance(ours, dict) or set(ours) != set(expected):
@@ -169,7 +158,7 @@ def _tensor_case(runner: Callable) -> Callable:
                 if out not in results:
                     checks.append((False, f"{out}{label}: not produced"))
                     continue
-                ok, text = _compare_tensor(out, results[out], _tensor(tensors, spec), tolerance)
+                ok, text = compare(out, results[out], _tensor(tensors, spec), tolerance)
                 checks.append((ok, text.replace(":", label + ":", 1)))
         if not case.get("outputs"):
             checks.append((False, "no outputs in the manifest"))

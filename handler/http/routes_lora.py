@@ -32,7 +32,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
-from db.lora_store import STORAGE_PREFIX, LoraStore, adapter_key, adapter_prefix, apply_default_lora  # noqa: F401
+from db.lora_store import STORAGE_PREFIX, LoraStore, adapter_key, adapter_prefix
 from handler.http.auth import Caller
 from handler.http.body import CountedReceive, content_type
 from handler.http.envelope import EnvelopeRoute, envelope

@@ -5,7 +5,6 @@ the expected length; bad combinations refused with a 422 naming the field, nothi
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import soundfile
 
 from tests.acceptance.test_dev_tiny import wait_for_job
-from tests.integration.http_harness import free_port
+from tests.integration.http_harness import free_port, interrupt
 
 BASE = "acestep-v15-base"
 SONG = {"caption": "calm piano", "lyrics": "[Instrumental]", "audio_duration": 10, "batch_size": 1,
@@ -154,8 +153,4 @@ def test_every_new_option_and_base_task_runs_through_dev(tmp_path):
                 wanted = BASE
             assert result["dit_model"] == wanted, (name, result)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        interrupt(proc)

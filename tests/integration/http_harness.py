@@ -2,7 +2,9 @@
 claims jobs and writes short real audio files and results under the worker's result contract."""
 
 import io
+import signal
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +26,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def interrupt(proc, timeout: float = 60) -> None:
+    """Ctrl-C a process (`dev`, a server) and wait for it; killed when it does not stop in time."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def audio_bytes(fmt: str = "wav", seconds: float = 0.5) -> bytes:
