@@ -84,6 +84,14 @@ def _stop(proc: subprocess.Popen, sig: int, grace: float) -> None:
             proc.wait()
 
 
+def _pinned(index: int, pin: bool):
+    """A preexec_fn that puts the child on one CPU (None: no pinning)."""
+    if not pin:
+        return None
+    cpu = sorted(os.sched_getaffinity(0))[index % len(os.sched_getaffinity(0))]
+    return lambda: os.sched_setaffinity(0, {cpu})
+
+
 @contextmanager
 def dev_deployment(
     *,
@@ -93,9 +101,14 @@ def dev_deployment(
     checkpoint_dir: Path | None = None,
     keep: bool = False,
     start_timeout: float = 600.0,
+    pin_cpus: bool = False,
 ) -> Iterator[dict]:
     """Yield {"url", "data_dir", "database_url"} once /health shows `workers` live job slots: dev's
-    own worker plus `workers - 1` more `worker` processes with dev's environment."""
+    own worker plus `workers - 1` more `worker` processes with dev's environment.
+
+    `pin_cpus`: process i (dev, then each worker, with their pipeline children) runs on CPU
+    i mod the CPU count with one torch thread, so each worker slot has a device of its own, as on a
+    GPU fleet, instead of every slot's torch threads sharing every core."""
     data_dir = Path(tempfile.mkdtemp(prefix="acestep-bench-"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -104,6 +117,8 @@ def dev_deployment(
     with ExitStack() as stack:
         child_env = {k: v for k, v in os.environ.items() if k not in INHERITED_OUT}
         child_env |= (env or {}) | {"ACESTEP_DATA_DIR": str(data_dir), "ACESTEP_PORT": str(port)}
+        if pin_cpus:
+            child_env |= {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         server = postgres or (LOCAL_URL if reachable(LOCAL_URL) else None)
         if server:  # else dev starts its own embedded server in the data directory
             child_env["ACESTEP_DATABASE_URL"] = stack.enter_context(scratch_database(server, "bench_eta", migrate=False))
@@ -112,7 +127,7 @@ def dev_deployment(
         try:
             with logs[0].open("w") as out:
                 procs.append(subprocess.Popen([sys.executable, "-m", "handler.cli", "dev"], cwd=ROOT, env=child_env,
-                                              stdout=out, stderr=subprocess.STDOUT))
+                                              stdout=out, stderr=subprocess.STDOUT, preexec_fn=_pinned(0, pin_cpus)))
             tiny = data_dir / "tiny-checkpoints"
             builds_tiny = checkpoint_dir is None and "ACESTEP_PIPELINE" not in child_env  # as cmd_dev decides
             wait_for("the job store and checkpoints",
@@ -121,10 +136,11 @@ def dev_deployment(
             worker_env = child_env | {"ACESTEP_DATABASE_URL": _store_url(logs[0])}
             if builds_tiny:
                 worker_env["ACESTEP_CHECKPOINT_DIR"] = str(tiny)
-            for log in logs[1:]:
+            for i, log in enumerate(logs[1:], start=1):
                 with log.open("w") as out:
                     procs.append(subprocess.Popen([sys.executable, "-m", "handler.cli", "worker"], cwd=ROOT,
-                                                  env=worker_env, stdout=out, stderr=subprocess.STDOUT))
+                                                  env=worker_env, stdout=out, stderr=subprocess.STDOUT,
+                                                  preexec_fn=_pinned(i, pin_cpus)))
             wait_for(f"{workers} live worker slots", lambda: health(base).get("worker_slots", 0) >= workers,
                      start_timeout, logs, procs)
             yield {"url": base, "data_dir": data_dir, "database_url": worker_env["ACESTEP_DATABASE_URL"]}

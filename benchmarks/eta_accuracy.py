@@ -353,6 +353,54 @@ def describe(base: str) -> str:
             f"{os.cpu_count()} CPUs here, load average {os.getloadavg()[0]:.1f}")
 
 
+def recorded_stages(database_url: str, records: list[Record]) -> list[dict]:
+    """Every finished job's recorded stage seconds and features, read from its row, with the
+    samples the estimator had at the job's first poll (those finished before it)."""
+    from sqlalchemy import text
+
+    from db.engine import make_engine
+
+    engine = make_engine(database_url, pool_size=1)
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT id::text, model, task_type, items, audio_seconds, dit_steps, lm_mode, timings, status, "
+            "jsonb_typeof(request->'audio_duration') = 'number', "
+            "EXTRACT(EPOCH FROM finished_at - started_at)::float8, EXTRACT(EPOCH FROM finished_at)::float8 "
+            "FROM jobs")).fetchall()
+    engine.dispose()
+    by_id = {r[0]: r for r in rows}
+    out = []
+    for record in records:
+        row = by_id.get(record.job_id)
+        if row is None:
+            continue
+        out.append({"job_id": record.job_id, "kind": record.plan.kind, "poll": record.poll_server_time,
+                    "model": row[1], "task_type": row[2], "items": row[3], "audio_seconds": row[4],
+                    "dit_steps": row[5], "lm_mode": row[6], "timings": row[7], "status": row[8],
+                    "duration_given": row[9], "seconds": row[10], "finished": row[11]})
+    return out
+
+
+def print_stages(stage_rows: list[dict], lm_max_duration: int) -> None:
+    """Per job: the seconds each stage recorded against the cost model's price of it, fitted (as the
+    API does) on the jobs that had finished by the job's first poll."""
+    from handler.http.cost_model import PRIORS, Work, fit_cost_model
+
+    print("\nrecorded stage seconds vs the cost model's price at the job's first poll (recorded/priced)")
+    for row in stage_rows:
+        if row["status"] != "succeeded" or not row["timings"]:
+            continue
+        samples = [r for r in stage_rows if r["status"] == "succeeded" and r["timings"] and r["finished"] < row["poll"]]
+        coefficients = fit_cost_model(samples, PRIORS["cpu-tiny"]).of(row["model"] or "")
+        work = Work.of(row)
+        priced = coefficients.stage_seconds(Work.of(row | {"audio_seconds": None}) if not row["duration_given"] else work)
+        recorded = row["timings"].get("stages") or {}
+        parts = " ".join(f"{stage} {recorded.get(stage, 0):.1f}/{priced.get(stage, 0):.1f}"
+                         for stage in priced if recorded.get(stage, 0) > 0.2 or priced.get(stage, 0) > 0.2)
+        print(f"  {row['kind']:<12} x{row['items']} {row['audio_seconds'] or 0:>5.0f} s batch_jobs "
+              f"{row['timings'].get('batch_jobs', 1)} run {row['seconds']:.1f}/{sum(priced.values()):.1f}: {parts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--waves", type=int, default=4, help="waves, the first being the warm-up (default 4)")
@@ -366,6 +414,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-dir", type=Path, help="real checkpoints (default: dev's tiny random ones)")
     parser.add_argument("--lm-max-duration", type=int, default=60, help="ACESTEP_LM_MAX_DURATION for dev (default 60)")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds between a wave's queue emptying and the next wave")
+    parser.add_argument("--pin-cpus", action="store_true",
+                        help="each worker process on a CPU of its own with one torch thread (a device per slot)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="longest wait for one wave")
     args = parser.parse_args()
     if args.waves < 2 or args.jobs_per_wave < 1:
@@ -382,12 +432,15 @@ def main() -> None:
     else:
         env = {"ACESTEP_LM_MAX_DURATION": str(args.lm_max_duration)}
         with dev_deployment(workers=args.workers, env=env, postgres=args.postgres, checkpoint_dir=args.checkpoint_dir,
-                            keep=args.keep) as deployment:
+                            keep=args.keep, pin_cpus=args.pin_cpus) as deployment:
             base = deployment["url"]
             weights = "checkpoints " + str(args.checkpoint_dir) if args.checkpoint_dir else "tiny random checkpoints"
-            setting = (f"dev ({weights}, ACESTEP_LM_MAX_DURATION={args.lm_max_duration}) + {args.workers - 1} worker: "
+            setting = (f"dev ({weights}, ACESTEP_LM_MAX_DURATION={args.lm_max_duration}) + {args.workers - 1} worker"
+                       f"{' (a CPU and one torch thread each)' if args.pin_cpus else ''}: "
                        f"{describe(base)}")
             records = run_mix(base, mix, args.timeout, args.pause)
+            stage_rows = recorded_stages(deployment["database_url"], records)
+            print_stages(stage_rows, args.lm_max_duration)
     wall = time.monotonic() - started
     rows = job_rows(records)
     summary = summarise(rows)

@@ -22,7 +22,9 @@ on base/SFT with guidance (guidance_scale > 1: the decoder runs on the condition
 Each (model, stage) line is fitted on the stage times the worker records (a batched job's share of
 its batch), robust to outliers (Huber weights), with neither coefficient below 0, and pulled toward
 a prior (measured per device class by a benchmark run; `PRIORS`) with the weight of `PRIOR_WEIGHT`
-jobs, so a few observations move it and many override it. Seconds per song that the LM is still to
+jobs, so a few observations move it and many override it. The prior is first scaled to the device
+the jobs ran on (`device_speed`: the median of recorded / priced per job), so a device several times
+faster or slower than its class is priced right after a job or two. Seconds per song that the LM is still to
 choose are priced at the median of what it chose lately (prior: `PRIORS[...]["expected_seconds"]`).
 
 `Coefficients.sql_array` is the same formula in the shape the SQL function `acestep_job_seconds`
@@ -32,7 +34,7 @@ choose are priced at the median of what it chose lately (prior: `PRIORS[...]["ex
 import math
 import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.contract import SOURCE_TASK_TYPES, STAGES, TURBO_MAX_STEPS, GenerationRequest, dit_kind, within_stage
@@ -288,8 +290,30 @@ def fit_cost_model(samples: Iterable[Mapping[str, Any]], prior: Coefficients = P
             recorded = sample_stages(sample)
             for stage, feature in work.stage_features(seconds).items():
                 points[stage].append((feature, recorded.get(stage, 0.0)))
-        models[model] = Coefficients({stage: fit_line(points[stage], prior.stages[stage]) for stage in STAGES}, expected)
+        own = [s for s in samples if (s["model"] or "") == model]
+        scaled = device_speed(own, prior, expected)
+        models[model] = Coefficients({stage: fit_line(points[stage], scaled.stages[stage]) for stage in STAGES}, expected)
     return CostModel(models, default)
+
+
+def device_speed(samples: list[Mapping[str, Any]], prior: Coefficients, expected: float) -> Coefficients:
+    """The prior scaled to the device the samples ran on: by the median of each job's recorded
+    seconds over the prior's price of it, pulled toward 1 (geometrically, as one more job at 1), so a
+    device much faster or slower than the prior's class is priced right after a job or two, and each
+    stage's line is then fitted around that."""
+    ratios = []
+    for sample in samples:
+        work = replace(Work.of(sample), audio_seconds=_made_seconds(sample, expected))
+        priced = prior.seconds(work)
+        recorded = sum(sample_stages(sample).values())
+        if priced > 0 and recorded > 0:
+            ratios.append(recorded / priced)
+    if not ratios:
+        return prior
+    factor = math.exp(math.log(statistics.median(ratios)) * len(ratios) / (len(ratios) + 1))
+    factor = min(20.0, max(0.05, factor))
+    return Coefficients({stage: StageCost(c.a * factor, c.b * factor) for stage, c in prior.stages.items()},
+                        prior.expected_seconds)
 
 
 def _made_seconds(sample: Mapping[str, Any], expected: float) -> float:

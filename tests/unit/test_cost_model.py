@@ -66,6 +66,20 @@ def test_priors_price_jobs_before_any_finished_and_observations_take_over():
     assert observed(5).of("unseen-model").seconds(work) == pytest.approx(prior.seconds(work))
 
 
+def test_a_device_faster_than_its_prior_is_priced_right_after_a_few_jobs():
+    # Every stage runs 5x faster than the cpu-tiny prior says (a job recorded here: prior price / 5).
+    prior = PRIORS["cpu-tiny"]
+    def run(seconds, items):
+        work = Work(model="turbo", audio_seconds=seconds, items=items)
+        stages = {stage: cost / 5 for stage, cost in prior.stage_seconds(work).items()}
+        return work, sample(seconds=seconds, items=items, stages=stages)
+    samples = [run(240.0, 1)[1], run(10.0, 2)[1], run(60.0, 3)[1]]
+    work, truth = run(30.0, 2)
+    priced = fit_cost_model(samples, prior).seconds(work)
+    assert priced == pytest.approx(truth["seconds"], rel=0.35)  # the prior alone says 5x
+    assert fit_cost_model([], prior).seconds(work) == pytest.approx(5 * truth["seconds"], rel=0.01)
+
+
 def test_a_batched_job_is_charged_its_share_of_the_batch():
     # Two jobs shared a 10 s batch: each recorded 4 s of stages; the rest of its half is claim/finish.
     stages = sample_stages(sample(stages={"dit": 3.0, "vae": 1.0}, batch_jobs=2, total=10.0))
