@@ -88,7 +88,8 @@ def _pinned(index: int, pin: bool):
     """A preexec_fn that puts the child on one CPU (None: no pinning)."""
     if not pin:
         return None
-    cpu = sorted(os.sched_getaffinity(0))[index % len(os.sched_getaffinity(0))]
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[index % len(cpus)]
     return lambda: os.sched_setaffinity(0, {cpu})
 
 

@@ -381,9 +381,9 @@ def recorded_stages(database_url: str, records: list[Record]) -> list[dict]:
     return out
 
 
-def print_stages(stage_rows: list[dict], lm_max_duration: int) -> None:
+def print_stages(stage_rows: list[dict], prior: str) -> None:
     """Per job: the seconds each stage recorded against the cost model's price of it, fitted (as the
-    API does) on the jobs that had finished by the job's first poll."""
+    API does, from dev's `prior`) on the jobs that had finished by the job's first poll."""
     from handler.http.cost_model import PRIORS, Work, fit_cost_model
 
     print("\nrecorded stage seconds vs the cost model's price at the job's first poll (recorded/priced)")
@@ -391,7 +391,7 @@ def print_stages(stage_rows: list[dict], lm_max_duration: int) -> None:
         if row["status"] != "succeeded" or not row["timings"]:
             continue
         samples = [r for r in stage_rows if r["status"] == "succeeded" and r["timings"] and r["finished"] < row["poll"]]
-        coefficients = fit_cost_model(samples, PRIORS["cpu-tiny"]).of(row["model"] or "")
+        coefficients = fit_cost_model(samples, PRIORS[prior]).of(row["model"] or "")
         work = Work.of(row)
         priced = coefficients.stage_seconds(Work.of(row | {"audio_seconds": None}) if not row["duration_given"] else work)
         recorded = row["timings"].get("stages") or {}
@@ -440,7 +440,7 @@ def main() -> None:
                        f"{describe(base)}")
             records = run_mix(base, mix, args.timeout, args.pause)
             stage_rows = recorded_stages(deployment["database_url"], records)
-            print_stages(stage_rows, args.lm_max_duration)
+            print_stages(stage_rows, "gpu" if args.checkpoint_dir else "cpu-tiny")  # dev's choice (cli.py)
     wall = time.monotonic() - started
     rows = job_rows(records)
     summary = summarise(rows)

@@ -284,30 +284,25 @@ def fit_cost_model(samples: Iterable[Mapping[str, Any]], prior: Coefficients = P
     models = {}
     for model in sorted({s["model"] or "" for s in samples}):
         points: dict[str, list[tuple[float, float]]] = {stage: [] for stage in STAGES}
+        runs: list[tuple[Work, float]] = []
         for sample in (s for s in samples if (s["model"] or "") == model):
-            work = Work.of(sample)
-            seconds = _made_seconds(sample, expected)
+            work = replace(Work.of(sample), audio_seconds=_made_seconds(sample, expected))
             recorded = sample_stages(sample)
-            for stage, feature in work.stage_features(seconds).items():
+            runs.append((work, sum(recorded.values())))
+            for stage, feature in work.stage_features(work.audio_seconds).items():
                 points[stage].append((feature, recorded.get(stage, 0.0)))
-        own = [s for s in samples if (s["model"] or "") == model]
-        scaled = device_speed(own, prior, expected)
+        scaled = device_speed(runs, prior)
         models[model] = Coefficients({stage: fit_line(points[stage], scaled.stages[stage]) for stage in STAGES}, expected)
     return CostModel(models, default)
 
 
-def device_speed(samples: list[Mapping[str, Any]], prior: Coefficients, expected: float) -> Coefficients:
-    """The prior scaled to the device the samples ran on: by the median of each job's recorded
-    seconds over the prior's price of it, pulled toward 1 (geometrically, as one more job at 1), so a
-    device much faster or slower than the prior's class is priced right after a job or two, and each
-    stage's line is then fitted around that."""
-    ratios = []
-    for sample in samples:
-        work = replace(Work.of(sample), audio_seconds=_made_seconds(sample, expected))
-        priced = prior.seconds(work)
-        recorded = sum(sample_stages(sample).values())
-        if priced > 0 and recorded > 0:
-            ratios.append(recorded / priced)
+def device_speed(runs: list[tuple[Work, float]], prior: Coefficients) -> Coefficients:
+    """The prior scaled to the device the jobs ran on (`runs`: each job's work at the seconds it made,
+    and its recorded seconds): by the median of recorded over the prior's price, pulled toward 1
+    (geometrically, as one more job at 1), so a device much faster or slower than the prior's class
+    is priced right after a job or two, and each stage's line is then fitted around that."""
+    ratios = [recorded / priced for work, recorded in runs
+              if (priced := prior.seconds(work)) > 0 and recorded > 0]
     if not ratios:
         return prior
     factor = math.exp(math.log(statistics.median(ratios)) * len(ratios) / (len(ratios) + 1))
