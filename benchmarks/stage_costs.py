@@ -6,6 +6,9 @@ each stage's line a + b * feature (handler/http/cost_model.py) and prints it in 
 `cost_model.PRIORS`.
 
     python benchmarks/stage_costs.py [--checkpoint-dir DIR] [--device cpu|cuda] [--format mp3]
+
+On a CPU, run it as a device of its own (one core, one torch thread), as `eta_accuracy.py --pin-cpus`
+runs each worker slot: `OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/stage_costs.py`.
 """
 
 import argparse
@@ -18,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from handler.http.cost_model import STAGES, StageCost, fit_line, work_of  # noqa: E402
+from handler.http.cost_model import LINES, StageCost, fit_line, line_of, work_of  # noqa: E402
 from pipeline.audio_io import encode_audio  # noqa: E402
 from pipeline.contract import GenerationRequest, PipelineOptions  # noqa: E402
 from pipeline.service import load_pipeline  # noqa: E402
@@ -62,7 +65,7 @@ def main() -> None:
 
             checkpoints = build_tiny_checkpoints(Path(tmp) / "ckpt")
         pipeline = load_pipeline(checkpoints, PipelineOptions(device=args.device, vllm=False))
-        points: dict[str, list[tuple[float, float]]] = {stage: [] for stage in STAGES}
+        points: dict[str, list[tuple[float, float]]] = {line: [] for line in LINES}
         for duration, batch, thinking in MIX:
             request = GenerationRequest(audio_duration=duration, batch_size=batch, thinking=thinking,
                                         caption="upbeat pop song", lyrics="[verse]\nHello world", seed=1)
@@ -72,7 +75,7 @@ def main() -> None:
             print(f"{duration:>4} s x{batch} thinking={thinking!s:<5} " +
                   " ".join(f"{k} {v:.3f}" for k, v in stages.items()), flush=True)
             for stage, feature in features.items():
-                points[stage].append((feature, stages.get(stage, 0.0)))
+                points[line_of(stage, work)].append((feature, stages.get(stage, 0.0)))
         lines = {stage: fit_line(p, StageCost(0.0), weight=0.0) for stage, p in points.items()}
         print("prior = {" + ", ".join(f'"{s}": ({c.a:.3g}, {c.b:.3g})' for s, c in lines.items()) + "}")
 

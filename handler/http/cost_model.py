@@ -7,7 +7,8 @@ model as `a + b * feature` on what drives that stage:
 |---|---|---|
 | claimed (claim to first report; load, queue pick-up) | - | always |
 | preparing (source audio read and VAE-encoded) | seconds of the source (cover, repaint, ...) | always |
-| lm | seconds x songs of audio codes (lm_mode 2) | the LM runs (lm_mode >= 1) |
+| lm (`lm` line: text only, lm_mode 1) | - | the LM writes text only (metas, format, a sample) |
+| lm (`lm_codes` line: lm_mode 2) | seconds x songs of audio codes | `thinking`: the LM writes its CoT and the codes |
 | conditioning (text encoder) | songs | not an LM task |
 | dit | seconds x songs x decoder passes (`dit_passes`) | not an LM task |
 | vae, encoding | seconds x songs | not an LM task |
@@ -28,7 +29,7 @@ faster or slower than its class is priced right after a job or two. Seconds per 
 choose are priced at the median of what it chose lately (prior: `PRIORS[...]["expected_seconds"]`).
 
 `Coefficients.sql_array` is the same formula in the shape the SQL function `acestep_job_seconds`
-(migrations 0004, 0005) prices with, for queue sums done in the database.
+(migrations 0004, 0005, 0007) prices with, for queue sums done in the database.
 """
 
 import math
@@ -43,7 +44,12 @@ PRIOR_WEIGHT = 3.0  # how many jobs' worth of evidence the prior counts as
 HUBER_K = 1.5
 MIN_JOB_SECONDS = 0.1  # a job with work never costs 0 (the SQL function says the same)
 # The order of acestep_job_seconds' coefficient array (migration 0004).
-SQL_COEFFICIENTS = ("k0", "k_src", "k_lm_a", "k_lm_b", "k_dit", "k_audio", "k_items", "k_lm_task", "expected_seconds")
+# k_lm_codes_a (migration 0007) is the lm_mode 2 intercept; arrays without it price as k_lm_a.
+SQL_COEFFICIENTS = ("k0", "k_src", "k_lm_a", "k_lm_b", "k_dit", "k_audio", "k_items", "k_lm_task", "expected_seconds",
+                    "k_lm_codes_a")
+# The lines a model is priced with: one per stage, and the LM's own when it writes audio codes (its
+# chain of thought and the codes make a run of another kind than a text-only one).
+LINES = (*STAGES, "lm_codes")
 SAMPLE_LIMIT = 500  # the most recent finished jobs the model learns from
 
 
@@ -151,7 +157,7 @@ class Coefficients:
 
     def stage_seconds(self, work: Work) -> dict[str, float]:
         seconds = self.song_seconds(work)
-        return {stage: self.stages[stage].seconds(f) for stage, f in work.stage_features(seconds).items()}
+        return {stage: self.stages[line_of(stage, work)].seconds(f) for stage, f in work.stage_features(seconds).items()}
 
     def song_seconds(self, work: Work) -> float:
         return work.audio_seconds if work.audio_seconds is not None else self.expected_seconds
@@ -181,12 +187,13 @@ class Coefficients:
             "k0": s["claimed"].a + s["preparing"].a + sum(c.a for c in audio_stages),
             "k_src": s["preparing"].b,
             "k_lm_a": s["lm"].a,
-            "k_lm_b": s["lm"].b,
+            "k_lm_b": self.stages["lm_codes"].b,
             "k_dit": s["dit"].b,
             "k_audio": s["vae"].b + s["encoding"].b,
             "k_items": s["conditioning"].b + s["uploading"].b,
             "k_lm_task": s["claimed"].a + s["lm"].a,
             "expected_seconds": self.expected_seconds,
+            "k_lm_codes_a": self.stages["lm_codes"].a,
         }
 
     def sql_array(self) -> list[float]:
@@ -194,22 +201,30 @@ class Coefficients:
         return [collapsed[name] for name in SQL_COEFFICIENTS]
 
 
+def line_of(stage: str, work: Work) -> str:
+    """The line a stage of this job is priced on."""
+    return "lm_codes" if stage == "lm" and work.lm_mode == 2 and not work.lm_task else stage
+
+
 def _prior(stages: dict[str, tuple[float, float]], expected_seconds: float) -> Coefficients:
-    return Coefficients({stage: StageCost(*stages[stage]) for stage in STAGES}, expected_seconds)
+    return Coefficients({line: StageCost(*stages[line]) for line in LINES}, expected_seconds)
 
 
 # Priors per device class, from benchmark runs (benchmarks/README.md): `gpu` from the full-size
 # DiT+VAE and 1.7B LM (pt backend) on an H200 at 60 s (DiT 8 steps 0.250 s, VAE 0.138 s, LM 7.6 s);
-# `cpu-tiny` from `benchmarks/stage_costs.py` (tiny random checkpoints on this project's 2-core CPU).
+# `cpu-tiny` from `benchmarks/stage_costs.py` (tiny random checkpoints, one CPU core and one torch
+# thread of this project's 2-core machine, 2026-12-06).
 # A worker reads the source audio in `preparing`: priced as a VAE pass over it.
 PRIORS: dict[str, Coefficients] = {
     "gpu": _prior({
-        "claimed": (0.05, 0.0), "preparing": (0.05, 0.003), "lm": (1.0, 0.127), "conditioning": (0.05, 0.01),
+        "claimed": (0.05, 0.0), "preparing": (0.05, 0.003), "lm": (1.0, 0.0), "lm_codes": (1.0, 0.127),
+        "conditioning": (0.05, 0.01),
         "dit": (0.02, 0.00052), "vae": (0.02, 0.0023), "encoding": (0.02, 0.004), "uploading": (0.05, 0.02),
     }, expected_seconds=120.0),
     "cpu-tiny": _prior({
-        "claimed": (0.05, 0.0), "preparing": (0.05, 0.2), "lm": (2.0, 0.15), "conditioning": (0.03, 0.02),
-        "dit": (0.2, 0.009), "vae": (0.2, 0.2), "encoding": (0.3, 0.05), "uploading": (0.02, 0.02),
+        "claimed": (0.05, 0.0), "preparing": (0.05, 0.06), "lm": (0.3, 0.0), "lm_codes": (1.0, 0.15),
+        "conditioning": (0.02, 0.015), "dit": (0.05, 0.00075), "vae": (0.2, 0.06), "encoding": (0.1, 0.05),
+        "uploading": (0.02, 0.02),
     }, expected_seconds=30.0),
 }
 
@@ -283,16 +298,16 @@ def fit_cost_model(samples: Iterable[Mapping[str, Any]], prior: Coefficients = P
     default = Coefficients(prior.stages, expected)
     models = {}
     for model in sorted({s["model"] or "" for s in samples}):
-        points: dict[str, list[tuple[float, float]]] = {stage: [] for stage in STAGES}
+        points: dict[str, list[tuple[float, float]]] = {line: [] for line in LINES}
         runs: list[tuple[Work, float]] = []
         for sample in (s for s in samples if (s["model"] or "") == model):
             work = replace(Work.of(sample), audio_seconds=_made_seconds(sample, expected))
             recorded = sample_stages(sample)
             runs.append((work, sum(recorded.values())))
             for stage, feature in work.stage_features(work.audio_seconds).items():
-                points[stage].append((feature, recorded.get(stage, 0.0)))
+                points[line_of(stage, work)].append((feature, recorded.get(stage, 0.0)))
         scaled = device_speed(runs, prior)
-        models[model] = Coefficients({stage: fit_line(points[stage], scaled.stages[stage]) for stage in STAGES}, expected)
+        models[model] = Coefficients({line: fit_line(points[line], scaled.stages[line]) for line in LINES}, expected)
     return CostModel(models, default)
 
 

@@ -137,3 +137,17 @@ def test_jobs_take_the_first_free_slot_in_claim_order():
     assert finish_time(2, [3.0], [], 5.0) == 5.0  # a slot is free now
     assert finish_time(2, [3.0], [10.0], 5.0) == 8.0  # after the running job, not the long one ahead
     assert finish_time(2, [3.0, 4.0], [1.0, 1.0], 2.0) == 6.0
+
+
+def test_the_lm_of_thinking_jobs_is_priced_apart_from_text_only_runs():
+    # A text-only LM run (metas) costs 1 s; a thinking run writes its CoT (6 s) and 0.05 s per second of codes.
+    samples = []
+    for seconds in (10.0, 30.0, 60.0, 120.0, 240.0) * 20:
+        samples.append(sample(seconds=seconds, lm_mode=1, stages={"lm": 1.0, "dit": 0.01 * seconds}))
+        samples.append(sample(seconds=seconds, lm_mode=2, stages={"lm": 6.0 + 0.05 * seconds, "dit": 0.01 * seconds}))
+    model = fit_cost_model(samples, PRIORS["cpu-tiny"])
+    for seconds in (20.0, 200.0):
+        priced = model.of("turbo").stage_seconds(Work(model="turbo", audio_seconds=seconds, lm_mode=2))["lm"]
+        assert priced == pytest.approx(6.0 + 0.05 * seconds, rel=0.1)
+        text = model.of("turbo").stage_seconds(Work(model="turbo", audio_seconds=seconds, lm_mode=1))["lm"]
+        assert text == pytest.approx(1.0, rel=0.1)
