@@ -1,4 +1,4 @@
-"""`python -m handler.healthcheck [--weights-only]`: is this worker container healthy?
+"""`python -m handler.healthcheck [--weights-only | --http]`: is this worker (or HTTP) container healthy?
 
 Exit 0 when it is; exit 1 with a one-line reason on stdout when it is not. Healthy means:
 
@@ -10,6 +10,10 @@ Exit 0 when it is; exit 1 with a one-line reason on stdout when it is not. Healt
   worker calls `beat()` from its heartbeat loop; before the first beat (while the models load) the file
   does not exist and the check fails, which is why the image's HEALTHCHECK has a `--start-period` long
   enough for a model load (Docker does not count failures inside it).
+
+`--http` is the HTTP image's check instead (infra/docker/http.Dockerfile): GET /health on this
+container's own port (ACESTEP_PORT) answers 200 within the timeout. Whether a GPU worker is live is in
+that answer's body, not in the HTTP container's health: a queue without workers is a normal state.
 
 The container entry point runs the `--weights-only` form before it starts a worker, so a worker without
 weights stops at once with the reason instead of starting and failing every job. Light on purpose: it
@@ -120,12 +124,33 @@ def check(*, weights_only: bool = False) -> str:
     return "healthy: " + "; ".join(parts)
 
 
+def check_http(timeout: float = 4.0) -> str:
+    """The API in this container answers GET /health (on 127.0.0.1:ACESTEP_PORT)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    port = os.environ.get("ACESTEP_PORT") or "8001"
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - a fixed local URL
+            body = json.loads(answer.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        raise Unhealthy(f"{url} answered {exc.code}") from None
+    except (OSError, ValueError) as exc:
+        raise Unhealthy(f"{url} did not answer: {_one_line(exc)}") from None
+    data = body.get("data") if isinstance(body.get("data"), dict) else body
+    return f"healthy: {url} answered 200 ({data.get('status', 'ok')})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m handler.healthcheck", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights-only", action="store_true", help="check the checkpoints only, not the worker heartbeat")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--weights-only", action="store_true", help="check the checkpoints only, not the worker heartbeat")
+    kind.add_argument("--http", action="store_true", help="the HTTP container: GET /health on ACESTEP_PORT answers 200")
     args = parser.parse_args(argv)
     try:
-        print(check(weights_only=args.weights_only))
+        print(check_http() if args.http else check(weights_only=args.weights_only))
     except Unhealthy as exc:
         print(f"unhealthy: {exc}")
         return 1
