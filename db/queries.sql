@@ -373,6 +373,21 @@ WHERE finished_at IS NOT NULL AND status = 'succeeded' AND timings IS NOT NULL
 ORDER BY finished_at DESC
 LIMIT :limit;
 
+-- name: queue_depth
+-- What waits and what runs, for /metrics (handler/metrics.py): queued jobs per model, counted on
+-- ix_jobs_queue (`model` is INCLUDEd: index-only), and running jobs per model and worker, on
+-- ix_jobs_lease (as few as the worker slots). Finished jobs are left out: counting them would read
+-- every retained row at each scrape.
+SELECT 'queued' AS status, model, CAST(NULL AS text) AS worker_id, count(*) AS jobs
+FROM jobs
+WHERE status = 'queued'
+GROUP BY model
+UNION ALL
+SELECT 'running' AS status, model, worker_id, count(*) AS jobs
+FROM jobs
+WHERE lease_expires_at IS NOT NULL AND status = 'running'
+GROUP BY model, worker_id;
+
 -- name: live_capacity
 -- Job slots of workers that heartbeated recently and can take work.
 WITH clock AS (SELECT COALESCE(CAST(:now AS timestamptz), now()) AS now)

@@ -322,6 +322,11 @@ class JobStore:
             "avg_job_seconds": float(avg) if avg is not None else None,
         }
 
+    def queue_depth(self) -> list[dict[str, Any]]:
+        """Queued jobs per model and running jobs per model and worker: rows of status, model,
+        worker_id (None for queued) and jobs. Read-only; for /metrics."""
+        return [r._asdict() for r in self._run("queue_depth", None)]
+
     def cancel(self, job_id: UUID, *, now: datetime | None = None) -> CancelOutcome:
         """Queued -> canceled now; running -> cancel requested (the worker stops between stages)."""
         row = self._run("cancel_job", now, id=job_id)[0]

@@ -95,7 +95,9 @@ def _serve_http(settings: Settings, database_url: str) -> None:
         )
     app = create_app(services)
     install_access_log_filter()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    # log_config=None: uvicorn's own lines and its access log go through the root logger, in the
+    # format configure_logging chose (text or JSON), instead of handlers of uvicorn's own.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", log_config=None)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -262,6 +264,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         settings, concurrency=args.concurrency, once=args.once, max_jobs=args.max_jobs,
         exit_when_idle=args.exit_when_idle, **overrides,
     )
+    if settings.worker_metrics_port is not None:  # Prometheus scrapes this worker's claims and runs
+        try:
+            worker.metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host)
+        except OSError as exc:
+            raise SystemExit(f"ACESTEP_WORKER_METRICS_PORT: cannot listen on {settings.worker_metrics_host}:"
+                             f"{settings.worker_metrics_port}: {exc}") from None
     worker.install_signal_handlers()
     return worker.run()
 

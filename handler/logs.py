@@ -1,12 +1,25 @@
 """Logging for every entry point: one format, the harmless third-party warnings kept out, and an
 access log that shows what matters (submits, refusals, errors) rather than every poll, with the
-query strings of signed links redacted."""
+query strings of signed links redacted.
 
+Two formats (ACESTEP_LOG_FORMAT): `text`, one readable line, and `json`, one JSON object per line for
+a log pipeline: `ts`, `level`, `logger`, `event`, `message`, then the record's fields. `auto` (the
+default) is text on a terminal and json otherwise. A record's `event` is the stable name the code
+gives it (`extra={"action": ...}`, or `"event"`); lines about a job carry `job_id`, `attempt` and
+(from the worker) `worker_id`; uvicorn's access lines are event `http_request` with their method,
+path (signed links redacted), status and client."""
+
+import json
 import logging
+import os
 import re
+import sys
 import warnings
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("auto", "json", "text")
 ACCESS_LOGGER = "uvicorn.access"
 REDACTED_QUERY = "?…"
 
@@ -19,16 +32,108 @@ CREDENTIAL_PARAM = re.compile(r"(^|&)[^=&]*(sig|signature|token|credential|x-amz
 QUIET_ROUTES = (
     ({"GET"}, re.compile(r"/v1/jobs(/[^/]+)?")),
     ({"POST"}, re.compile(r"/query_result")),
-    ({"GET", "HEAD"}, re.compile(r"/health|/v1/stats")),
+    ({"GET", "HEAD"}, re.compile(r"/health|/v1/stats|/metrics")),
     ({"GET", "HEAD"}, re.compile(r"/v1/audio|/v1/files/.+")),
 )
 
 
-def configure_logging() -> None:
-    """The CLI's logging: INFO to stderr in one format, chatty libraries at WARNING, known noise off."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+# What every LogRecord has: the rest of a record's attributes are the `extra` fields a JSON line shows.
+RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "taskName",
+    "color_message",  # uvicorn's coloured copy of its message
+}
+EVENT_FIELDS = ("event", "action")  # where call sites put a record's stable name
+JOB_FIELDS = ("job_id", "attempt", "worker_id")  # first after the message, on the lines that have them
+
+
+def log_format(setting: str | None = None, stream: TextIO | None = None) -> str:
+    """"json" or "text": `setting` (else ACESTEP_LOG_FORMAT), with `auto` (or anything else: the
+    settings refuse it with a clear message later) text when `stream` (stderr) is a terminal."""
+    chosen = (setting if setting is not None else os.environ.get("ACESTEP_LOG_FORMAT", "auto")).strip().lower()
+    if chosen in ("json", "text"):
+        return chosen
+    stream = sys.stderr if stream is None else stream
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # closed or not a file
+        return "json"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ts (UTC, ISO 8601, ms), level, logger, event (the
+    record's `event` or `action`, or `http_request` for an access line; absent when the record has
+    none), message, then job_id, attempt, worker_id and every other field the record carries;
+    `exc_info` / `stack_info` hold a traceback. Values JSON cannot hold are written as str()."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        fields = {key: value for key, value in vars(record).items() if key not in RECORD_ATTRIBUTES}
+        event = next((fields.pop(key) for key in EVENT_FIELDS if fields.get(key) is not None), None)
+        for key in EVENT_FIELDS:
+            fields.pop(key, None)
+        if record.name == ACCESS_LOGGER:
+            access = access_fields(record)
+            if access:
+                event = event or "http_request"
+                fields = access | fields
+        if event is not None:
+            line["event"] = event
+        line["message"] = record.getMessage()
+        for key in JOB_FIELDS:
+            if key in fields:
+                line[key] = fields.pop(key)
+        for key, value in fields.items():
+            line.setdefault(key, value)
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def access_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """method, path, status and client of uvicorn's access line (its args); {} for another record."""
+    try:
+        client, method, path, _version, status = record.args
+    except (TypeError, ValueError):
+        return {}
+    return {"method": method, "path": path, "status": status, "client": client}
+
+
+def formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else logging.Formatter(LOG_FORMAT)
+
+
+def configure_logging(fmt: str | None = None, *, stream: TextIO | None = None) -> str:
+    """The CLI's logging: INFO to stderr (or `stream`) as `log_format(fmt)` chooses, chatty libraries
+    at WARNING, known noise off; in json, Python warnings become log lines too. Returns the format.
+    Like logging.basicConfig, it leaves a root logger that already has handlers alone."""
+    stream = sys.stderr if stream is None else stream
+    chosen = log_format(fmt, stream)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter(chosen))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     for chatty in ("alembic.runtime.plugins", "pgserver"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+    if chosen == "json":
+        logging.captureWarnings(True)
+    quiet_known_warnings()
+    return chosen
+
+
+def configure_child_logging() -> None:
+    """The pipeline child's logging (a spawned interpreter, its stderr the worker's): in json, its
+    warnings and errors as JSON lines too; in text, Python's default (warnings and errors, bare),
+    as before. Known noise off in both."""
+    if log_format() == "json":
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+        logging.captureWarnings(True)
     quiet_known_warnings()
 
 

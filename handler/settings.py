@@ -97,6 +97,16 @@ class Settings(BaseSettings):
                         "empty: public addresses only (loopback, private, link-local and metadata refused)",
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0, le=300, description="total time one webhook POST may take")
+    # Observability (handler/logs.py, handler/metrics.py).
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="json: one JSON object per log line; text: one readable line; auto: text when stderr "
+                            "is a terminal, else json",
+    )
+    metrics_enabled: bool = Field(True, description="serve Prometheus metrics at GET /metrics (no API key needed)")
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="port a worker serves its Prometheus metrics on (/metrics); unset: none"
+    )
+    worker_metrics_host: str = Field("0.0.0.0", description="address the worker's metrics port listens on")
     # The RunPod trigger (python -m handler.platforms.runpod_trigger): drains started through RunPod's API.
     runpod_endpoint_id: str | None = Field(None, description="the RunPod serverless endpoint that runs the worker image")
     runpod_api_key: str | None = Field(None, description="a RunPod API key that may run jobs on that endpoint")

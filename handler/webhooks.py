@@ -30,6 +30,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
@@ -93,6 +94,17 @@ class WebhookDispatcher:
         self._ssl_context = None
         self._lock = threading.Lock()
         self._failing_since: float | None = None  # monotonic time the database went away, while it is
+        self._outcomes: Counter[str] = Counter()  # POSTs made, per outcome (`delivery_counts`)
+
+    def delivery_counts(self) -> dict[str, int]:
+        """The POSTs this dispatcher made, per outcome: delivered, failed (to be retried), gave_up,
+        unrecorded (the outcome could not be written). For /metrics (handler/metrics.py)."""
+        with self._lock:
+            return dict(self._outcomes)
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self._outcomes[outcome] += 1
 
     @property
     def lease_seconds(self) -> float:
@@ -177,21 +189,26 @@ class WebhookDispatcher:
         try:
             if error is None:
                 self._store.webhook_delivered(delivery)
+                self._count("delivered")
                 return
             gave_up = self._store.webhook_failed(delivery, error, max_attempts=self._max_attempts, retry=self._retry)
         except Exception as exc:  # noqa: BLE001 - the claim lease runs out and the delivery is retried
+            self._count("unrecorded")
             log.warning(
                 "webhook for job %s: outcome not recorded (retried after the claim): %s",
                 delivery.job_id,
                 exc,
-                extra={"action": "webhook_unrecorded", "job_id": str(delivery.job_id), "error": str(exc)},
+                extra={"action": "webhook_unrecorded", "job_id": str(delivery.job_id),
+                       "delivery_attempt": delivery.attempts, "error": str(exc)},
             )
             return
+        self._count("gave_up" if gave_up else "failed")
         log.warning(
             "webhook for job %s failed: %s",
             delivery.job_id,
             error,
-            extra={"action": "webhook_failed", "job_id": str(delivery.job_id), "error": error, "gave_up": gave_up},
+            extra={"action": "webhook_failed", "job_id": str(delivery.job_id), "delivery_attempt": delivery.attempts,
+                   "error": error, "gave_up": gave_up},
         )
 
     def _describe(self, exc: Exception, delivery: WebhookDelivery) -> str:

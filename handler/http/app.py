@@ -12,6 +12,7 @@ from pipeline.contract import GenerationRequest
 from handler.http.services import Services, build_services
 from handler.logs import install_access_log_filter
 from handler.maintenance import Maintenance
+from handler.metrics import EtaRecordingEstimator, EtaTracker, api_registry
 from handler.settings import Settings
 
 # The reference server's browser origins (its route_setup.py): pages served from localhost or
@@ -45,6 +46,17 @@ async def _background_work(app: FastAPI):
     maintenance.stop()
 
 
+def install_metrics(app: FastAPI, services: Services) -> None:
+    """GET /metrics on a registry of this app's own (handler/metrics.py); the services' estimator
+    is wrapped once so that the ETA error of the jobs it estimated can be observed."""
+    if not isinstance(services.queue, EtaRecordingEstimator):
+        services.queue = EtaRecordingEstimator(services.queue, EtaTracker())
+    app.state.metrics_registry = api_registry(
+        services, stale_seconds=routes_system.WORKER_STALE_SECONDS, eta=services.queue.tracker,
+    )
+    app.include_router(routes_system.metrics_router)
+
+
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(
         lifespan=_background_work,
@@ -72,6 +84,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(routes_release.router)
     app.include_router(routes_lm.router)
     app.include_router(routes_chat.router)
+    if services.settings.metrics_enabled:
+        install_metrics(app, services)
 
     install_error_handlers(app)
 

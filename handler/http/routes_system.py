@@ -1,9 +1,11 @@
-"""Health and stats in the reference API server's envelope (`acestep/api/http/model_service_routes.py`)."""
+"""Health and stats in the reference API server's envelope (`acestep/api/http/model_service_routes.py`),
+and the Prometheus metrics (handler/metrics.py)."""
 
 import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import Response
 
 from db import StoreError
 from db.states import WorkerState
@@ -12,11 +14,13 @@ from handler.http.envelope import EnvelopeRoute, envelope, error_envelope
 from handler.http.eta import DEFAULT_JOB_SECONDS
 from handler.http.routes_jobs import caller, services
 from handler.http.routes_models import WORKER_STALE_SECONDS, live_fleet, unavailable
+from handler.metrics import exposition
 
-__all__ = ["router", "WORKER_STALE_SECONDS"]
+__all__ = ["router", "metrics_router", "WORKER_STALE_SECONDS"]
 
 log = logging.getLogger(__name__)
 router = APIRouter(route_class=EnvelopeRoute)
+metrics_router = APIRouter()  # included only with ACESTEP_METRICS_ENABLED (handler/http/app.py)
 SERVICE_NAME = "ACE-Step API"
 SERVICE_VERSION = "1.0"
 
@@ -98,3 +102,17 @@ def stats(request: Request, who: Annotated[Caller, Depends(caller)]) -> Any:
         "avg_job_seconds": avg if avg is not None else DEFAULT_JOB_SECONDS,
         "live_workers": raw["live_workers"],
     })
+
+
+@metrics_router.get(
+    "/metrics", response_class=Response,
+    summary="Prometheus metrics: queue depth, workers and slots, webhook deliveries, ETA error (no API key "
+            "needed; no job ids, callers or keys in it)",
+    responses={200: {"content": {"text/plain": {}}}},
+)
+def metrics(request: Request) -> Response:
+    """Like /health, open: it says what /health says, in numbers, and names no job, caller or key.
+    Whatever of it comes from the database is left out while the database is away
+    (`acestep_database_up` 0); the answer is still 200."""
+    body, content_type = exposition(request.app.state.metrics_registry, request.headers.get("accept"))
+    return Response(body, headers={"Content-Type": content_type})

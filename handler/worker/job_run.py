@@ -5,14 +5,17 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from db import DatabaseUnavailable, JobLost, JobStatus, JobStore, StoreError
 from db.store import ClaimedJob
+from handler.metrics import WorkerMetrics
 from handler.storage import AUDIO_CONTENT_TYPES, ObjectNotFound, ObjectStorage, StorageError, StorageUnavailable
 from handler.worker.adapters import localize_lora
-from handler.worker.pipeline_process import Canceled, OutOfMemory, PipelineError, PipelineProcess
+from handler.worker.pipeline_process import (Canceled, OutOfMemory, PipelineCrashed, PipelineError, PipelineProcess,
+                                             PipelineTimeout)
 from pipeline.contract import INPUT_PATH_FIELDS, RESULT_INFO_FIELDS, GenerationRequest, StoredRequestError, request_from_row, stage_progress
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,28 @@ DB_RETRIES = 5
 # database restart is kept instead of being recomputed.
 OUTCOME_PATIENCE_SECONDS = 3600.0
 LOST = "lost"  # an outcome beside the JobStatus a run ends a job in: the job was no longer ours
+
+
+def about(jobs: ClaimedJob | Sequence[ClaimedJob], worker_id: str, event: str, **fields: Any) -> dict[str, Any]:
+    """The `extra` of a log line about a job: its event name, job_id, attempt and worker_id (for a
+    run of several jobs, job_ids and attempts instead; one job reads as a job), and `fields`."""
+    jobs = [jobs] if isinstance(jobs, ClaimedJob) else list(jobs)
+    if len(jobs) == 1:
+        ids: dict[str, Any] = {"job_id": str(jobs[0].id), "attempt": jobs[0].attempt}
+    else:
+        ids = {"job_ids": [str(j.id) for j in jobs], "attempts": [j.attempt for j in jobs]}
+    return {"action": event, **ids, "worker_id": worker_id, **fields}
+
+
+def failure_reason(exc: PipelineError) -> str:
+    """A pipeline error's reason label (acestep_job_failures_total)."""
+    if isinstance(exc, OutOfMemory):
+        return "out_of_memory"
+    if isinstance(exc, PipelineTimeout):
+        return "timeout"
+    if isinstance(exc, PipelineCrashed):
+        return "crashed"
+    return "pipeline_error"
 
 
 def output_key(job: ClaimedJob, index: int, fmt: str) -> str:
@@ -93,7 +118,10 @@ class JobRun:
     every PROGRESS_SECONDS) and otherwise extends the leases every `heartbeat_seconds`; a cancel
     request (returned by those writes, or announced by the worker's listener through
     `request_cancel`) stops the pipeline at its next report once no job of the run is wanted. The
-    stage reports also time the stages; each job's completion stores its share of them."""
+    stage reports also time the stages; each job's completion stores its share of them.
+
+    `metrics` (the worker's) sees each job's outcome and time from the claim, each failed attempt's
+    reason, and a succeeded job's stage timings."""
 
     PROGRESS_SECONDS = 0.5
 
@@ -109,8 +137,11 @@ class JobRun:
         timeout_seconds: float,
         upload_tries: int = 6,
         storage_patience_seconds: float = 0.0,
+        metrics: WorkerMetrics | None = None,
     ):
         self.jobs = jobs
+        self._metrics = metrics
+        self._ended_at: dict = {}  # job id -> time.monotonic() its outcome was written
         self._upload_tries = upload_tries
         self._storage_patience = storage_patience_seconds
         self._store = store
@@ -197,7 +228,7 @@ class JobRun:
                 with self._lock:
                     self._lost.add(job.id)
             except StoreError as exc:  # the lease outlasts a few missed writes; the next round retries
-                log.warning("progress write failed: %s", exc, extra={"action": "heartbeat_failed", "job_id": str(job.id)})
+                log.warning("progress write failed: %s", exc, extra=about(job, self._worker_id, "heartbeat_failed"))
                 break
         self._cancel_if_unwanted()
 
@@ -216,7 +247,7 @@ class JobRun:
                 with self._lock:
                     self._lost.add(job.id)
             except StoreError as exc:
-                log.warning("re-pricing job %s failed: %s", job.id, exc, extra={"action": "reprice_failed", "job_id": str(job.id)})
+                log.warning("re-pricing job %s failed: %s", job.id, exc, extra=about(job, self._worker_id, "reprice_failed"))
 
     # ---- stage timings --------------------------------------------------------------------------
 
@@ -250,12 +281,24 @@ class JobRun:
         beat.start()
         out_dir = Path(tempfile.mkdtemp(prefix="acestep-job-"))
         try:
-            return self._run(self.jobs, out_dir)
+            outcomes = self._run(self.jobs, out_dir)
+            self._observe(outcomes)
+            return outcomes
         finally:
             self._done.set()
             self._changed.set()
             beat.join(timeout=5)
             shutil.rmtree(out_dir, ignore_errors=True)
+
+    def _observe(self, outcomes: dict[str, str]) -> None:
+        """Each job's outcome and its time from the claim to the write of that outcome."""
+        if self._metrics is None:
+            return
+        now = time.monotonic()
+        for job in self.jobs:
+            outcome = outcomes.get(str(job.id))
+            if outcome is not None:
+                self._metrics.finished(job, outcome, self._ended_at.get(job.id, now) - self._began)
 
     def _request(self, job: ClaimedJob, out_dir: Path) -> GenerationRequest:
         """The job's request as the pipeline runs it: rebuilt from the row once, its audio inputs
@@ -290,11 +333,13 @@ class JobRun:
             try:
                 requests.append(self._request(job, out_dir))
             except StoredRequestError as exc:
-                return {str(j.id): self._fail(j, str(exc), retryable=False) for j in jobs}
+                return {str(j.id): self._fail(j, str(exc), retryable=False, reason="bad_request") for j in jobs}
             except ObjectNotFound as exc:
-                return {str(j.id): self._fail(j, f"an input audio file is gone from storage: {exc}", retryable=False) for j in jobs}
+                return {str(j.id): self._fail(j, f"an input audio file is gone from storage: {exc}", retryable=False,
+                                               reason="input_missing") for j in jobs}
             except StorageError as exc:
-                return {str(j.id): self._fail(j, f"could not read the input audio: {exc}", retryable=True) for j in jobs}
+                return {str(j.id): self._fail(j, f"could not read the input audio: {exc}", retryable=True,
+                                              reason="input_unavailable") for j in jobs}
         deadline = time.monotonic() + self._timeout
         while True:
             try:
@@ -306,15 +351,18 @@ class JobRun:
                 if len(jobs) > 1:  # too big together: one job at a time
                     return self._one_after_another(jobs, out_dir)
                 if requests[0].items <= 1:
-                    return {str(jobs[0].id): self._fail(jobs[0], f"out of memory even with one song per batch: {exc}", retryable=True)}
+                    return {str(jobs[0].id): self._fail(jobs[0], f"out of memory even with one song per batch: {exc}",
+                                                        retryable=True, reason="out_of_memory")}
                 requests[0] = requests[0].model_copy(update={"batch_size": max(1, requests[0].items // 2)})
                 log.warning("out of memory; retrying with a smaller batch",
-                            extra={"action": "oom_retry", "job_id": str(jobs[0].id), "batch_size": requests[0].items})
+                            extra=about(jobs[0], self._worker_id, "oom_retry", batch_size=requests[0].items))
             except PipelineError as exc:
-                return {str(job.id): self._fail(job, str(exc), retryable=exc.retryable) for job in jobs}
+                return {str(job.id): self._fail(job, str(exc), retryable=exc.retryable, reason=failure_reason(exc))
+                        for job in jobs}
         self._on_progress("uploading", stage_progress("uploading", 0.0))
         return {
-            str(job.id): self._fail(job, result.error, retryable=result.retryable) if result.error is not None
+            str(job.id): self._fail(job, result.error, retryable=result.retryable, reason="pipeline_error")
+            if result.error is not None
             else self._finish(job, request, result, share=len(jobs))
             for job, request, result in zip(jobs, requests, finished, strict=True)
         }
@@ -329,7 +377,7 @@ class JobRun:
         except Canceled:
             return self._end_canceled(job)
         except PipelineError as exc:
-            return self._fail(job, str(exc), retryable=exc.retryable)
+            return self._fail(job, str(exc), retryable=exc.retryable, reason=failure_reason(exc))
         if self._marked(job, self._lost):
             return LOST
         if self._marked(job, self._cancel_requested):
@@ -346,7 +394,7 @@ class JobRun:
         try:
             keys = self._upload(job, finished.files, request.audio_format)
         except StorageError as exc:
-            return self._fail(job, f"could not store the audio: {exc}", retryable=True)
+            return self._fail(job, f"could not store the audio: {exc}", retryable=True, reason="storage")
         return self._complete(job, result_document(request, keys, finished.info), self._timings(job, share))
 
     def _upload(self, job: ClaimedJob, files: list[Path], fmt: str) -> list[str]:
@@ -373,7 +421,7 @@ class JobRun:
                     raise
                 if attempt == self._upload_tries:
                     log.warning("storage unavailable; retrying until the job's deadline: %s", exc,
-                                extra={"action": "storage_retry", "job_ids": [str(j.id) for j in self.jobs]})
+                                extra=about(self.jobs, self._worker_id, "storage_retry"))
                 time.sleep(min(0.5 * 2 ** min(attempt - 1, 5), 10.0))
 
     def _put_file(self, key: str, path: Path, content_type: str) -> None:
@@ -388,6 +436,9 @@ class JobRun:
         try:
             with_db_retries(self._store.complete, job, self._worker_id, result, timings=timings,
                             patience=self._outcome_patience())
+            self._ended_at[job.id] = time.monotonic()
+            if self._metrics is not None:
+                self._metrics.stages(job, timings)
             return JobStatus.SUCCEEDED
         except JobLost:
             # A retried commit may have landed before the connection dropped: then it is ours.
@@ -395,27 +446,38 @@ class JobRun:
             if row["status"] == JobStatus.SUCCEEDED and row["result"] == result:
                 return JobStatus.SUCCEEDED
             self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
-            log.warning("job %s lost before completion; result dropped", job.id, extra={"action": "job_lost"})
+            log.warning("job %s lost before completion; result dropped", job.id,
+                        extra=about(job, self._worker_id, "job_lost"))
             return LOST
         except DatabaseUnavailable:
             raise  # the lease brings the job back once the database does
         except StoreError as exc:  # the database refused this result: fail the attempt now, not at lease expiry
             self._storage.delete_prefix(f"jobs/{job.id}/attempt-{job.attempt}/")
-            return self._fail(job, f"could not store the result: {exc}", retryable=True)
+            return self._fail(job, f"could not store the result: {exc}", retryable=True, reason="result_refused")
 
     def _outcome_patience(self) -> float:
         return min(OUTCOME_PATIENCE_SECONDS, float(self._store.lease_seconds))
 
-    def _fail(self, job: ClaimedJob, error: str, *, retryable: bool) -> str:
+    def _fail(self, job: ClaimedJob, error: str, *, retryable: bool, reason: str) -> str:
+        """Record the attempt failed (queued again while attempts and `retryable` allow); `reason`
+        names the kind of failure for the metrics and the log."""
         try:
-            return with_db_retries(self._store.fail, job, self._worker_id, error, retryable=retryable,
-                                   patience=self._outcome_patience())
+            status = with_db_retries(self._store.fail, job, self._worker_id, error, retryable=retryable,
+                                     patience=self._outcome_patience())
         except JobLost:
             return LOST
+        self._ended_at[job.id] = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.failed(job, reason, final=status == JobStatus.FAILED)
+        log.warning("job %s attempt %d failed (%s): %s", job.id, job.attempt, reason, error,
+                    extra=about(job, self._worker_id, "attempt_failed", reason=reason, retryable=retryable,
+                                status=status, error=error))
+        return status
 
     def _end_canceled(self, job: ClaimedJob) -> str:
         try:
             with_db_retries(self._store.finish_canceled, job, self._worker_id)
+            self._ended_at[job.id] = time.monotonic()
             return JobStatus.CANCELED
         except JobLost:
             return LOST

@@ -75,8 +75,8 @@ def _child_main(spec: str, checkpoint_dir: str | None, options: PipelineOptions,
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the child stops
     if parent is not None:
         threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
-    from handler.logs import quiet_known_warnings  # a fresh (spawned) interpreter: the CLI's filters are not here
-    quiet_known_warnings()
+    from handler.logs import configure_child_logging  # a fresh (spawned) interpreter: the CLI's set-up is not here
+    configure_child_logging()
     try:
         pipeline = load_factory(spec)(Path(checkpoint_dir) if checkpoint_dir else None, options)
     except Exception as exc:  # any failure to load is reported as SETUP_FAILED, not a crash

@@ -19,9 +19,10 @@ from db.store import ClaimedJob
 from handler import healthcheck
 from handler.backends import build_storage, build_store
 from handler.maintenance import Maintenance
+from handler.metrics import WorkerMetrics
 from handler.settings import Settings
 from handler.storage import ObjectStorage
-from handler.worker.job_run import JobRun, with_db_retries
+from handler.worker.job_run import JobRun, about, with_db_retries
 from handler.worker.pipeline_process import PipelineError, PipelineProcess
 from pipeline.contract import LM_PREFIX, PipelineOptions
 
@@ -109,9 +110,12 @@ class Slot:
 
 class Worker:
     def __init__(self, store: JobStore, storage: ObjectStorage, wakeups_url: str, options: WorkerOptions,
-                 *, make_process: Callable[[], PipelineProcess] | None = None):
+                 *, make_process: Callable[[], PipelineProcess] | None = None, metrics: WorkerMetrics | None = None):
         """`make_process` builds each slot's pipeline process (default: a PipelineProcess child as
-        `options` say; tests give an in-process stand-in with the same methods)."""
+        `options` say; tests give an in-process stand-in with the same methods). `metrics`: where
+        claims and runs are counted (default: a registry of this worker's own; the CLI serves it on
+        ACESTEP_WORKER_METRICS_PORT)."""
+        self.metrics = metrics or WorkerMetrics()
         self._store = store
         self._storage = storage
         self._wakeups_url = wakeups_url
@@ -210,7 +214,7 @@ class Worker:
                 return 0
         except PipelineError as exc:
             log.error("%s; this worker takes no jobs (check ACESTEP_PIPELINE and ACESTEP_CHECKPOINT_DIR)", exc,
-                      extra={"action": "setup_failed", "error": str(exc)})
+                      extra={"action": "setup_failed", "worker_id": self.worker_id, "error": str(exc)})
             self.stop_reason = "setup failed"
             self.errors.append(str(exc))
             try:
@@ -226,7 +230,7 @@ class Worker:
             with_db_retries(self._store.register_worker, self.worker_id, host=socket.gethostname(),
                             capacity=opts.concurrency, models=loaded, state=WorkerState.READY)
         except DatabaseUnavailable as exc:  # the claims below find out whether it lasts
-            log.warning("could not register as ready: %s", exc, extra={"action": "register_failed"})
+            log.warning("could not register as ready: %s", exc, extra={"action": "register_failed", "worker_id": self.worker_id})
         log.info("worker %s ready", self.worker_id, extra={"action": "worker_ready", "worker_id": self.worker_id})
         beat = threading.Thread(target=self._worker_heartbeat, daemon=True)
         beat.start()
@@ -308,7 +312,7 @@ class Worker:
                 self.stop_reason = "queue empty" if opts.once else "max jobs reached"
                 return
             elif opts.exit_when_idle is not None and time.monotonic() - idle_since >= opts.exit_when_idle:
-                log.info("idle; exiting", extra={"action": "exit_when_idle"})
+                log.info("idle; exiting", extra={"action": "exit_when_idle", "worker_id": self.worker_id})
                 self.stop_reason = "idle"
                 return
             if jobs and len(jobs) == len(free):
@@ -353,14 +357,24 @@ class Worker:
             else:
                 jobs = self._store.claim(self.worker_id, free, dits=self._dits, lms=self._lms)
         except StoreError as exc:
-            log.warning("claim failed, retrying: %s", exc, extra={"action": "claim_failed", "error": str(exc)})
+            log.warning("claim failed, retrying: %s", exc,
+                        extra={"action": "claim_failed", "worker_id": self.worker_id, "error": str(exc)})
             if self._db_down_since is None:
                 self._db_down_since = time.monotonic()
             time.sleep(self._capped(1.0))
             return []
         self._db_down_since = None
         self._claimed += len(jobs)
+        self._claimed_jobs(jobs)
         return jobs
+
+    def _claimed_jobs(self, jobs: list[ClaimedJob]) -> None:
+        """Count and log each claimed job: its attempt, and how long a first attempt waited."""
+        for job in jobs:
+            waited = self.metrics.claimed(job, lease_seconds=self._store.lease_seconds)
+            log.info("claimed job %s (attempt %d)", job.id, job.attempt,
+                     extra=about(job, self.worker_id, "job_claimed", model=job.model,
+                                 queued_seconds=None if waited is None else round(waited, 3)))
 
     def _start(self, slot: Slot, job: ClaimedJob) -> None:
         jobs = [job] + self._claim_batch_mates(job)
@@ -368,7 +382,7 @@ class Worker:
                           worker_id=self.worker_id, heartbeat_seconds=self._options.heartbeat_seconds,
                           timeout_seconds=self._options.job_timeout_seconds,
                           upload_tries=self._options.upload_tries,
-                          storage_patience_seconds=self._options.storage_patience_seconds)
+                          storage_patience_seconds=self._options.storage_patience_seconds, metrics=self.metrics)
         threading.Thread(target=self._run_slot, args=(slot,), daemon=True).start()
 
     def _claim_batch_mates(self, head: ClaimedJob) -> list[ClaimedJob]:
@@ -384,20 +398,22 @@ class Worker:
         except StoreError:
             return []
         self._claimed += len(mates)
+        self._claimed_jobs(mates)
         return mates
 
     def _run_slot(self, slot: Slot) -> None:
         run = slot.run
         began = time.monotonic()
         try:
+            jobs = {str(job.id): job for job in run.jobs}
             for job_id, outcome in run.run().items():
                 self.outcomes[outcome] += 1
-                log.info("job %s: %s", job_id, outcome, extra={"action": "job_done", "job_id": job_id, "outcome": outcome})
+                log.info("job %s: %s", job_id, outcome, extra=about(jobs[job_id], self.worker_id, "job_done", outcome=outcome))
             self._runs_timed += 1
             spent = time.monotonic() - began
             self._job_seconds = spent if self._job_seconds is None else self._job_seconds + (spent - self._job_seconds) / self._runs_timed
         except Exception as exc:  # a bug or an outage must not kill the worker; the leases return the jobs
-            log.exception("job run crashed", extra={"action": "job_crashed", "job_ids": [str(j.id) for j in run.jobs]})
+            log.exception("job run crashed", extra=about(run.jobs, self.worker_id, "job_crashed"))
             self.errors.append(f"a run of job(s) {', '.join(str(j.id) for j in run.jobs)} could not finish "
                                f"({exc}); the job goes back to the queue when its lease expires")
         finally:
@@ -430,7 +446,7 @@ class Worker:
             for job in run.jobs if run is not None else []:
                 try:
                     with_db_retries(self._store.release, job, self.worker_id, refund=True)
-                    log.info("released job %s on shutdown", job.id, extra={"action": "release", "job_id": str(job.id)})
+                    log.info("released job %s on shutdown", job.id, extra=about(job, self.worker_id, "release"))
                 except (JobLost, StoreError):
                     pass  # already finished or taken over (or the lease brings it back)
             if run is not None:

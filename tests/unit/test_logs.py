@@ -30,6 +30,7 @@ def access_logger():
     ("POST", "/query_result", 200),
     ("GET", "/health", 200),
     ("GET", "/v1/stats", 200),
+    ("GET", "/metrics", 200),  # a Prometheus scrape, every few seconds
     ("GET", "/v1/audio?path=tok.sig", 206),
     ("HEAD", "/v1/audio?path=tok.sig", 200),
     ("GET", "/v1/files/jobs/1/output-0.mp3?expires=1&signature=ab", 304),
