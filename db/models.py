@@ -64,6 +64,8 @@ class Job(Base):
     lm_mode: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     # What the finished job's stages cost ({"stages": {stage: seconds}, "audio_seconds", ...}).
     timings: Mapped[dict | None] = mapped_column(JSONB)
+    # The finish the first ETA given for the job promised (submit + eta_seconds); /metrics' ETA error.
+    eta_predicted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempt: Mapped[int] = mapped_column(Integer, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, server_default="3")
     worker_id: Mapped[str | None] = mapped_column(Text)

@@ -305,7 +305,7 @@ SELECT id, request FROM jobs WHERE owner = :owner AND idempotency_key = :key;
 SELECT id, status, priority, owner, request, model, lm_model, task_type, items, audio_seconds, dit_steps, lm_mode, attempt,
        max_attempts, worker_id,
        cancel_requested, stage, progress, result, error, errors, created_at, started_at,
-       finished_at, lease_expires_at
+       finished_at, lease_expires_at, eta_predicted_at
 FROM jobs
 WHERE id = :id;
 
@@ -574,3 +574,30 @@ SELECT count(*) AS active FROM api_keys WHERE revoked_at IS NULL;
 SELECT id, status, result, request->'inputs' AS inputs
 FROM jobs
 WHERE id = ANY(CAST(:ids AS uuid[]));
+
+-- name: record_first_eta
+-- The finish the first ETA given for a job promised (the submit answer's estimate), for the ETA
+-- error in /metrics; later estimates leave it as it was.
+UPDATE jobs
+SET eta_predicted_at = COALESCE(CAST(:now AS timestamptz), now()) + make_interval(secs => CAST(:eta AS float8))
+WHERE id = :id AND eta_predicted_at IS NULL;
+
+-- name: eta_errors
+-- How far the first ETAs of the jobs that succeeded in the last :window seconds were off, per model: the median and
+-- p90 of |finished - predicted| in seconds and relative to the job's wait (submit to finish). On
+-- ix_jobs_finished (a range of the last window's finishes).
+SELECT model, count(*) AS jobs,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY error) AS p50_seconds,
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY error) AS p90_seconds,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY error / wait) AS p50_ratio,
+       percentile_cont(0.9) WITHIN GROUP (ORDER BY error / wait) AS p90_ratio
+FROM (
+    SELECT model,
+           abs(extract(epoch FROM finished_at - eta_predicted_at)) AS error,
+           GREATEST(extract(epoch FROM finished_at - created_at), 0.001) AS wait
+    FROM jobs
+    WHERE finished_at IS NOT NULL
+      AND finished_at >= COALESCE(CAST(:now AS timestamptz), now()) - make_interval(secs => CAST(:window AS float8))
+      AND status = 'succeeded' AND eta_predicted_at IS NOT NULL
+) AS finished
+GROUP BY model;

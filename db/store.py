@@ -322,6 +322,15 @@ class JobStore:
             "avg_job_seconds": float(avg) if avg is not None else None,
         }
 
+    def record_first_eta(self, job_id: UUID, eta_seconds: float, *, now: datetime | None = None) -> None:
+        """Keep the finish the job's first ETA promised (now + eta_seconds); a later call changes nothing."""
+        self._run("record_first_eta", now, id=job_id, eta=float(eta_seconds))
+
+    def eta_errors(self, window_seconds: float, *, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Per model, the jobs that succeeded in the last `window_seconds` with a first ETA, and the
+        median and p90 of its error (seconds, and relative to the wait). Read-only; for /metrics."""
+        return [r._asdict() for r in self._run("eta_errors", now, window=float(window_seconds))]
+
     def queue_depth(self) -> list[dict[str, Any]]:
         """Queued jobs per model and running jobs per model and worker: rows of status, model,
         worker_id (None for queued) and jobs. Read-only; for /metrics."""

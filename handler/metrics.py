@@ -3,7 +3,8 @@
 The HTTP function's `GET /metrics` (handler/http/app.py) reads the queue and the fleet from the
 tables at scrape time (`ApiCollector`: two small queries, so every API replica answers the same and
 nothing is kept in step), and adds what only this process saw: webhook deliveries (its dispatcher)
-and the ETA error of jobs it gave an ETA for (`EtaTracker`). The worker's metrics port
+and the ETA error of the jobs that succeeded lately (their finish against the one the submit
+answer's ETA promised, `jobs.eta_predicted_at`). The worker's metrics port
 (ACESTEP_WORKER_METRICS_PORT, `WorkerMetrics.serve`) shows what its runs did: claims, attempts,
 failures, job and stage durations.
 
@@ -14,9 +15,6 @@ names a job, a caller or an API key: labels are models, statuses, stages, reason
 
 import logging
 import math
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,8 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from db import JobStatus, StoreError
 from db.states import SERVING_STATES, WorkerState
 
-__all__ = ["ApiCollector", "EtaRecordingEstimator", "EtaTracker", "WorkerMetrics",
-           "api_registry", "exposition", "model_label"]
+__all__ = ["ApiCollector", "WorkerMetrics", "api_registry", "exposition", "model_label"]
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +45,8 @@ CLAIM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 180
 # A job: seconds on a GPU (a turbo song) to the 30-minute job timeout.
 JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, INF)
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, INF)
-# ETA error: how far the actual finish was from the predicted one, either way (`direction` says which;
-# a histogram of signed values would lose its _sum, which OpenMetrics forbids with negative buckets).
-ETA_ERROR_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, INF)
-ETA_TRACKED_JOBS = 10_000  # first ETAs remembered per process; the oldest are forgotten first
+# The ETA error is over the jobs that succeeded within this window before the scrape.
+ETA_WINDOW_SECONDS = 3600.0
 
 WEBHOOK_OUTCOMES = ("delivered", "failed", "gave_up", "unrecorded")
 QUEUE_STATUSES = ("queued", "running")  # the statuses `acestep_queue_depth` counts
@@ -149,75 +144,6 @@ class WorkerMetrics:
 # --- the HTTP function -------------------------------------------------------------------------
 
 
-class EtaTracker:
-    """How far off the ETAs of this process were.
-
-    The job row keeps no predicted value, so the prediction is remembered here: the first
-    `eta_seconds` this process computed for a job (at its submit, or at its first poll here) as a
-    predicted finish time. When this process next estimates the job and finds it finished (a poll of
-    GET /v1/jobs/{id}; /query_result does not estimate, so its pollers are not observed), a
-    succeeded job's distance between its actual `finished_at` and that prediction is observed, per
-    model and direction (late: it finished after the predicted time; early: at or before it); failed
-    and canceled jobs are forgotten unobserved. Jobs polled only on other replicas, or finished after
-    ETA_TRACKED_JOBS newer ones, are not observed. Wall clock of this host against the database's
-    `finished_at`: their skew is part of the error."""
-
-    def __init__(self, limit: int = ETA_TRACKED_JOBS) -> None:
-        self.histogram = Histogram(
-            "acestep_eta_error_seconds",
-            "How far a succeeded job's actual finish was from the finish predicted by the first eta_seconds this "
-            "API process gave for it; direction=late: it finished after the predicted time, early: at or before it",
-            ["model", "direction"], buckets=ETA_ERROR_BUCKETS, registry=None,
-        )
-        self._limit = limit
-        self._predicted: OrderedDict[Any, float] = OrderedDict()  # job id -> predicted finish (unix seconds)
-        self._lock = threading.Lock()
-
-    def seen(self, job: dict[str, Any], eta: float | None) -> None:
-        """An estimate was made for the row `job` (JobStore.get) and came out as `eta`."""
-        status, job_id = job.get("status"), job.get("id")
-        if job_id is None:
-            return
-        if status in (JobStatus.QUEUED, JobStatus.RUNNING):
-            if eta is None:
-                return
-            with self._lock:
-                if job_id not in self._predicted:
-                    self._predicted[job_id] = time.time() + float(eta)
-                    while len(self._predicted) > self._limit:
-                        self._predicted.popitem(last=False)
-            return
-        with self._lock:
-            predicted = self._predicted.pop(job_id, None)
-        finished_at = job.get("finished_at")
-        if predicted is not None and status == JobStatus.SUCCEEDED and finished_at is not None:
-            error = finished_at.timestamp() - predicted
-            self.histogram.labels(model_label(job.get("model")), "late" if error > 0 else "early").observe(abs(error))
-
-    def collect(self) -> Iterable[Metric]:
-        return self.histogram.collect()
-
-
-class EtaRecordingEstimator:
-    """The HTTP function's QueueEstimator (handler/http/eta.py) with every estimate shown to an
-    EtaTracker; everything else is the estimator's own."""
-
-    def __init__(self, estimator: Any, tracker: EtaTracker) -> None:
-        self._estimator = estimator
-        self.tracker = tracker
-
-    def estimate(self, job: dict) -> tuple[int, float | None]:
-        position, eta = self._estimator.estimate(job)
-        try:
-            self.tracker.seen(job, eta)
-        except Exception:  # noqa: BLE001 - a metric must never fail a poll
-            log.exception("eta tracking failed", extra={"action": "eta_tracking_failed"})
-        return position, eta
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._estimator, name)
-
-
 class ApiCollector:
     """The HTTP function's metrics, computed at scrape time.
 
@@ -226,16 +152,17 @@ class ApiCollector:
     database cannot be read they are left out and `acestep_database_up` is 0; the process's own
     metrics (webhook deliveries, ETA error) are always there."""
 
-    def __init__(self, services: Any, *, stale_seconds: float, eta: EtaTracker | None = None) -> None:
+    def __init__(self, services: Any, *, stale_seconds: float, eta_window_seconds: float = ETA_WINDOW_SECONDS) -> None:
         self._services = services
         self._stale = stale_seconds
-        self._eta = eta
+        self._eta_window = eta_window_seconds
         self._database_was_up = True
 
     def collect(self) -> Iterable[Metric]:
         try:
             depth = self._services.store.queue_depth()
             workers = self._services.store.workers(stale_seconds=self._stale)
+            errors = self._services.store.eta_errors(self._eta_window)
         except StoreError as exc:  # unreachable or refusing: the scrape answers with the rest
             self._database_down(exc)
             yield self._gauge("acestep_database_up", "1 when the job database answered this scrape, else 0", 0)
@@ -244,9 +171,8 @@ class ApiCollector:
             yield self._gauge("acestep_database_up", "1 when the job database answered this scrape, else 0", 1)
             yield from self._queue(depth)
             yield from self._fleet(workers, depth)
+            yield from self._eta_errors(errors)
         yield self._webhooks()
-        if self._eta is not None:
-            yield from self._eta.collect()
 
     @staticmethod
     def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -288,6 +214,25 @@ class ApiCollector:
             states.add_metric([state.value], sum(1 for w in workers if w["alive"] and w["state"] == state))
         yield states
 
+    def _eta_errors(self, rows: list[dict[str, Any]]) -> Iterable[Metric]:
+        window = f"{self._eta_window:.0f} s"
+        jobs = GaugeMetricFamily("acestep_eta_scored_jobs", f"Jobs that succeeded in the last {window} with a first "
+                                 "ETA (the submit answer's), per model", labels=["model"])
+        seconds = GaugeMetricFamily("acestep_eta_error_seconds", f"|finish - the finish the first ETA promised| of the "
+                                    f"jobs that succeeded in the last {window}: median and p90, per model",
+                                    labels=["model", "quantile"])
+        ratio = GaugeMetricFamily("acestep_eta_error_ratio", "The same error relative to each job's wait (submit to "
+                                  "finish), as benchmarks/eta_accuracy.py scores it: median and p90, per model",
+                                  labels=["model", "quantile"])
+        for row in sorted(rows, key=lambda r: model_label(r["model"])):
+            model = model_label(row["model"])
+            jobs.add_metric([model], int(row["jobs"]))
+            for quantile in ("0.5", "0.9"):
+                key = "p50" if quantile == "0.5" else "p90"
+                seconds.add_metric([model, quantile], float(row[f"{key}_seconds"]))
+                ratio.add_metric([model, quantile], float(row[f"{key}_ratio"]))
+        yield from (jobs, seconds, ratio)
+
     def _webhooks(self) -> Metric:
         family = CounterMetricFamily(
             "acestep_webhook_deliveries",
@@ -313,9 +258,9 @@ class ApiCollector:
         self._database_was_up = True
 
 
-def api_registry(services: Any, *, stale_seconds: float, eta: EtaTracker | None = None) -> CollectorRegistry:
+def api_registry(services: Any, *, stale_seconds: float) -> CollectorRegistry:
     """A registry of the HTTP function's own: its ApiCollector and the process metrics."""
     registry = CollectorRegistry(auto_describe=False)
     _process_collectors(registry)
-    registry.register(ApiCollector(services, stale_seconds=stale_seconds, eta=eta))
+    registry.register(ApiCollector(services, stale_seconds=stale_seconds))
     return registry

@@ -12,7 +12,7 @@ from pipeline.contract import GenerationRequest
 from handler.http.services import Services, build_services
 from handler.logs import install_access_log_filter
 from handler.maintenance import Maintenance
-from handler.metrics import EtaRecordingEstimator, EtaTracker, api_registry
+from handler.metrics import api_registry
 from handler.settings import Settings
 
 # The reference server's browser origins (its route_setup.py): pages served from localhost or
@@ -47,13 +47,8 @@ async def _background_work(app: FastAPI):
 
 
 def install_metrics(app: FastAPI, services: Services) -> None:
-    """GET /metrics on a registry of this app's own (handler/metrics.py); the services' estimator
-    is wrapped once so that the ETA error of the jobs it estimated can be observed."""
-    if not isinstance(services.queue, EtaRecordingEstimator):
-        services.queue = EtaRecordingEstimator(services.queue, EtaTracker())
-    app.state.metrics_registry = api_registry(
-        services, stale_seconds=routes_system.WORKER_STALE_SECONDS, eta=services.queue.tracker,
-    )
+    """GET /metrics on a registry of this app's own (handler/metrics.py)."""
+    app.state.metrics_registry = api_registry(services, stale_seconds=routes_system.WORKER_STALE_SECONDS)
     app.include_router(routes_system.metrics_router)
 
 

@@ -5,6 +5,7 @@ import binascii
 import hashlib
 import io
 import json
+import logging
 import math
 import uuid
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
 
 from db.lora_store import apply_default_lora
-from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded
+from db import IdempotencyConflict, JobNotFound, NewJob, QuotaExceeded, StoreError
 from db.store import request_hash
 from db.states import JobStatus as State, WorkerState
 from db.ids import new_job_id
@@ -39,6 +40,7 @@ from pipeline.contract import (
     resolve_model,
 )
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -373,11 +375,23 @@ def _submitted(svc: Services, job_id: UUID) -> dict:
     """The submit answer for a job: status and position from one read of the row (a worker may
     have claimed the job since the insert, and the answer must not say "queued" at position 0)."""
     row = svc.store.get(job_id)
-    position, _ = svc.queue.estimate(row)
+    position, eta = svc.queue.estimate(row)
+    if eta is not None and row.get("eta_predicted_at") is None:
+        _record_first_eta(svc, job_id, eta)
     if row["status"] == State.QUEUED and position < 1:  # claimed between the read and the estimate
         row = svc.store.get(job_id)
         position = max(position, 1) if row["status"] == State.QUEUED else 0
     return {"job_id": str(job_id), "status": row["status"], "queue_position": position}
+
+
+def _record_first_eta(svc: Services, job_id: UUID, eta: float) -> None:
+    """Keep the finish this first ETA promises, for the ETA error of /metrics; a failed write loses
+    only that figure, never the submit."""
+    try:
+        svc.store.record_first_eta(job_id, eta)
+    except StoreError as exc:
+        log.warning("first ETA of job %s not recorded: %s", job_id, exc,
+                    extra={"action": "first_eta_unrecorded", "job_id": str(job_id)})
 
 
 def refuse_if_too_costly(svc: Services, job: NewJob) -> None:

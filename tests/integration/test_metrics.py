@@ -97,19 +97,31 @@ def test_queue_depth_and_fleet_follow_a_job_from_queued_to_running_to_succeeded(
     assert job_id not in done.text and "w-metrics" not in done.text  # no job ids, no worker ids
 
 
-def test_the_eta_error_of_a_job_is_observed_once_it_is_seen_finished(api):
+def test_the_eta_error_is_the_finish_against_the_one_the_first_eta_promised_on_every_replica(api, settings, db_url):
     metrics = f"{api.url}/metrics"
-    job_id = httpx.post(f"{api.url}/v1/music/generate", json={"caption": "x"}).json()["job_id"]  # its first ETA
-    assert "acestep_eta_error_seconds_count" not in {name for name, _ in scrape(metrics).samples}
-    predicted = api.services.queue.estimate(api.services.store.get(job_id))[1]  # what the submit was told
-    run_fake_jobs(api.services.store, api.services.storage)  # finishes at once: well before that
-    body = httpx.get(f"{api.url}/v1/jobs/{job_id}").json()
-    assert body["status"] == "succeeded"
-    httpx.get(f"{api.url}/v1/jobs/{job_id}")  # seen finished again: observed once only
-    seen = scrape(metrics)
-    assert seen.value("acestep_eta_error_seconds_count", model=MODEL, direction="early") == 1
-    assert seen.value("acestep_eta_error_seconds_count", model=MODEL, direction="late") is None
-    assert predicted - 5 < seen.value("acestep_eta_error_seconds_sum", model=MODEL, direction="early") <= predicted + 1
+    store = api.services.store
+    before = scrape(metrics)
+    assert before.value("acestep_eta_scored_jobs", model=MODEL) is None  # nothing finished yet
+    job_id = httpx.post(f"{api.url}/v1/music/generate", json={"caption": "x"}).json()["job_id"]
+    row = store.get(job_id)
+    promised = (row["eta_predicted_at"] - row["created_at"]).total_seconds()
+    assert promised > 1  # the submit answer's ETA, priced by the cost model (never 0 with work ahead)
+    httpx.get(f"{api.url}/v1/jobs/{job_id}")  # later estimates leave the first one as it was
+    assert store.get(job_id)["eta_predicted_at"] == row["eta_predicted_at"]
+
+    run_fake_jobs(store, api.services.storage)  # finishes at once: well before the promised time
+    finished = store.get(job_id)
+    wait = (finished["finished_at"] - finished["created_at"]).total_seconds()
+    error = abs((finished["finished_at"] - finished["eta_predicted_at"]).total_seconds())
+    other = start_api(settings.model_copy(update={"port": free_port()}), db_url)  # a second API replica
+    try:
+        for url in (metrics, f"{other.url}/metrics"):
+            seen = scrape(url)
+            assert seen.value("acestep_eta_scored_jobs", model=MODEL) == 1
+            assert seen.value("acestep_eta_error_seconds", model=MODEL, quantile="0.5") == pytest.approx(error, abs=1e-3)
+            assert seen.value("acestep_eta_error_ratio", model=MODEL, quantile="0.9") == pytest.approx(error / wait, rel=1e-3)
+    finally:
+        other.stop()
 
 
 def test_webhook_deliveries_are_counted_by_outcome(tmp_path, db_url):
