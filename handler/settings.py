@@ -69,6 +69,10 @@ class Settings(BaseSettings):
         "", description="comma-separated extra DiT folders a worker loads beside ACESTEP_DIT_MODEL (requests name "
                         "them in `model`); empty: only ACESTEP_DIT_MODEL",
     )
+    dit_memory_budget_gb: float | None = Field(
+        None, gt=0, description="GiB the served DiTs may take together: ACESTEP_DIT_MODEL loaded at start, the others "
+                                "on first use, the least recently used evicted; unset: every one loaded at start",
+    )
     device: str | None = Field(None, description="cpu, cuda or cuda:N; unset: CUDA when present")
     lm_models: str = Field("", description="comma-separated 5 Hz LM folders to load; empty: every one found")
     lm_model: str | None = Field(None, description="the LM used without lm_model_path; unset: the 1.7B, else the first")
@@ -196,6 +200,7 @@ class Settings(BaseSettings):
             dit_models=tuple(m for m in _names(self.dit_models) if m != self.dit_model),
             lm_models=tuple(_names(self.lm_models)), lm_model=self.lm_model,
             lm_max_duration=self.lm_max_duration, vllm=self.vllm, vllm_gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+            dit_memory_budget_gb=self.dit_memory_budget_gb,
         )
 
     @model_validator(mode="after")

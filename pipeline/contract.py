@@ -644,12 +644,16 @@ class PipelineOptions:
     vllm: bool = True
     vllm_gpu_memory_utilization: float = 0.3
     dit_models: tuple[str, ...] = ()  # DiT folders loaded beside dit_model (requests name them in `model`)
+    # None: every DiT served is loaded at start; else GiB the DiTs may take together: dit_model at start,
+    # the others on first use, the least recently used evicted (pipeline/dit_store.py).
+    dit_memory_budget_gb: float | None = None
 
     variables = {
         "device": "ACESTEP_DEVICE", "dit_model": "ACESTEP_DIT_MODEL", "dit_models": "ACESTEP_DIT_MODELS",
         "lm_models": "ACESTEP_LM_MODELS",
         "lm_model": "ACESTEP_LM_MODEL", "lm_max_duration": "ACESTEP_LM_MAX_DURATION", "vllm": "ACESTEP_VLLM",
         "vllm_gpu_memory_utilization": "ACESTEP_VLLM_GPU_MEMORY_UTILIZATION",
+        "dit_memory_budget_gb": "ACESTEP_DIT_MEMORY_BUDGET_GB",
     }
 
 

@@ -38,6 +38,7 @@ without an LM loaded, `thinking=true` fails the job saying so and missing metada
 
 import logging
 import secrets
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ from pipeline.contract import (
 )
 from pipeline.dit.load import load_dit, load_silence_latent
 from pipeline.dit.model import AceStepDiT
+from pipeline.dit_store import GIB, DitStore
 from pipeline.interface import GeneratedAudio, OutOfMemory, PipelineError, Progress
 from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest, TextRequest, TokenReport
 from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
@@ -117,7 +119,9 @@ class Components:
     default_lm: str | None = None
     engines: VllmEngines | None = None
     lm_limits: LMLimits = field(default_factory=LMLimits)
-    extra_dits: dict = field(default_factory=dict)  # other DiTs served: name -> (AceStepDiT, silence latent)
+    # Other DiTs served: name -> (AceStepDiT, silence latent); or a DitStore of every DiT served (loaded
+    # lazily under a memory budget), the default one included.
+    extra_dits: Mapping = field(default_factory=dict)
 
 
 class Stages:
@@ -216,11 +220,12 @@ class AceStepPipeline:
         self.dit_name, self.dit, self.silence = parts.dit_name, parts.dit, parts.silence
         self.vae, self.text, self.device, self.dtype = parts.vae, parts.text, parts.device, parts.dtype
         self.lms, self.default_lm, self.engines, self.lm_limits = parts.lms, parts.default_lm, parts.engines, parts.lm_limits
-        self.dits = {parts.dit_name: (parts.dit, parts.silence), **parts.extra_dits}
-        for name, (dit, _silence) in self.dits.items():
-            if self.vae.latent_dim != dit.config.audio_acoustic_hidden_dim:
-                raise PipelineError(f"the VAE's latent width {self.vae.latent_dim} does not match {name}'s "
-                                    f"audio_acoustic_hidden_dim {dit.config.audio_acoustic_hidden_dim}")
+        if isinstance(parts.extra_dits, DitStore):  # every DiT served, the default among them; checked as loaded
+            self.dits = parts.extra_dits
+        else:
+            self.dits = {parts.dit_name: (parts.dit, parts.silence), **parts.extra_dits}
+            for name, (dit, _silence) in self.dits.items():
+                check_vae_width(self.vae, name, dit)
         self.models = [*self.dits, *sorted(self.lms)]  # reported to the workers table
         self.adapters = AdapterCache()  # LoRA/LoKr adapters loaded onto the DiTs (least recently used evicted)
 
@@ -257,17 +262,24 @@ class AceStepPipeline:
                 variable = options.variables["lm_model" if name == options.lm_model else "lm_models"]
                 raise PipelineError(f"{variable}: no 5 Hz LM {name} in {checkpoints.root} "
                                     f"(there: {', '.join(sorted(checkpoints.lms)) or 'none'})")
+        vae = Vae.load(checkpoints.vae.path, device=device, dtype=dtype)
         lms = load_lms(checkpoints, options.lm_models, device=device, dtype=dtype)
         engines = VllmEngines(options.vllm_gpu_memory_utilization) if options.vllm else None
         if engines is not None and device.type == "cuda" and vllm_available():
             for lm in lms.values():  # engines start with the worker, not inside its first job
                 engines.backend(lm)
-        dits = {name: (load_dit(folder, device=device, dtype=dtype), load_silence_latent(folder, device=device, dtype=dtype))
-                for name, folder in folders.items()}
-        dit, silence = dits.pop(options.dit_model)
+        def load(name: str, folder: Path) -> tuple[AceStepDiT, torch.Tensor]:
+            dit = load_dit(folder, device=device, dtype=dtype)
+            check_vae_width(vae, name, dit)
+            return dit, load_silence_latent(folder, device=device, dtype=dtype)
+
+        budget = options.dit_memory_budget_gb
+        dits = DitStore(folders, load, pinned=options.dit_model, dtype=dtype,
+                        budget_bytes=None if budget is None else int(budget * GIB))
+        dit, silence = dits[options.dit_model]
         return cls(Components(
             dit_name=options.dit_model, dit=dit, silence=silence, extra_dits=dits,
-            vae=Vae.load(checkpoints.vae.path, device=device, dtype=dtype),
+            vae=vae,
             text=TextEncoder.load(checkpoints.text_encoder.path, device=device, dtype=dtype),
             device=device, dtype=dtype, lms=lms, default_lm=options.lm_model, engines=engines,
             # The longest song the LM may plan (the reference caps it by GPU memory tier).
@@ -912,6 +924,12 @@ def fit_frames(latents: torch.Tensor, frames: int, filler: torch.Tensor) -> torc
         return latents[:, :frames]
     tail = filler[:, latents.shape[1]:frames].to(latents.dtype).expand(latents.shape[0], -1, -1)
     return torch.cat([latents, tail], dim=1)
+
+
+def check_vae_width(vae: Vae, name: str, dit: AceStepDiT) -> None:
+    if vae.latent_dim != dit.config.audio_acoustic_hidden_dim:
+        raise PipelineError(f"the VAE's latent width {vae.latent_dim} does not match {name}'s "
+                            f"audio_acoustic_hidden_dim {dit.config.audio_acoustic_hidden_dim}")
 
 
 def load_pipeline(checkpoint_dir: Path | None, options: PipelineOptions = PipelineOptions()) -> AceStepPipeline:
