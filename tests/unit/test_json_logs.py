@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from handler.logs import AccessLogFilter, JsonFormatter, log_format
 from handler.settings import Settings
+from tests.unit.test_logs import access_line, access_logger  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,21 +65,6 @@ def test_an_exception_is_kept_as_its_traceback_on_the_same_line():
         rec = record(level=logging.ERROR, exc_info=sys.exc_info(), action="job_crashed")
     line = formatted(rec)
     assert line["event"] == "job_crashed" and "Traceback" in line["exc_info"] and "the DiT exploded" in line["exc_info"]
-
-
-def access_line(method: str, path: str, status: int) -> logging.LogRecord:
-    """A record as uvicorn's access logger makes it."""
-    return logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                             ("127.0.0.1:5000", method, path, "1.1", status), None)
-
-
-@pytest.fixture
-def access_logger():
-    logger = logging.getLogger("uvicorn.access")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    yield logger
-    logger.setLevel(level)
 
 
 def test_an_access_line_is_an_http_request_event_with_its_signed_link_redacted(access_logger):
