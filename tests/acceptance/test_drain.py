@@ -74,8 +74,9 @@ def test_a_drain_returns_within_its_budget_and_hands_the_running_job_back(store,
         spent = time.monotonic() - began
     finally:
         drainer.close()
-    # within the budget, give or take the scheduling jitter of a loaded 2-core CI machine (4.19 s seen there)
-    assert spent < 4.5 and summary["stopped_because"] == "time budget spent" and summary["claimed"] == 1
+    # within the budget, give or take the scheduling jitter of a loaded 2-core machine (4.19 s and 4.55 s
+    # seen there; the release comes 0.8 s before the budget's end); without the release it takes 12 s and more
+    assert spent < 5.0 and summary["stopped_because"] == "time budget spent" and summary["claimed"] == 1
     row = store.get(slow)
     assert (row["status"], row["attempt"]) == ("queued", 0)  # back in the queue, its attempt unspent
 
