@@ -16,6 +16,7 @@ BAD_VALUES = {
     "ACESTEP_LM_MAX_DURATION": "ten-minutes",
     "ACESTEP_VLLM": "perhaps",
     "ACESTEP_VLLM_GPU_MEMORY_UTILIZATION": "1.5",
+    "ACESTEP_DIT_MEMORY_BUDGET_GB": "-2",
 }
 
 
