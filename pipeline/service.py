@@ -38,6 +38,7 @@ without an LM loaded, `thinking=true` fails the job saying so and missing metada
 
 import logging
 import secrets
+import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ from pipeline.lm.backend import CodesRequest, LMBackend, MetadataRequest, TextRe
 from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.lm import tasks as lm_tasks
+from pipeline.lm_batch import CodesBatcher
 from pipeline import postprocess
 from pipeline.lora import AdapterCache, AdapterError, job_adapters
 from pipeline.conditioning import RANGE_TASKS, build_chunk_masks_and_src_latents
@@ -198,6 +200,18 @@ class Source:
 
 
 @dataclass
+class EarlyPrep:
+    """One job up to its LM stage (`AceStepPipeline.before_lm`)."""
+
+    request: GenerationRequest  # after sample mode / format
+    batch: int
+    seeds: list[int]
+    src: "Source | None"
+    lm_inputs: Any  # lm_tasks.PreparedLlmInputs or None
+    lego_sft: bool  # the job's DiT is a lego SFT model (read while it was in use)
+
+
+@dataclass
 class Prepared:
     """One job ready for the DiT's loop (`AceStepPipeline.prepare`)."""
 
@@ -228,6 +242,7 @@ class AceStepPipeline:
                 check_vae_width(self.vae, name, dit)
         self.models = [*self.dits, *sorted(self.lms)]  # reported to the workers table
         self.adapters = AdapterCache()  # LoRA/LoKr adapters loaded onto the DiTs (least recently used evicted)
+        self.lm_code_passes: list[int] = []  # rows of each merged LM codes pass of the last run_batch
 
     @contextmanager
     def using(self, name: str):
@@ -363,19 +378,25 @@ class AceStepPipeline:
         return Source(audio, latents, start, end)
 
     def text_plan(self, request: GenerationRequest, batch: int, seeds: list[int], src_samples: int,
-                  stages: Stages, lm_from: float = 0.0) -> tuple[GenerationPlan, Any]:
+                  stages: Stages, lm_from: float = 0.0, *, lego_sft: bool | None = None,
+                  wrap=None) -> tuple[GenerationPlan, Any]:
         """The LM stage (when the request asks for it; its calls report from `lm_from` of the "lm"
         stage on) and every string the DiT's text side reads; with the LM backend that was
-        available to it (None without an LM)."""
+        available to it (None without an LM). `lego_sft`: the job's DiT is a lego SFT model (default:
+        the DiT in use); `wrap`: what the LM backend is wrapped in."""
         params = params_from_request(request)
+        if lego_sft is None:
+            lego_sft = bool(getattr(self.dit.config, "is_lego_sft", False))
         lm = None
         if self.lms:
             lm = select_lm(self.lms, request.lm_model_path or self.default_lm, request.lm_backend, self.engines)
+            if wrap is not None:
+                lm = wrap(lm)
             lm = ReportingLM(lm, stages, lm_from)
         try:
             plan = plan_generation(params, lm, batch_size=batch, seeds=seeds, limits=self.lm_limits,
                                    src_audio_duration=src_samples / SAMPLE_RATE if src_samples else None,
-                                   is_lego_sft=bool(getattr(self.dit.config, "is_lego_sft", False)))
+                                   is_lego_sft=lego_sft)
         except LMUnavailableError:
             raise PipelineError("thinking=true needs a 5 Hz LM, and this worker has none loaded") from None
         except ValueError as exc:
@@ -540,16 +561,28 @@ class AceStepPipeline:
         groups: dict[tuple, list[tuple[int, Prepared]]] = {}
         try:
             with torch.inference_mode():
+                early: dict[int, EarlyPrep] = {}
                 for index, request in enumerate(requests):
                     if request.extract_codes_only or request.full_analysis_only or request.analysis_only:
                         results[index] = self._isolated(lambda r=request: self.run(r, progress))
                         continue
-                    with_dit = lambda r=request: self._prepare_with(r, stages)  # noqa: E731
-                    job = self._isolated(with_dit)
+                    made = self._isolated(lambda r=request: self._with_dit(r, lambda: self.before_lm(r, r.items, stages)))
+                    if isinstance(made, PipelineError):
+                        results[index] = made
+                    else:
+                        early[index] = made
+                planned = self.plan_texts(early, stages)
+                for index, job_early in early.items():
+                    if isinstance(planned[index], PipelineError):
+                        results[index] = planned[index]
+                        continue
+                    request = job_early.request
+                    job = self._isolated(lambda r=request, e=job_early, p=planned[index]: self._with_dit(
+                        r, lambda: self.after_lm(e, *p, stages)))
                     if isinstance(job, PipelineError):
                         results[index] = job
                         continue
-                    key = (batch_signature(request), job.request.model or self.dit_name, job.plan.frames)
+                    key = (batch_signature(job.request), job.request.model or self.dit_name, job.plan.frames)
                     groups.setdefault(key, []).append((index, job))
                 for key, members in groups.items():
                     jobs = [job for _, job in members]
@@ -574,20 +607,64 @@ class AceStepPipeline:
         except PipelineError as exc:
             return exc
 
-    def _prepare_with(self, request: GenerationRequest, stages: Stages) -> "Prepared":
+    def _with_dit(self, request: GenerationRequest, call):
+        """`call()` with the job's DiT in use and its adapters active."""
         with self.using(request.model or self.dit_name), self.adapted(request):
-            return self.prepare(request, request.items, stages)
+            return call()
+
+    def plan_texts(self, early: dict[int, "EarlyPrep"], stages: Stages) -> dict[int, Any]:
+        """Each job's LM stage: (plan, lm), or its PipelineError. With several jobs, each plans in a
+        thread of its own and their audio-code calls run as one LM pass per backend and cfg_scale
+        (`pipeline.lm_batch`); the DiT is not touched meanwhile."""
+        if len(early) < 2 or not self.lms:
+            return {index: self._isolated(lambda e=job: self.plan_text(e, stages)) for index, job in early.items()}
+        batcher = CodesBatcher(len(early))
+        planned: dict[int, Any] = {}
+        crashed: list[BaseException] = []
+
+        def plan(index: int, job: EarlyPrep) -> None:
+            try:
+                with torch.inference_mode():  # thread-local: each planner sets it
+                    planned[index] = self._isolated(lambda: self.plan_text(job, stages, wrap=batcher.wrap))
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                crashed.append(exc)
+            finally:
+                batcher.leave()
+
+        threads = [threading.Thread(target=plan, args=item, daemon=True) for item in early.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if crashed:
+            raise crashed[0]
+        self.lm_code_passes = list(batcher.calls)
+        return planned
 
     def prepare(self, request: GenerationRequest, batch: int, stages: Stages) -> "Prepared":
         """Everything before the DiT's loop for one job: seeds, source, the LM stage and prompts,
         latents and masks, text and timbre encodings, the conditions, x_T (retake mixed in)."""
+        early = self.before_lm(request, batch, stages)
+        return self.after_lm(early, *self.plan_text(early, stages), stages)
+
+    def before_lm(self, request: GenerationRequest, batch: int, stages: Stages) -> "EarlyPrep":
+        """A job up to its LM stage: seeds, source, the LM's own inputs (sample mode, format)."""
         self.check_task_type(request.task_type)
         stages("preparing")
         seeds = self.seeds(request, batch)
         src = self.source(request)
         request, prepared = self.apply_lm_inputs(request, seeds[0], stages)
-        src_samples = 0 if src is None else src.audio.shape[1]
-        text, lm = self.text_plan(request, batch, seeds, src_samples, stages, LM_INPUTS_SHARE if prepared else 0.0)
+        return EarlyPrep(request, batch, seeds, src, prepared, bool(getattr(self.dit.config, "is_lego_sft", False)))
+
+    def plan_text(self, early: "EarlyPrep", stages: Stages, wrap=None) -> tuple[GenerationPlan, Any]:
+        """The job's LM stage (`wrap`: what its LM backend is wrapped in, e.g. a CodesBatcher's)."""
+        src_samples = 0 if early.src is None else early.src.audio.shape[1]
+        return self.text_plan(early.request, early.batch, early.seeds, src_samples, stages,
+                              LM_INPUTS_SHARE if early.lm_inputs else 0.0, lego_sft=early.lego_sft, wrap=wrap)
+
+    def after_lm(self, early: "EarlyPrep", text: GenerationPlan, lm: Any, stages: Stages) -> "Prepared":
+        """The rest of `prepare`, from the LM's plan on."""
+        request, batch, seeds, src, prepared = early.request, early.batch, early.seeds, early.src, early.lm_inputs
         plan = self.latents(request, text, src, batch)
         stages("conditioning", audio_seconds=plan.samples / SAMPLE_RATE)
         captions, captions_mask = self.text.encode_text([item.caption_prompt for item in text.items])

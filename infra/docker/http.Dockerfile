@@ -38,8 +38,11 @@ sys.exit('torch was imported' if 'torch' in sys.modules else 0)"
 
 # ---- the HTTP image -------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS http
+# /app: the user's working folder (ACESTEP_DATA_DIR is .acestep under it; production writes nothing
+# there: the secret comes from ACESTEP_SECRET_KEY and the audio goes to ACESTEP_STORAGE_URL).
 RUN groupadd --system --gid 10001 acestep \
-    && useradd --system --uid 10001 --gid acestep --no-create-home --home-dir /app --shell /usr/sbin/nologin acestep
+    && useradd --system --uid 10001 --gid acestep --no-create-home --home-dir /app --shell /usr/sbin/nologin acestep \
+    && install -d -o acestep -g acestep /app
 COPY --from=builder /opt/venv /opt/venv
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \

@@ -100,3 +100,44 @@ def test_jobs_with_a_lora_run_with_it_and_batch_only_with_the_same_adapters(pipe
                              lambda *_, **__: None)
     assert isinstance(missing[0], PipelineError) and "lora" in str(missing[0])
     assert np.abs(missing[1].audios[0] - alone[1].audios[0]).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def lm_pipe(tiny_checkpoints, tmp_path_factory):
+    """The tiny checkpoints with the tiny 5 Hz LM (pt backend)."""
+    import shutil
+
+    from pipeline.tiny import TINY_LM
+    from pipeline.tiny_text import build_tiny_lm
+
+    root = tmp_path_factory.mktemp("with-lm")
+    shutil.copytree(tiny_checkpoints, root, dirs_exist_ok=True)
+    build_tiny_lm(root / TINY_LM)
+    return load_pipeline(root, PipelineOptions(lm_max_duration=30, vllm=False))
+
+
+def test_the_lm_writes_the_codes_of_several_jobs_in_one_pass_as_each_alone(lm_pipe, capsys):
+    """Thinking jobs of different captions, seeds and batch sizes: their audio codes come from one LM
+    pass (all rows together) and each job gets the codes and the audio it gets alone."""
+    jobs = [
+        request(caption="calm piano", thinking=True, seed=11),
+        request(caption="a loud and fast punk rock song with screaming vocals", thinking=True, seed=12, batch_size=2),
+        request(caption="lo-fi beat", thinking=True, seed=13, audio_duration=4.0),
+        request(caption="no lm codes here", seed=14),  # thinking off: no codes to write
+    ]
+    alone = [lm_pipe.run(job, lambda *_, **__: None) for job in jobs]
+    broken = request(caption="an LM nobody serves", thinking=True, seed=15, lm_model_path="acestep-5Hz-lm-9B")
+    with pytest.raises(PipelineError) as alone_error:
+        lm_pipe.run(broken, lambda *_, **__: None)
+    *together, failed = lm_pipe.run_batch([*jobs, broken], lambda *_, **__: None)
+    assert isinstance(failed, PipelineError) and str(failed) == str(alone_error.value)  # it fails alone
+    assert lm_pipe.lm_code_passes == [4], lm_pipe.lm_code_passes  # one pass: 1 + 2 + 1 rows
+    worst = 0.0
+    for one, many in zip(alone, together, strict=True):
+        assert not isinstance(many, PipelineError), many
+        assert one.info == many.info  # the LM's metas too; the codes condition the audio compared below
+        for a, b in zip(one.audios, many.audios, strict=True):
+            worst = max(worst, float(np.abs(a - b).max()))
+    with capsys.disabled():
+        print(f"\nLM batched across jobs vs one by one: max |difference| {worst:.2e}")
+    assert worst < 1e-4
