@@ -73,6 +73,7 @@ from pipeline.lm.loading import VllmEngines, load_lms, select_lm, vllm_available
 from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, params_from_request, plan_generation
 from pipeline.lm import tasks as lm_tasks
 from pipeline.lm_batch import CodesBatcher
+from pipeline.dit_batch import DecoderBarrier
 from pipeline import postprocess
 from pipeline.lora import AdapterCache, AdapterError, job_adapters
 from pipeline.conditioning import RANGE_TASKS, build_chunk_masks_and_src_latents
@@ -243,6 +244,7 @@ class AceStepPipeline:
         self.models = [*self.dits, *sorted(self.lms)]  # reported to the workers table
         self.adapters = AdapterCache()  # LoRA/LoKr adapters loaded onto the DiTs (least recently used evicted)
         self.lm_code_passes: list[int] = []  # rows of each merged LM codes pass of the last run_batch
+        self.dit_passes: list[int] = []  # rows of each merged decoder call of jobs of several lengths
 
     @contextmanager
     def using(self, name: str):
@@ -582,18 +584,22 @@ class AceStepPipeline:
                     if isinstance(job, PipelineError):
                         results[index] = job
                         continue
-                    key = (batch_signature(job.request), job.request.model or self.dit_name, job.plan.frames)
+                    key = (batch_signature(job.request), job.request.model or self.dit_name)
                     groups.setdefault(key, []).append((index, job))
                 for key, members in groups.items():
-                    jobs = [job for _, job in members]
+                    by_frames: dict[int, list[tuple[int, Prepared]]] = {}
+                    for index, job in members:
+                        by_frames.setdefault(job.plan.frames, []).append((index, job))
+                    lengths = list(by_frames.values())
                     with self.using(key[1]):
                         try:
-                            with self.adapted(jobs[0].request):  # one set of adapters: part of the signature
-                                latents = self.sample_jobs(jobs, stages)
-                            made = self.finish(jobs, latents, stages)
+                            with self.adapted(members[0][1].request):  # one set of adapters: part of the signature
+                                latents = self.sample_groups([[job for _, job in group] for group in lengths], stages)
+                            made = [result for group, group_latents in zip(lengths, latents, strict=True)
+                                    for result in self.finish([job for _, job in group], group_latents, stages)]
                         except PipelineError as exc:  # the shared pass failed: every job of it
-                            made = [exc] * len(jobs)
-                    for (index, _), result in zip(members, made, strict=True):
+                            made = [exc] * len(members)
+                    for (index, _), result in zip([m for group in lengths for m in group], made, strict=True):
                         results[index] = result
         except torch.cuda.OutOfMemoryError as exc:
             raise OutOfMemory(f"out of memory on {self.device}: {exc}") from None
@@ -690,7 +696,38 @@ class AceStepPipeline:
                         cover=cover, non_cover=non_cover, strength=strength,
                         noise=retake_mix(self.noise(seeds, plan.frames), retake, request.retake_variance))
 
-    def sample_jobs(self, jobs: list["Prepared"], stages: Stages) -> list[torch.Tensor]:
+    def sample_groups(self, groups: list[list["Prepared"]], stages: Stages) -> list[list[torch.Tensor]]:
+        """`sample_jobs` for groups of jobs that agree on `batch_signature` but not on their frames:
+        one group alone as it is; several, each in a thread of its own whose decoder calls are merged
+        into one per step (`pipeline.dit_batch`). The first group reports the progress."""
+        if len(groups) == 1:
+            return [self.sample_jobs(groups[0], stages)]
+        barrier = DecoderBarrier(self.dit.decoder, len(groups))
+        model = barrier.model(self.dit)
+        latents: list[Any] = [None] * len(groups)
+        crashed: list[BaseException] = []
+
+        def run(i: int, jobs: list[Prepared]) -> None:
+            try:
+                with torch.inference_mode():  # thread-local: each sampler sets it
+                    latents[i] = self.sample_jobs(jobs, stages if i == 0 else Stages(_no_progress), model=model)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                crashed.append(exc)
+                barrier.fail(exc)  # the other groups stop at their next decoder call (a cancel, OOM)
+            finally:
+                barrier.leave()
+
+        threads = [threading.Thread(target=run, args=(i, jobs), daemon=True) for i, jobs in enumerate(groups)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if crashed:
+            raise crashed[0]
+        self.dit_passes = list(barrier.calls)
+        return latents
+
+    def sample_jobs(self, jobs: list["Prepared"], stages: Stages, model=None) -> list[torch.Tensor]:
         """One DiT loop for jobs that agree on `batch_signature` and on their frames: x0 latents per job."""
         first = jobs[0].request
         base = not self.dit.config.turbo
@@ -707,7 +744,7 @@ class AceStepPipeline:
         non_covers = [job.non_cover for job in jobs]
         stages("dit")
         latents = sample(
-            self.dit, merge_conditions([job.cover for job in jobs]), cat([job.noise for job in jobs]),
+            model if model is not None else self.dit, merge_conditions([job.cover for job in jobs]), cat([job.noise for job in jobs]),
             timesteps=schedule, base=base,
             non_cover=merge_conditions(non_covers) if all(c is not None for c in non_covers) else None,
             cover_steps=cover_steps, audio_cover_strength=jobs[0].strength,
@@ -1001,6 +1038,10 @@ def fit_frames(latents: torch.Tensor, frames: int, filler: torch.Tensor) -> torc
         return latents[:, :frames]
     tail = filler[:, latents.shape[1]:frames].to(latents.dtype).expand(latents.shape[0], -1, -1)
     return torch.cat([latents, tail], dim=1)
+
+
+def _no_progress(stage: str, fraction: float, **facts) -> None:
+    """The progress of the groups that do not report it (`sample_groups`)."""
 
 
 def check_vae_width(vae: Vae, name: str, dit: AceStepDiT) -> None:

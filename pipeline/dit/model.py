@@ -184,10 +184,13 @@ class DiTDecoder(nn.Module):
         encoder_hidden_states: torch.Tensor | None,
         context_latents: torch.Tensor,
         cache: CrossAttentionCache | None = None,
+        row_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity [B, T, latent] for x_t `hidden_states` [B, T, latent]. Cross-attention sees every
         condition position (padding included) and self-attention has no padding mask: the reference
-        accepts both masks and ignores them."""
+        accepts both masks and ignores them. `row_frames` [B] is only for rows of several lengths in one
+        call (each row zero beyond its own length): self-attention then hides each row's patches past
+        its length, so a row gets what it gets alone (`pipeline.dit_batch`)."""
         if cache is None:
             cache = self.cross_cache(encoder_hidden_states)
         temb_t, proj_t = self.time_embed(timestep)
@@ -202,11 +205,15 @@ class DiTDecoder(nn.Module):
         length = x.shape[1]
         config = self.config
         rotary = rotary_tables(length, config.dim_per_head, config.rope_theta, x.device, x.dtype)
+        keys = None
+        if row_frames is not None:  # the patches of each row's own frames (its last one zero-padded, as alone)
+            patches = torch.div(row_frames.to(x.device) + self.patch_size - 1, self.patch_size, rounding_mode="floor")
+            keys = torch.arange(length, device=x.device)[None, :] < patches[:, None]
         masks: dict[int | None, torch.Tensor | None] = {}
         for index, layer in enumerate(self.layers):
             window = config.window_for(index)
             if window not in masks:
-                masks[window] = window_mask(length, window, None, x.dtype, x.device)
+                masks[window] = window_mask(length, window, keys, x.dtype, x.device)
             x = layer(x, rotary, masks[window], modulation, cache.keys_values[index], cache.mask)
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)
         x = (self.norm_out(x) * (1 + scale) + shift).to(x.dtype)

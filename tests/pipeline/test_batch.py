@@ -1,7 +1,8 @@
-"""`run_batch` in the real pipeline (issue 18): jobs that agree on their settings and length share one
-DiT batch and one VAE decode, each item seeing only its own condition, so the batch gives what each
-job alone gives; other jobs form their own batches in the same call, and a job whose input fails
-fails alone."""
+"""`run_batch` in the real pipeline (issue 18): jobs that agree on their settings share each DiT
+decoder call (songs of other lengths padded, each row attending only to its own frames and its own
+condition) and jobs of one length one VAE decode, so the batch gives what each job alone gives; the
+LM writes the codes of all of them in one pass; jobs of other settings form their own batches in the
+same call, and a job whose input fails fails alone."""
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def test_a_batch_gives_what_each_job_gives_alone(pipe, tmp_path, monkeypatch, ca
         request(caption="calm piano", batch_size=2, seed=1),
         request(caption="an energetic rock song with loud drums and a long caption", lyrics="[verse]\nla la la la",
                 seed=5),
-        request(caption="calm piano", audio_duration=4.2, seed=9),  # another length: its own DiT batch
+        request(caption="calm piano", audio_duration=4.2, seed=9),  # another length: padded into the same calls
         request(caption="sde", infer_method="sde", seed=3),  # other settings: its own DiT batch
         request(caption="base", model="acestep-v15-base", inference_steps=3, seed=4),
         request(task_type="cover", src_audio_path=str(tmp_path / "missing.wav"), seed=2),  # fails alone
@@ -63,8 +64,8 @@ def test_a_batch_gives_what_each_job_gives_alone(pipe, tmp_path, monkeypatch, ca
     with capsys.disabled():
         print(f"\nbatched vs one by one: max |difference| {worst:.2e} over {sum(len(r.audios) for r in alone if not isinstance(r, PipelineError))} songs")
     assert worst < 1e-4
-    # jobs 0, 1 and 6 (5 songs, captions of three lengths) share one DiT batch: 5 items per call
-    assert 5 in sizes and max(sizes) == 5
+    # jobs 0, 1, 2 and 6 (6 songs, captions of three lengths, two song lengths) share each decoder call
+    assert 6 in sizes and max(sizes) == 6
     assert alone[2].audios[0].shape == (2, round(4.2 * SAMPLE_RATE))
 
 
@@ -140,4 +141,28 @@ def test_the_lm_writes_the_codes_of_several_jobs_in_one_pass_as_each_alone(lm_pi
             worst = max(worst, float(np.abs(a - b).max()))
     with capsys.disabled():
         print(f"\nLM batched across jobs vs one by one: max |difference| {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_songs_of_several_lengths_share_each_decoder_call_as_each_alone(pipe, monkeypatch, capsys):
+    """Three lengths (one odd number of frames), base model with guidance (the doubled batch), DCW,
+    SDE re-noising and a repaint-free retake: the decoder runs once per step for all of them, and
+    every song is what it is alone."""
+    settings = dict(model="acestep-v15-base", inference_steps=4, guidance_scale=5.0, infer_method="sde",
+                    dcw_enabled=True)
+    jobs = [request(caption="short", audio_duration=2.0, seed=21, **settings),
+            request(caption="a middling one with a longer caption", audio_duration=3.3, seed=22, batch_size=2, **settings),
+            request(caption="long", audio_duration=5.0, seed=23, retake_seed=2, retake_variance=0.3, **settings)]
+    alone = [pipe.run(job, lambda *_, **__: None) for job in jobs]
+    sizes = decoder_batches(pipe, monkeypatch)
+    together = pipe.run_batch(jobs, lambda *_, **__: None)
+    assert set(sizes) == {8}, sizes  # 4 songs x 2 (conditional and unconditional rows) in every call
+    assert pipe.dit_passes and set(pipe.dit_passes) == {8}
+    worst = 0.0
+    for one, many in zip(alone, together, strict=True):
+        for a, b in zip(one.audios, many.audios, strict=True):
+            assert a.shape == b.shape
+            worst = max(worst, float(np.abs(a - b).max()))
+    with capsys.disabled():
+        print(f"\nsongs of 2.0, 3.3 and 5.0 s in one decoder call vs alone: max |difference| {worst:.2e}")
     assert worst < 1e-4
