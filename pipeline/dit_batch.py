@@ -6,7 +6,6 @@ all of them, zero-padded to the longest with each row's self-attention kept to i
 cross-attention to its own condition (`DiTDecoder.forward(row_frames=...)`), and each group gets its rows
 back, cut to its length. The decoder is the step's cost; the rest stays per group."""
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.dit.model import CrossAttentionCache
+from pipeline.rendezvous import Rendezvous
 
 
 @dataclass(eq=False)
@@ -56,64 +56,27 @@ def merge_caches(caches: list[CrossAttentionCache]) -> CrossAttentionCache:
     return CrossAttentionCache(states, layers, mask)
 
 
-class DecoderBarrier:
-    """The decoder calls of `participants` sampling threads, merged step by step."""
+class DecoderBarrier(Rendezvous):
+    """The decoder calls of `participants` sampling threads (`pipeline.rendezvous`), merged step by step."""
 
     def __init__(self, decoder: Any, participants: int):
+        super().__init__(participants)
         self.decoder = decoder
         self.calls: list[int] = []  # rows of every merged call (tests, benchmarks)
-        self._cond = threading.Condition()
-        self._active = participants
-        self._pending: list[_Call] = []
         self._merged: dict[tuple, CrossAttentionCache] = {}
-        self._failed: BaseException | None = None
 
     def model(self, model: Any) -> "_ModelProxy":
         return _ModelProxy(model, _DecoderProxy(self))
 
-    def fail(self, error: BaseException) -> None:
-        """One group failed (a cancel, out of memory): every decoder call from now on raises it."""
-        with self._cond:
-            self._failed = error
-            for entry in self._pending:
-                entry.error, entry.done = error, True
-            self._pending = []
-            self._cond.notify_all()
-
-    def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            self._run_when_all_wait()
-
     def call(self, x, t, t_r, context, cache) -> torch.Tensor:
-        entry = _Call(x, t, t_r, context, cache)
-        with self._cond:
-            if self._failed is not None:
-                raise self._failed
-            self._pending.append(entry)
-            self._run_when_all_wait()
-            while not entry.done:
-                self._cond.wait()
-        if entry.error is not None:
-            raise entry.error
-        return entry.result
+        return self.submit(_Call(x, t, t_r, context, cache))
 
-    def _run_when_all_wait(self) -> None:
-        if not self._pending or len(self._pending) < self._active:
-            return
-        pending, self._pending = self._pending, []
-        try:
-            if len(pending) == 1:
-                only = pending[0]
-                only.result = self.decoder(only.x, only.t, only.t_r, None, only.context, cache=only.cache)
-            else:
-                self._merged_call(pending)
-        except BaseException as exc:  # noqa: BLE001 - every group of the call gets the failure
-            for entry in pending:
-                entry.error = exc
-        for entry in pending:
-            entry.done = True
-        self._cond.notify_all()
+    def run_together(self, pending: list[_Call]) -> None:
+        if len(pending) == 1:
+            only = pending[0]
+            only.result = self.decoder(only.x, only.t, only.t_r, None, only.context, cache=only.cache)
+        else:
+            self._merged_call(pending)
 
     def _merged_call(self, pending: list[_Call]) -> None:
         longest = max(e.x.shape[1] for e in pending)

@@ -7,10 +7,11 @@ its job alone gets, up to the floating-point rounding of a batch with other prom
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.lm.backend import CodesRequest, TokenReport
+from pipeline.rendezvous import Rendezvous
 
 
 @dataclass(eq=False)
@@ -23,43 +24,22 @@ class _Pending:
     done: bool = False
 
 
-@dataclass
-class CodesBatcher:
-    """`participants`: the planning threads; each calls `leave()` when its planning is over."""
+class CodesBatcher(Rendezvous):
+    """The audio-code calls of `participants` planning threads (`pipeline.rendezvous`), merged per
+    backend and cfg_scale."""
 
-    participants: int
-    calls: list[int] = field(default_factory=list)  # rows of every merged generate_codes call made
-
-    def __post_init__(self) -> None:
-        self._cond = threading.Condition()
+    def __init__(self, participants: int):
+        super().__init__(participants)
+        self.calls: list[int] = []  # rows of every merged generate_codes call made
         self._serial = threading.Lock()  # the single-sequence calls, one at a time
-        self._active = self.participants
-        self._pending: list[_Pending] = []
 
     def wrap(self, backend: Any) -> "BatchedLM":
         return BatchedLM(backend, self)
 
-    def leave(self) -> None:
-        with self._cond:
-            self._active -= 1
-            self._flush_when_all_wait()
-
     def codes(self, backend: Any, requests: Sequence[CodesRequest], report: TokenReport | None) -> list[str]:
-        entry = _Pending(backend, list(requests), report)
-        with self._cond:
-            self._pending.append(entry)
-            self._flush_when_all_wait()
-            while not entry.done:
-                self._cond.wait()
-        if entry.error is not None:
-            raise entry.error
-        return entry.result
+        return self.submit(_Pending(backend, list(requests), report))
 
-    def _flush_when_all_wait(self) -> None:
-        """With the lock held: once every active planner waits here, run their calls merged."""
-        if not self._pending or len(self._pending) < self._active:
-            return
-        pending, self._pending = self._pending, []
+    def run_together(self, pending: list[_Pending]) -> None:
         groups: dict[tuple, list[_Pending]] = {}
         for entry in pending:
             cfg = entry.requests[0].cfg_scale if entry.requests else None
@@ -72,12 +52,9 @@ class CodesBatcher:
                 start = 0
                 for entry in members:
                     entry.result, start = made[start:start + len(entry.requests)], start + len(entry.requests)
-            except BaseException as exc:  # noqa: BLE001 - each job of the pass gets the failure
+            except BaseException as exc:  # noqa: BLE001 - each job of this pass gets the failure
                 for entry in members:
                     entry.error = exc
-            for entry in members:
-                entry.done = True
-        self._cond.notify_all()
 
 
 class BatchedLM:

@@ -38,7 +38,6 @@ without an LM loaded, `thinking=true` fails the job saying so and missing metada
 
 import logging
 import secrets
-import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -74,6 +73,7 @@ from pipeline.lm.planner import GenerationPlan, LMLimits, LMUnavailableError, pa
 from pipeline.lm import tasks as lm_tasks
 from pipeline.lm_batch import CodesBatcher
 from pipeline.dit_batch import DecoderBarrier
+from pipeline.rendezvous import each_in_a_thread
 from pipeline import postprocess
 from pipeline.lora import AdapterCache, AdapterError, job_adapters
 from pipeline.conditioning import RANGE_TASKS, build_chunk_masks_and_src_latents
@@ -625,25 +625,9 @@ class AceStepPipeline:
         if len(early) < 2 or not self.lms:
             return {index: self._isolated(lambda e=job: self.plan_text(e, stages)) for index, job in early.items()}
         batcher = CodesBatcher(len(early))
-        planned: dict[int, Any] = {}
-        crashed: list[BaseException] = []
-
-        def plan(index: int, job: EarlyPrep) -> None:
-            try:
-                with torch.inference_mode():  # thread-local: each planner sets it
-                    planned[index] = self._isolated(lambda: self.plan_text(job, stages, wrap=batcher.wrap))
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
-                crashed.append(exc)
-            finally:
-                batcher.leave()
-
-        threads = [threading.Thread(target=plan, args=item, daemon=True) for item in early.items()]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if crashed:
-            raise crashed[0]
+        made = each_in_a_thread(list(early.values()), lambda job: self._isolated(
+            lambda: self.plan_text(job, stages, wrap=batcher.wrap)), batcher)
+        planned = dict(zip(early, made, strict=True))
         self.lm_code_passes = list(batcher.calls)
         return planned
 
@@ -704,26 +688,9 @@ class AceStepPipeline:
             return [self.sample_jobs(groups[0], stages)]
         barrier = DecoderBarrier(self.dit.decoder, len(groups))
         model = barrier.model(self.dit)
-        latents: list[Any] = [None] * len(groups)
-        crashed: list[BaseException] = []
-
-        def run(i: int, jobs: list[Prepared]) -> None:
-            try:
-                with torch.inference_mode():  # thread-local: each sampler sets it
-                    latents[i] = self.sample_jobs(jobs, stages if i == 0 else Stages(_no_progress), model=model)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
-                crashed.append(exc)
-                barrier.fail(exc)  # the other groups stop at their next decoder call (a cancel, OOM)
-            finally:
-                barrier.leave()
-
-        threads = [threading.Thread(target=run, args=(i, jobs), daemon=True) for i, jobs in enumerate(groups)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if crashed:
-            raise crashed[0]
+        quiet = Stages(_no_progress)
+        latents = each_in_a_thread(list(enumerate(groups)), lambda item: self.sample_jobs(
+            item[1], stages if item[0] == 0 else quiet, model=model), barrier)
         self.dit_passes = list(barrier.calls)
         return latents
 

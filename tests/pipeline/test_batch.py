@@ -166,3 +166,18 @@ def test_songs_of_several_lengths_share_each_decoder_call_as_each_alone(pipe, mo
     with capsys.disabled():
         print(f"\nsongs of 2.0, 3.3 and 5.0 s in one decoder call vs alone: max |difference| {worst:.2e}")
     assert worst < 1e-4
+
+
+def test_a_cancel_during_a_batch_of_several_lengths_stops_every_group(pipe, monkeypatch):
+    from pipeline.interface import Canceled
+
+    jobs = [request(caption="a", audio_duration=2.0, seed=1), request(caption="b", audio_duration=3.5, seed=2)]
+    sizes = decoder_batches(pipe, monkeypatch)
+
+    def progress(stage, fraction, **facts):
+        if stage == "dit" and len(sizes) >= 3:  # the cancel the worker hands in through the progress call
+            raise Canceled()
+
+    with pytest.raises(Canceled):
+        pipe.run_batch(jobs, progress)
+    assert 3 <= len(sizes) < 8  # stopped within a step of the cancel, not after the 8 steps
