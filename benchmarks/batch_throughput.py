@@ -3,11 +3,14 @@ pipeline: tiny random checkpoints on CPU, or whatever ACESTEP_CHECKPOINT_DIR nam
 
     python benchmarks/batch_throughput.py                        # 16 jobs of 10 s, batch-jobs 1 4 8
     python benchmarks/batch_throughput.py --jobs 32 --seconds 60 --batch-jobs 1 8
+    python benchmarks/batch_throughput.py --seconds 10 14 18 22 --thinking   # mixed lengths, LM codes
 
 Each setting starts its own `dev` (embedded Postgres, API, one worker), waits until the worker is
 live, submits every job at once (one song each, different captions and seeds, the same length and
 sampler settings, metas given so the LM is not needed), and times from the first submit to the last
-job's end. Printed: jobs/s, seconds per job, and the speed-up over the first setting."""
+job's end. Several --seconds are cycled over the jobs (songs of several lengths share the DiT's calls);
+--thinking has the LM write every job's audio codes (one LM pass per claimed batch). Printed: jobs/s,
+seconds per job, and the speed-up over the first setting."""
 
 import argparse
 import os
@@ -46,17 +49,23 @@ def start_dev(data_dir: Path, batch_jobs: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("dev did not get a live worker within 600 s")
 
 
-def run(batch_jobs: int, jobs: int, seconds: float) -> dict:
+def run(batch_jobs: int, jobs: int, seconds: list[float], thinking: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         proc, base = start_dev(Path(tmp), batch_jobs)
         try:
             with httpx.Client(base_url=base, timeout=60) as client:
                 start = time.monotonic()
-                ids = [client.post("/v1/music/generate", json={
-                    "caption": f"song {i}: {'calm piano' if i % 2 else 'an energetic rock tune with drums'}",
-                    "lyrics": "[Instrumental]", "audio_duration": seconds, "batch_size": 1, "thinking": False,
-                    "bpm": 100, "key_scale": "C major", "time_signature": "4", "use_random_seed": False, "seed": i,
-                }).json()["job_id"] for i in range(jobs)]
+                ids = []
+                for i in range(jobs):
+                    answer = client.post("/v1/music/generate", json={
+                        "caption": f"song {i}: {'calm piano' if i % 2 else 'an energetic rock tune with drums'}",
+                        "lyrics": "[Instrumental]", "audio_duration": seconds[i % len(seconds)], "batch_size": 1,
+                        "thinking": thinking, "bpm": 100, "key_scale": "C major", "time_signature": "4",
+                        "use_random_seed": False, "seed": i,
+                    })
+                    if answer.status_code != 200:
+                        raise SystemExit(f"submit refused ({answer.status_code}): {answer.text}")
+                    ids.append(answer.json()["job_id"])
                 pending = set(ids)
                 while pending:
                     for job_id in list(pending):
@@ -75,14 +84,17 @@ def run(batch_jobs: int, jobs: int, seconds: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[10.0], help="song lengths, cycled over the jobs")
+    parser.add_argument("--thinking", action="store_true", help="the LM writes each job's audio codes")
     parser.add_argument("--batch-jobs", type=int, nargs="+", default=[1, 4, 8])
     args = parser.parse_args()
-    print(f"{args.jobs} jobs of {args.seconds:g} s through dev ({os.environ.get('ACESTEP_CHECKPOINT_DIR') or 'tiny checkpoints'})")
+    lengths = "/".join(f"{s:g}" for s in args.seconds)
+    print(f"{args.jobs} jobs of {lengths} s{', thinking' if args.thinking else ''} through dev "
+          f"({os.environ.get('ACESTEP_CHECKPOINT_DIR') or 'tiny checkpoints'})")
     print(f"{'batch-jobs':>10} {'total s':>8} {'jobs/s':>7} {'s/job':>6} {'speed-up':>8}")
     first = None
     for batch_jobs in args.batch_jobs:
-        row = run(batch_jobs, args.jobs, args.seconds)
+        row = run(batch_jobs, args.jobs, args.seconds, args.thinking)
         rate = row["jobs"] / row["seconds"]
         first = first or rate
         print(f"{batch_jobs:>10} {row['seconds']:>8.1f} {rate:>7.3f} {row['seconds'] / row['jobs']:>6.2f} "
