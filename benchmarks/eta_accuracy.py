@@ -365,8 +365,8 @@ def recorded_stages(database_url: str, records: list[Record]) -> list[dict]:
         rows = conn.execute(text(
             "SELECT id::text, model, task_type, items, audio_seconds, dit_steps, lm_mode, timings, status, "
             "jsonb_typeof(request->'audio_duration') = 'number', "
-            "EXTRACT(EPOCH FROM finished_at - started_at)::float8, EXTRACT(EPOCH FROM finished_at)::float8 "
-            "FROM jobs")).fetchall()
+            "EXTRACT(EPOCH FROM finished_at - started_at)::float8, EXTRACT(EPOCH FROM finished_at)::float8, "
+            "worker_id, EXTRACT(EPOCH FROM started_at)::float8 FROM jobs")).fetchall()
     engine.dispose()
     by_id = {r[0]: r for r in rows}
     out = []
@@ -377,7 +377,8 @@ def recorded_stages(database_url: str, records: list[Record]) -> list[dict]:
         out.append({"job_id": record.job_id, "kind": record.plan.kind, "poll": record.poll_server_time,
                     "model": row[1], "task_type": row[2], "items": row[3], "audio_seconds": row[4],
                     "dit_steps": row[5], "lm_mode": row[6], "timings": row[7], "status": row[8],
-                    "duration_given": row[9], "seconds": row[10], "finished": row[11]})
+                    "duration_given": row[9], "seconds": row[10], "finished": row[11],
+                    "worker_id": row[12], "started": row[13]})
     return out
 
 
@@ -425,6 +426,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     mix = make_mix(args.seed, args.waves, args.jobs_per_wave)
     started = time.monotonic()
+    stage_rows: list[dict] = []  # read from dev's database; none against --url
     if args.url:
         base = args.url.rstrip("/")
         setting = f"against {base}: {describe(base)}"
@@ -449,7 +451,7 @@ def main() -> None:
     print_report(rows, summary, header)
     if args.out:
         args.out.write_text(json.dumps({"setting": header, "argv": sys.argv[1:], "summary": summary,
-                                        "jobs": rows, "plans": [[asdict(p) for p in w] for w in mix]}, indent=1))
+                                        "jobs": rows, "stage_rows": stage_rows, "plans": [[asdict(p) for p in w] for w in mix]}, indent=1))
         print(f"written to {args.out}")
 
 

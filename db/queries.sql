@@ -328,16 +328,26 @@ SELECT j.status,
 FROM jobs AS j
 WHERE j.id = :id;
 
--- name: queue_ahead
--- The first :limit queued jobs in claim order up to :id (itself last when it is among them), with
--- their cost features: what the estimator schedules onto the worker slots one by one.
+-- name: queue_front
+-- The jobs running now (of :models) and the first :limit queued jobs in claim order up to :id (itself
+-- last when it is among them), with their cost features: what the estimator schedules onto the
+-- worker slots. One statement, so one snapshot: a job claimed a moment ago is running here, never
+-- missing from both parts (a claim between two reads would leave a busy slot looking free).
 WITH me AS (SELECT priority, created_at, id FROM jobs WHERE id = :id AND status = 'queued')
-SELECT q.id, q.model, q.task_type, q.items, q.audio_seconds, q.dit_steps, q.lm_mode
-FROM jobs AS q, me
-WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
-  AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[])))
-ORDER BY q.priority, q.created_at, q.id
-LIMIT :limit;
+(SELECT false AS running, q.priority, q.created_at, q.id, q.model, q.task_type, q.items, q.audio_seconds,
+        q.dit_steps, q.lm_mode, CAST(NULL AS text) AS stage, CAST(NULL AS float8) AS progress
+ FROM jobs AS q, me
+ WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
+   AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[])))
+ ORDER BY q.priority, q.created_at, q.id
+ LIMIT :limit)
+UNION ALL
+(SELECT true, r.priority, r.created_at, r.id, r.model, r.task_type, r.items, r.audio_seconds, r.dit_steps,
+        r.lm_mode, r.stage, r.progress
+ FROM jobs AS r
+ WHERE r.lease_expires_at IS NOT NULL AND r.status = 'running'
+   AND (CAST(:models AS text[]) IS NULL OR r.model = ANY(CAST(:models AS text[]))))
+ORDER BY running, priority, created_at, id;
 
 -- name: queue_ahead_total
 -- How many queued jobs are ahead of :id (itself included) and their priced seconds: :costs maps a
@@ -356,12 +366,6 @@ SELECT count(*) AS jobs,
 FROM jobs AS q CROSS JOIN me LEFT JOIN costs AS c ON c.model = q.model
 WHERE q.status = 'queued' AND (q.priority, q.created_at, q.id) <= (me.priority, me.created_at, me.id)
   AND (CAST(:models AS text[]) IS NULL OR q.model = ANY(CAST(:models AS text[])));
-
--- name: running_work
--- Every running job with its features and where it stands: the work the worker slots still hold.
-SELECT id, model, task_type, items, audio_seconds, dit_steps, lm_mode, stage, progress, started_at
-FROM jobs
-WHERE lease_expires_at IS NOT NULL AND status = 'running';
 
 -- name: cost_samples
 -- Recent successful jobs with their stage timings: the cost model's training data.

@@ -255,10 +255,13 @@ class JobStore:
             raise JobNotFound(f"job {job_id} not found")
         return int(rows[0].position)
 
-    def queue_ahead(self, job_id: UUID, limit: int, models: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """The first `limit` queued jobs in claim order up to the job (itself last if among them);
-        `models` as in queue_position."""
-        return [r._asdict() for r in self._run("queue_ahead", None, id=job_id, limit=limit, models=_names(models))]
+    def queue_front(self, job_id: UUID, limit: int, models: Sequence[str] | None = None
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(running, ahead), read at one moment: the running jobs (features, stage, progress) and the
+        first `limit` queued jobs in claim order up to the job (itself last if among them); `models`
+        as in queue_position (None: every model)."""
+        rows = [r._asdict() for r in self._run("queue_front", None, id=job_id, limit=limit, models=_names(models))]
+        return [r for r in rows if r["running"]], [r for r in rows if not r["running"]]
 
     def queue_ahead_total(
         self, job_id: UUID, costs: dict[str, list[float]], default_costs: list[float],
@@ -301,10 +304,6 @@ class JobStore:
             models=_names(models),
         )[0]
         return int(row.jobs), float(row.seconds)
-
-    def running_work(self) -> list[dict[str, Any]]:
-        """Every running job: features, stage, progress, started_at."""
-        return [r._asdict() for r in self._run("running_work", None)]
 
     def cost_samples(self, limit: int = 500) -> list[dict[str, Any]]:
         """Recent succeeded jobs with their features and stage timings, newest first."""

@@ -6,12 +6,13 @@ model as `a + b * feature` on what drives that stage:
 | stage | feature | runs when |
 |---|---|---|
 | claimed (claim to first report; load, queue pick-up) | - | always |
-| preparing (source audio read and VAE-encoded) | seconds of the source (cover, repaint, ...) | always |
+| preparing (source audio read and VAE-encoded) | VAE seconds of the source (cover, repaint, ...) | always |
 | lm (`lm` line: text only, lm_mode 1) | - | the LM writes text only (metas, format, a sample) |
 | lm (`lm_codes` line: lm_mode 2) | seconds x songs of audio codes | `thinking`: the LM writes its CoT and the codes |
 | conditioning (text encoder) | songs | not an LM task |
 | dit | seconds x songs x decoder passes (`dit_passes`) | not an LM task |
-| vae, encoding | seconds x songs | not an LM task |
+| vae | VAE seconds x songs (`vae_seconds`: the latents its tiles run over) | not an LM task |
+| encoding | seconds x songs | not an LM task |
 | uploading | songs | not an LM task |
 
 Decoder passes per song (`dit_passes`, the jobs table's `dit_steps`): the schedule's steps (turbo:
@@ -21,7 +22,8 @@ call on every step but the last), doubled for Heun on base/SFT (the last step to
 on base/SFT with guidance (guidance_scale > 1: the decoder runs on the conditional and the null batch).
 
 Each (model, stage) line is fitted on the stage times the worker records (a batched job's share of
-its batch), robust to outliers (Huber weights), with neither coefficient below 0, and pulled toward
+its batch), robust to outliers (Huber weights), with neither coefficient below 0, a run that warmed
+up (`cold`: its kind of work was new to its pipeline process) counting COLD_WEIGHT of a job, and pulled toward
 a prior (measured per device class by a benchmark run; `PRIORS`) with the weight of `PRIOR_WEIGHT`
 jobs, so a few observations move it and many override it. The prior is first scaled to the device
 the jobs ran on (`device_speed`: the median of recorded / priced per job), so a device several times
@@ -29,7 +31,7 @@ faster or slower than its class is priced right after a job or two. Seconds per 
 choose are priced at the median of what it chose lately (prior: `PRIORS[...]["expected_seconds"]`).
 
 `Coefficients.sql_array` is the same formula in the shape the SQL function `acestep_job_seconds`
-(migrations 0004, 0005, 0007) prices with, for queue sums done in the database.
+(migrations 0004, 0005, 0007, 0009) prices with, for queue sums done in the database.
 """
 
 import math
@@ -45,8 +47,10 @@ HUBER_K = 1.5
 MIN_JOB_SECONDS = 0.1  # a job with work never costs 0 (the SQL function says the same)
 # The order of acestep_job_seconds' coefficient array (migration 0004).
 # k_lm_codes_a (migration 0007) is the lm_mode 2 intercept; arrays without it price as k_lm_a.
+# k_vae (migration 0009) is the VAE's seconds per second of latents it runs over (vae_seconds), k_audio
+# then the encoding's alone.
 SQL_COEFFICIENTS = ("k0", "k_src", "k_lm_a", "k_lm_b", "k_dit", "k_audio", "k_items", "k_lm_task", "expected_seconds",
-                    "k_lm_codes_a")
+                    "k_lm_codes_a", "k_vae")
 # The lines a model is priced with: one per stage, and the LM's own when it writes audio codes (its
 # chain of thought and the codes make a run of another kind than a text-only one).
 LINES = (*STAGES, "lm_codes")
@@ -84,16 +88,33 @@ class Work:
         n = self.items
         features = {
             "claimed": 0.0,
-            "preparing": seconds if self.task_type in SOURCE_TASK_TYPES else 0.0,
+            "preparing": vae_seconds(seconds) if self.task_type in SOURCE_TASK_TYPES else 0.0,
             "conditioning": float(n),
             "dit": seconds * n * self.dit_steps,
-            "vae": seconds * n,
+            "vae": vae_seconds(seconds) * n,
             "encoding": seconds * n,
             "uploading": float(n),
         }
         if self.lm_mode >= 1:
             features["lm"] = seconds * n if self.lm_mode == 2 else 0.0
         return {stage: features[stage] for stage in STAGES if stage in features}
+
+
+LATENT_HZ = 25  # latent frames per second of audio
+VAE_CHUNK_FRAMES, VAE_OVERLAP_FRAMES = 512, 64  # pipeline.vae's tiling (Vae.decode and Vae.encode defaults)
+
+
+def vae_seconds(seconds: float) -> float:
+    """The seconds of latents the VAE runs over for a song of `seconds`: its tiles' windows, overlap
+    included (pipeline.vae.tiles): a song over one chunk is cut into cores of chunk - 2 x overlap
+    frames, each run with up to `overlap` frames of context per side."""
+    frames = max(0.0, seconds) * LATENT_HZ
+    if frames <= VAE_CHUNK_FRAMES:
+        return seconds
+    stride = VAE_CHUNK_FRAMES - 2 * VAE_OVERLAP_FRAMES
+    n = math.ceil(frames / stride)
+    last_core = frames - (n - 1) * stride
+    return (frames + VAE_OVERLAP_FRAMES * (2 * n - 3) + min(VAE_OVERLAP_FRAMES, last_core)) / LATENT_HZ
 
 
 NO_DURATION_SECONDS = 30.0  # what the DiT makes with no duration, no LM to choose one and no source
@@ -189,11 +210,12 @@ class Coefficients:
             "k_lm_a": s["lm"].a,
             "k_lm_b": self.stages["lm_codes"].b,
             "k_dit": s["dit"].b,
-            "k_audio": s["vae"].b + s["encoding"].b,
+            "k_audio": s["encoding"].b,
             "k_items": s["conditioning"].b + s["uploading"].b,
             "k_lm_task": s["claimed"].a + s["lm"].a,
             "expected_seconds": self.expected_seconds,
             "k_lm_codes_a": self.stages["lm_codes"].a,
+            "k_vae": s["vae"].b,
         }
 
     def sql_array(self) -> list[float]:
@@ -211,19 +233,20 @@ def _prior(stages: dict[str, tuple[float, float]], expected_seconds: float) -> C
 
 
 # Priors per device class, from benchmark runs (benchmarks/README.md): `gpu` from the full-size
-# DiT+VAE and 1.7B LM (pt backend) on an H200 at 60 s (DiT 8 steps 0.250 s, VAE 0.138 s, LM 7.6 s);
-# `cpu-tiny` from `benchmarks/stage_costs.py` (tiny random checkpoints, one CPU core and one torch
-# thread of this project's 2-core machine, 2026-12-06).
+# DiT+VAE and 1.7B LM (pt backend) on an H200 at 60 s (DiT 8 steps 0.250 s, VAE 0.138 s over its
+# 75.4 tiled seconds, LM 7.6 s); `cpu-tiny` from `benchmarks/stage_costs.py` (tiny random checkpoints,
+# one CPU core and one torch thread of this project's 2-core machine, 2026-12-06; its VAE line refitted
+# on the tiled feature from the same run's stage times).
 # A worker reads the source audio in `preparing`: priced as a VAE pass over it.
 PRIORS: dict[str, Coefficients] = {
     "gpu": _prior({
         "claimed": (0.05, 0.0), "preparing": (0.05, 0.003), "lm": (1.0, 0.0), "lm_codes": (1.0, 0.127),
         "conditioning": (0.05, 0.01),
-        "dit": (0.02, 0.00052), "vae": (0.02, 0.0023), "encoding": (0.02, 0.004), "uploading": (0.05, 0.02),
+        "dit": (0.02, 0.00052), "vae": (0.02, 0.0018), "encoding": (0.02, 0.004), "uploading": (0.05, 0.02),
     }, expected_seconds=120.0),
     "cpu-tiny": _prior({
-        "claimed": (0.05, 0.0), "preparing": (0.05, 0.06), "lm": (0.3, 0.0), "lm_codes": (1.0, 0.15),
-        "conditioning": (0.02, 0.015), "dit": (0.05, 0.00075), "vae": (0.2, 0.06), "encoding": (0.1, 0.05),
+        "claimed": (0.05, 0.0), "preparing": (0.05, 0.048), "lm": (0.3, 0.0), "lm_codes": (1.0, 0.15),
+        "conditioning": (0.02, 0.015), "dit": (0.05, 0.00075), "vae": (0.4, 0.048), "encoding": (0.1, 0.05),
         "uploading": (0.02, 0.02),
     }, expected_seconds=30.0),
 }
@@ -264,14 +287,20 @@ def sample_stages(sample: Mapping[str, Any]) -> dict[str, float]:
     return stages
 
 
-def fit_line(points: list[tuple[float, float]], prior: StageCost, weight: float = PRIOR_WEIGHT) -> StageCost:
+def fit_line(points: list[tuple[float, float]], prior: StageCost, weight: float = PRIOR_WEIGHT,
+             point_weights: list[float] | None = None) -> StageCost:
     """y ~ a + b f with a, b >= 0: Huber-weighted least squares pulled toward `prior` with the weight
-    of `weight` points (at the points' typical feature, for b)."""
+    of `weight` points (at the points' typical feature, for b); `point_weights`: each point's own
+    weight (1 each when None)."""
     if not points:
         return prior
-    f2 = sum(f * f for f, _ in points) / len(points)
+    base = list(point_weights) if point_weights is not None else [1.0] * len(points)
+    total = sum(base)
+    if total <= 0:
+        return prior
+    f2 = sum(bw * f * f for bw, (f, _) in zip(base, points)) / total
     lam_a, lam_b = weight, weight * f2 if f2 > 0 else weight
-    w = [1.0] * len(points)
+    w = list(base)
     a, b = prior.a, prior.b
     for _ in range(8):
         sw = sum(w) + lam_a
@@ -287,7 +316,7 @@ def fit_line(points: list[tuple[float, float]], prior: StageCost, weight: float 
             a, b = 0.0, max(0.0, swfy / swff)
         residuals = [abs(y - a - b * f) for f, y in points]
         scale = max(1.4826 * statistics.median(residuals), 0.05 * statistics.median(abs(y) for _, y in points), 1e-3)
-        w = [1.0 if r <= HUBER_K * scale else HUBER_K * scale / r for r in residuals]
+        w = [bw * (1.0 if r <= HUBER_K * scale else HUBER_K * scale / r) for bw, r in zip(base, residuals)]
     return StageCost(a, b)
 
 
@@ -299,16 +328,38 @@ def fit_cost_model(samples: Iterable[Mapping[str, Any]], prior: Coefficients = P
     models = {}
     for model in sorted({s["model"] or "" for s in samples}):
         points: dict[str, list[tuple[float, float]]] = {line: [] for line in LINES}
+        weights: dict[str, list[float]] = {line: [] for line in LINES}
         runs: list[tuple[Work, float]] = []
-        for sample in (s for s in samples if (s["model"] or "") == model):
+        own = [s for s in samples if (s["model"] or "") == model]
+        some_warm = not all(cold(s) for s in own)  # with none, the cold runs are all there is to learn from
+        for sample in own:
             work = replace(Work.of(sample), audio_seconds=_made_seconds(sample, expected))
             recorded = sample_stages(sample)
-            runs.append((work, sum(recorded.values())))
+            weight = COLD_WEIGHT if some_warm and cold(sample) else 1.0
+            if weight == 1.0:  # the device's speed from the warm runs
+                runs.append((work, sum(recorded.values())))
             for stage, feature in work.stage_features(work.audio_seconds).items():
                 points[line_of(stage, work)].append((feature, recorded.get(stage, 0.0)))
+                weights[line_of(stage, work)].append(weight)
         scaled = device_speed(runs, prior)
-        models[model] = Coefficients({line: fit_line(points[line], scaled.stages[line]) for line in LINES}, expected)
+        models[model] = Coefficients({line: fit_line(points[line], scaled.stages[line], point_weights=weights[line])
+                                      for line in LINES}, expected)
     return CostModel(models, default)
+
+
+# A cold run (first of its kind of work on its pipeline process: lazy set-up, kernels and buffers made
+# for new shapes) took up to 2-4x a warm one on the tiny CPU pipeline; beside warm runs of its model it
+# counts for this much of a job, so they set the lines (a model that has run only cold is learned
+# from its cold runs at full weight).
+COLD_WEIGHT = 0.1
+
+
+def cold(sample: Mapping[str, Any]) -> bool:
+    """A job whose kind of work was new to the pipeline process that ran it (see the worker's
+    PipelineProcess.first_run_of): it paid for warming up."""
+    return bool((sample.get("timings") or {}).get("cold"))
+
+
 
 
 def device_speed(runs: list[tuple[Work, float]], prior: Coefficients) -> Coefficients:

@@ -75,7 +75,6 @@ class QueueEstimator:
         simulate_up_to: int = 64,
         refit_seconds: float = 10.0,
         snapshot_seconds: float = 2.0,
-        running_seconds: float = 1.0,
         worker_stale_seconds: float = 30.0,
     ):
         self._store = store
@@ -85,14 +84,11 @@ class QueueEstimator:
         self._simulate_up_to = simulate_up_to
         self._refit = refit_seconds
         self._snapshot_max_age = snapshot_seconds
-        self._running_max_age = running_seconds
         self._stale = worker_stale_seconds
         self._lock = threading.Lock()
         self._model = fit_cost_model([], self._prior)
         self._workers: list[dict] = []  # live, serving workers: models and capacity
         self._fitted_at = -float("inf")
-        self._running: list[dict] = []
-        self._running_at = -float("inf")
         # per set of competing models (None: every job): (sorted keys, checkpoints, taken at), swapped whole
         self._snapshots: dict[tuple[str, ...] | None, tuple[list[tuple], list[dict], float]] = {}
 
@@ -109,9 +105,8 @@ class QueueEstimator:
             return 0, round(model.remaining(job), 1)
         own = model.seconds(Work.of(job))
         models, slots = competition(self._workers, job)
-        running = [model.remaining(r) for r in self._running_work()
-                   if r["id"] != job["id"] and (models is None or (r["model"] or "") in models)]
-        ahead = self._store.queue_ahead(job["id"], self._simulate_up_to, models)
+        running_rows, ahead = self._store.queue_front(job["id"], self._simulate_up_to, models)
+        running = [model.remaining(r) for r in running_rows if r["id"] != job["id"]]
         if ahead and ahead[-1]["id"] == job["id"]:
             costs = [model.seconds(Work.of(r)) for r in ahead[:-1]]
             return len(ahead), round(finish_time(slots, running, costs, own), 1)
@@ -177,9 +172,3 @@ class QueueEstimator:
                              if w["alive"] and w["state"] in SERVING_STATES]
             self._fitted_at = time.monotonic()
         return self._model
-
-    def _running_work(self) -> list[dict]:
-        if time.monotonic() - self._running_at >= self._running_max_age:
-            self._running = self._store.running_work()
-            self._running_at = time.monotonic()
-        return self._running

@@ -269,8 +269,11 @@ class JobRun:
         stages = dict(self._stage_seconds)
         stages[self._timed_stage] = stages.get(self._timed_stage, 0.0) + time.monotonic() - self._stage_since
         seconds = self._audio_seconds if self._audio_seconds is not None else self._requested_seconds(job)
+        lm_task = job.request.get("lm_task")
+        shape = (("lm_task", lm_task.get("task")) if lm_task else
+                 (job.task_type, seconds, int(job.request.get("batch_size") or 1)))
         return {"stages": {stage: round(spent / share, 4) for stage, spent in stages.items()},
-                "audio_seconds": seconds, "batch_jobs": share}
+                "audio_seconds": seconds, "batch_jobs": share, "cold": self._process.first_run_of(shape)}
 
     # ---- the run --------------------------------------------------------------------------------
 

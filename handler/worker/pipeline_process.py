@@ -208,6 +208,7 @@ class PipelineProcess:
         self.state = ProcessState.NEW
         self.models: tuple[str, ...] = ()
         self._cancel = self._ctx.Event()
+        self._shapes: set[tuple] = set()  # the kinds of work this child has run (see `first_run_of`)
 
     def ensure_started(self) -> None:
         if self._proc is None or not self._proc.is_alive():
@@ -222,6 +223,7 @@ class PipelineProcess:
             daemon=True
         )
         self.state = ProcessState.STARTING
+        self._shapes = set()
         self._proc.start()
         child.close()
         self._conn = parent
@@ -283,6 +285,15 @@ class PipelineProcess:
         except (PipelineCrashed, PipelineTimeout):
             self._proc = None
             raise
+
+    def first_run_of(self, shape: tuple) -> bool:
+        """Whether work of this `shape` (task, seconds, songs) is new to the running child, which is
+        remembered from now on. A first run pays for warming up (lazy set-up, kernels and buffers made
+        for new tensor shapes: on a CPU a song of a new length decodes 2-4x slower the first time),
+        so the cost model counts it for little (handler/http/cost_model.py, `cold`)."""
+        new = shape not in self._shapes
+        self._shapes.add(shape)
+        return new
 
     def cancel(self) -> None:
         """Ask the running job to stop at the pipeline's next progress report."""

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from handler.worker import protocol as msg
-from handler.worker.pipeline_process import PipelineError, PipelineTimeout, answer, finished, load_factory
+from handler.worker.pipeline_process import (PipelineError, PipelineProcess, PipelineTimeout, answer, finished,
+                                             load_factory)
 from handler.worker.protocol import ProcessState
 from pipeline.contract import PipelineOptions
 from pipeline.interface import Canceled
@@ -23,10 +24,14 @@ class InProcessPipeline:
         self.received: list = []  # every run message (RunJobs, RunLmTask), as the child would get it
         self.starts = 0
         self._cancel = threading.Event()
+        self._shapes: set[tuple] = set()
+
+    first_run_of = PipelineProcess.first_run_of  # the kinds of work run since the pipeline was made
 
     def ensure_started(self) -> None:
         if self.pipeline is None:
             self.starts += 1
+            self._shapes = set()
             try:
                 self.pipeline = load_factory(self._factory)(self._checkpoint_dir, self._options)
             except Exception as exc:

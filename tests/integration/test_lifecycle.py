@@ -200,17 +200,17 @@ def test_the_work_ahead_is_listed_and_priced_in_claim_order(store):
     running = store.claim("w", 1, now=at(20))[0]
     store.heartbeat(running, "w", stage="dit", progress=0.5, now=at(21))
 
-    ahead = store.queue_ahead(mine, 10)
+    running_now, ahead = store.queue_front(mine, 10)
     assert [(r["model"], r["items"], r["audio_seconds"]) for r in ahead] == [
         ("base", 2, 20.0), ("turbo", 3, 30.0), ("turbo", 4, 40.0), ("base", 1, None)]
     assert (ahead[-1]["id"], ahead[-1]["lm_mode"], ahead[-1]["dit_steps"]) == (mine, 2, 50)
-    assert len(store.queue_ahead(mine, 2)) == 2
+    assert len(store.queue_front(mine, 2)[1]) == 2
+    assert [r["id"] for r in store.queue_front(mine, 10, ["base"])[0]] == []  # the running job is a turbo one
     # Priced in SQL: per song-second of DiT work for turbo, a flat 7 s for the others.
     turbo = [0, 0, 0, 0, 0.01, 0, 0, 0, 60]  # k0, k_src, k_lm_a, k_lm_b, k_dit, k_audio, k_items, k_lm_task, expected
     flat = [7, 0, 0, 0, 0, 0, 0, 0, 60]
     assert store.queue_ahead_total(mine, {"turbo": turbo}, flat) == (4, pytest.approx(7 + 0.01 * (90 + 160) * 8 + 7))
-    assert [(r["id"], r["stage"], r["progress"], r["items"]) for r in store.running_work()] == [
-        (running.id, "dit", 0.5, 1)]
+    assert [(r["id"], r["stage"], r["progress"], r["items"]) for r in running_now] == [(running.id, "dit", 0.5, 1)]
 
 
 def test_prune_deletes_old_finished_jobs_in_batches(store, engine):

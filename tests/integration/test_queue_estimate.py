@@ -19,7 +19,7 @@ def random_job(rng: random.Random, priority: int | None = None) -> NewJob:
     return NewJob(
         request={}, priority=rng.choice([0, 0, 1, 2]) if priority is None else priority,
         model=rng.choice(["turbo", "base", "unseen"]), task_type=task, items=rng.randint(1, 4),
-        audio_seconds=rng.choice([None, 10.0, 95.5, 240.0]), dit_steps=rng.choice([8, 32, 50]),
+        audio_seconds=rng.choice([None, 10.0, 20.48, 30.72, 95.5, 240.0]), dit_steps=rng.choice([8, 32, 50]),
         lm_mode=rng.choice([0, 1, 2]),
     )
 
@@ -52,7 +52,7 @@ def competing(store, job_id):
 
 def priced_ahead(store, job_id, model) -> float:
     """The work up to and including the job, priced in Python over every competing queued row in claim order."""
-    rows = store.queue_ahead(job_id, 10**6, competing(store, job_id))
+    _, rows = store.queue_front(job_id, 10**6, competing(store, job_id))
     assert rows[-1]["id"] == job_id
     return sum(model.seconds(Work.of(r)) for r in rows)
 
@@ -119,7 +119,7 @@ def test_the_first_jobs_are_scheduled_onto_the_worker_slots(store):
 
 
 def test_a_running_job_reports_its_remaining_work_shrinking(store):
-    estimator = QueueEstimator(store, prior="gpu", refit_seconds=3600, running_seconds=0)
+    estimator = QueueEstimator(store, prior="gpu", refit_seconds=3600)
     store.submit(NewJob(request={}, model="turbo", audio_seconds=None, lm_mode=2), now=T0)
     job = store.claim("w", 1)[0]
     seen = []
@@ -134,3 +134,19 @@ def test_a_running_job_reports_its_remaining_work_shrinking(store):
     store.reprice(job, "w", 10.0)
     assert store.get(job.id)["audio_seconds"] == 10.0
     assert estimator.estimate(store.get(job.id))[1] < before
+
+
+def test_a_job_claimed_a_moment_ago_still_holds_its_slot(store):
+    """The running jobs and the queue ahead are read at one moment: right after a claim the claimed
+    job is running, not missing from both (which made a busy slot look free)."""
+    prior = PRIORS["gpu"]
+    estimator = QueueEstimator(store, prior="gpu", refit_seconds=3600)
+    store.register_worker("w", host="h", capacity=1, models=["turbo"], state=WorkerState.READY)
+    first = store.submit(NewJob(request={}, model="turbo", audio_seconds=120.0), now=T0).id
+    second = store.submit(NewJob(request={}, model="turbo", audio_seconds=30.0)).id
+    own = [prior.seconds(Work(model="turbo", audio_seconds=s)) for s in (120.0, 30.0)]
+    assert estimator.estimate(store.get(second)) == (2, pytest.approx(sum(own), abs=0.06))
+    claimed = store.claim("w", 1)[0]
+    assert claimed.id == first
+    position, eta = estimator.estimate(store.get(second))  # at once: nothing is cached across the claim
+    assert position == 1 and eta == pytest.approx(sum(own), abs=0.06)

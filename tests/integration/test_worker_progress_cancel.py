@@ -196,6 +196,26 @@ def test_a_batch_splits_its_stage_time_over_its_jobs(store, storage, monkeypatch
         assert {"claimed", "dit", "encoding", "uploading"} <= set(timings["stages"])
 
 
+def test_the_first_run_of_each_kind_of_work_on_a_process_is_marked_cold(store, storage, monkeypatch):
+    """It paid for warming up (the cost model counts it for little): the first 30 s song, not the
+    second; the first 60 s song; a 30 s song again once the process was started afresh."""
+    completions = []
+    complete = store.complete
+    monkeypatch.setattr(store, "complete", lambda *args, **kw: completions.append(kw["timings"]) or complete(*args, **kw))
+    process = Watched()
+    process.pipeline.script = lambda progress: progress("dit", stage_progress("dit", 1.0))
+    for seconds in (30, 30, 60, 30):
+        if len(completions) == 3:
+            process.pipeline = None  # as a restarted child: nothing is warm
+            process.ensure_started()
+            process.pipeline.script = lambda progress: progress("dit", stage_progress("dit", 1.0))
+        job_id = submit(store, caption="x", audio_duration=seconds)
+        _, thread, outcome = run_in_background(store, storage, process)
+        thread.join(PATIENCE * 5)
+        assert outcome == {str(job_id): JobStatus.SUCCEEDED}
+    assert [t["cold"] for t in completions] == [True, False, True, True]
+
+
 def test_a_failed_reprice_never_fails_the_job(store, storage, monkeypatch):
     job_id = submit(store, caption="x")
     tried = []

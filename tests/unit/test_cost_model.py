@@ -6,12 +6,16 @@ import random
 import pytest
 
 from handler.http.cost_model import (
+    LATENT_HZ,
     PRIORS,
+    VAE_CHUNK_FRAMES,
+    VAE_OVERLAP_FRAMES,
     StageCost,
     Work,
     fit_cost_model,
     fit_line,
     sample_stages,
+    vae_seconds,
     work_of,
 )
 from handler.http.eta import finish_time
@@ -33,7 +37,7 @@ def test_each_stage_line_is_learned_and_outliers_do_not_drag_it():
     for i in range(300):
         seconds, items = rng.uniform(10, 240), rng.randint(1, 4)
         dit = 0.3 + 0.001 * seconds * items * 8
-        vae = 0.1 + 0.01 * seconds * items
+        vae = 0.1 + 0.01 * vae_seconds(seconds) * items  # per second of latents its tiles run over
         if i % 10 == 0:
             dit *= 20  # a stalled run now and then
         samples.append(sample(items=items, seconds=seconds, stages={"dit": dit * rng.uniform(0.95, 1.05), "vae": vae}))
@@ -59,8 +63,9 @@ def test_priors_price_jobs_before_any_finished_and_observations_take_over():
     work = Work(model="turbo", audio_seconds=60.0, items=2)
     assert empty.seconds(work) == pytest.approx(prior.seconds(work))
     observed = lambda n: fit_cost_model([sample(seconds=60.0, items=2, stages={"vae": 3.0})] * n, prior)  # noqa: E731
-    vae_prior = prior.stages["vae"].seconds(120.0)
-    one, many = observed(1).of("turbo").stages["vae"].seconds(120.0), observed(200).of("turbo").stages["vae"].seconds(120.0)
+    feature = work.stage_features(60.0)["vae"]
+    vae_prior = prior.stages["vae"].seconds(feature)
+    one, many = observed(1).of("turbo").stages["vae"].seconds(feature), observed(200).of("turbo").stages["vae"].seconds(feature)
     assert vae_prior < one < 3.0  # one job moves it part of the way
     assert many == pytest.approx(3.0, rel=0.03)  # many override the prior
     assert observed(5).of("unseen-model").seconds(work) == pytest.approx(prior.seconds(work))
@@ -151,3 +156,38 @@ def test_the_lm_of_thinking_jobs_is_priced_apart_from_text_only_runs():
         assert priced == pytest.approx(6.0 + 0.05 * seconds, rel=0.1)
         text = model.of("turbo").stage_seconds(Work(model="turbo", audio_seconds=seconds, lm_mode=1))["lm"]
         assert text == pytest.approx(1.0, rel=0.1)
+
+
+def test_the_vae_is_priced_on_the_latents_its_tiles_run_over():
+    """A song over one 512-frame chunk is decoded in tiles with 64 frames of context a side: the
+    feature counts those frames (pipeline.vae.tiles), so a VAE of constant cost per decoded frame is
+    priced right at every length from a few lengths' samples."""
+    from pipeline.vae import tiles
+
+    for frames in (1, 250, 512, 513, 767, 768, 769, 1500, 6000, 15000):
+        decoded = sum(t.window_end - t.window_start for t in tiles(frames, VAE_CHUNK_FRAMES, VAE_OVERLAP_FRAMES))
+        assert vae_seconds(frames / LATENT_HZ) * LATENT_HZ == pytest.approx(decoded, abs=1e-9)
+    assert vae_seconds(240.0) / 240.0 == pytest.approx(1.32, abs=0.01)
+    per_frame = 0.05 / LATENT_HZ
+    cost = lambda s: per_frame * sum(t.window_end - t.window_start for t in tiles(round(s * LATENT_HZ), 512, 64))  # noqa: E731
+    model = fit_cost_model([sample(seconds=s, stages={"vae": cost(s)}) for s in (10.0, 20.0, 30.0, 60.0) * 50],
+                           PRIORS["cpu-tiny"])
+    for seconds in (15.0, 120.0, 240.0):
+        priced = model.of("turbo").stage_seconds(Work(model="turbo", audio_seconds=seconds))["vae"]
+        assert priced == pytest.approx(cost(seconds), rel=0.05)
+
+
+def test_a_run_that_warmed_up_counts_for_little():
+    """The first run of a kind of work on a pipeline process pays for warming up (2-4x on a CPU): with
+    warm runs beside them, cold ones barely move the line; with none, they are learned from."""
+    warm = [sample(seconds=s, stages={"dit": 0.01 * s}) for s in (10.0, 30.0, 60.0, 120.0) * 5]
+    cold = [sample(seconds=s, stages={"dit": 0.03 * s}) for s in (20.0, 45.0, 90.0, 240.0) * 5]
+    for c in cold:
+        c["timings"]["cold"] = True
+    work = Work(model="turbo", audio_seconds=100.0)
+    price = lambda samples: fit_cost_model(samples, PRIORS["cpu-tiny"]).of("turbo").stage_seconds(work)["dit"]  # noqa: E731
+    warm_only = price(warm)
+    assert price(warm + cold) == pytest.approx(warm_only, rel=0.15)
+    unmarked = [c | {"timings": c["timings"] | {"cold": False}} for c in cold]
+    assert price(warm + unmarked) > 1.4 * warm_only  # the same runs unmarked drag the line up
+    assert price(cold) > 2 * warm_only  # a model that has run only cold is priced on those runs
