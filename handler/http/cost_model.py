@@ -340,7 +340,8 @@ def fit_cost_model(samples: Iterable[Mapping[str, Any]], prior: Coefficients = P
                 runs.append((work, sum(recorded.values())))
             for stage, feature in work.stage_features(work.audio_seconds).items():
                 points[line_of(stage, work)].append((feature, recorded.get(stage, 0.0)))
-                weights[line_of(stage, work)].append(weight)
+                no_source = stage == "preparing" and feature == 0.0  # nothing read: nothing to warm up
+                weights[line_of(stage, work)].append(1.0 if no_source else weight)
         scaled = device_speed(runs, prior)
         models[model] = Coefficients({line: fit_line(points[line], scaled.stages[line], point_weights=weights[line])
                                       for line in LINES}, expected)
