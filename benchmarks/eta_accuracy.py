@@ -400,8 +400,8 @@ def print_stages(stage_rows: list[dict], prior: str) -> None:
         recorded = row["timings"].get("stages") or {}
         parts = " ".join(f"{stage} {recorded.get(stage, 0):.1f}/{priced.get(stage, 0):.1f}"
                          for stage in priced if recorded.get(stage, 0) > 0.2 or priced.get(stage, 0) > 0.2)
-        print(f"  {row['kind']:<12} x{row['items']} {row['audio_seconds'] or 0:>5.0f} s batch_jobs "
-              f"{row['timings'].get('batch_jobs', 1)} run {row['seconds']:.1f}/{sum(priced.values()):.1f}: {parts}")
+        print(f"  {row['kind']:<12} x{row['items']} {row['audio_seconds'] or 0:>5.0f} s{' cold' if row['timings'].get('cold') else '     '} "
+              f"batch_jobs {row['timings'].get('batch_jobs', 1)} run {row['seconds']:.1f}/{sum(priced.values()):.1f}: {parts}")
 
 
 def main() -> None:

@@ -22,8 +22,7 @@ call on every step but the last), doubled for Heun on base/SFT (the last step to
 on base/SFT with guidance (guidance_scale > 1: the decoder runs on the conditional and the null batch).
 
 Each (model, stage) line is fitted on the stage times the worker records (a batched job's share of
-its batch), robust to outliers (Huber weights), with neither coefficient below 0, a run that warmed
-up (`cold`: its kind of work was new to its pipeline process) counting COLD_WEIGHT of a job, and pulled toward
+its batch), robust to outliers (Huber weights), with neither coefficient below 0, and pulled toward
 a prior (measured per device class by a benchmark run; `PRIORS`) with the weight of `PRIOR_WEIGHT`
 jobs, so a few observations move it and many override it. The prior is first scaled to the device
 the jobs ran on (`device_speed`: the median of recorded / priced per job), so a device several times
@@ -287,20 +286,14 @@ def sample_stages(sample: Mapping[str, Any]) -> dict[str, float]:
     return stages
 
 
-def fit_line(points: list[tuple[float, float]], prior: StageCost, weight: float = PRIOR_WEIGHT,
-             point_weights: list[float] | None = None) -> StageCost:
+def fit_line(points: list[tuple[float, float]], prior: StageCost, weight: float = PRIOR_WEIGHT) -> StageCost:
     """y ~ a + b f with a, b >= 0: Huber-weighted least squares pulled toward `prior` with the weight
-    of `weight` points (at the points' typical feature, for b); `point_weights`: each point's own
-    weight (1 each when None)."""
+    of `weight` points (at the points' typical feature, for b)."""
     if not points:
         return prior
-    base = list(point_weights) if point_weights is not None else [1.0] * len(points)
-    total = sum(base)
-    if total <= 0:
-        return prior
-    f2 = sum(bw * f * f for bw, (f, _) in zip(base, points)) / total
+    f2 = sum(f * f for f, _ in points) / len(points)
     lam_a, lam_b = weight, weight * f2 if f2 > 0 else weight
-    w = list(base)
+    w = [1.0] * len(points)
     a, b = prior.a, prior.b
     for _ in range(8):
         sw = sum(w) + lam_a
@@ -316,7 +309,7 @@ def fit_line(points: list[tuple[float, float]], prior: StageCost, weight: float 
             a, b = 0.0, max(0.0, swfy / swff)
         residuals = [abs(y - a - b * f) for f, y in points]
         scale = max(1.4826 * statistics.median(residuals), 0.05 * statistics.median(abs(y) for _, y in points), 1e-3)
-        w = [bw * (1.0 if r <= HUBER_K * scale else HUBER_K * scale / r) for bw, r in zip(base, residuals)]
+        w = [1.0 if r <= HUBER_K * scale else HUBER_K * scale / r for r in residuals]
     return StageCost(a, b)
 
 
@@ -328,39 +321,16 @@ def fit_cost_model(samples: Iterable[Mapping[str, Any]], prior: Coefficients = P
     models = {}
     for model in sorted({s["model"] or "" for s in samples}):
         points: dict[str, list[tuple[float, float]]] = {line: [] for line in LINES}
-        weights: dict[str, list[float]] = {line: [] for line in LINES}
         runs: list[tuple[Work, float]] = []
-        own = [s for s in samples if (s["model"] or "") == model]
-        some_warm = not all(cold(s) for s in own)  # with none, the cold runs are all there is to learn from
-        for sample in own:
+        for sample in (s for s in samples if (s["model"] or "") == model):
             work = replace(Work.of(sample), audio_seconds=_made_seconds(sample, expected))
             recorded = sample_stages(sample)
-            weight = COLD_WEIGHT if some_warm and cold(sample) else 1.0
-            if weight == 1.0:  # the device's speed from the warm runs
-                runs.append((work, sum(recorded.values())))
+            runs.append((work, sum(recorded.values())))
             for stage, feature in work.stage_features(work.audio_seconds).items():
                 points[line_of(stage, work)].append((feature, recorded.get(stage, 0.0)))
-                no_source = stage == "preparing" and feature == 0.0  # nothing read: nothing to warm up
-                weights[line_of(stage, work)].append(1.0 if no_source else weight)
         scaled = device_speed(runs, prior)
-        models[model] = Coefficients({line: fit_line(points[line], scaled.stages[line], point_weights=weights[line])
-                                      for line in LINES}, expected)
+        models[model] = Coefficients({line: fit_line(points[line], scaled.stages[line]) for line in LINES}, expected)
     return CostModel(models, default)
-
-
-# A cold run (first of its kind of work on its pipeline process: lazy set-up, kernels and buffers made
-# for new shapes) took up to 2-4x a warm one on the tiny CPU pipeline; beside warm runs of its model it
-# counts for this much of a job, so they set the lines (a model that has run only cold is learned
-# from its cold runs at full weight).
-COLD_WEIGHT = 0.1
-
-
-def cold(sample: Mapping[str, Any]) -> bool:
-    """A job whose kind of work was new to the pipeline process that ran it (see the worker's
-    PipelineProcess.first_run_of): it paid for warming up."""
-    return bool((sample.get("timings") or {}).get("cold"))
-
-
 
 
 def device_speed(runs: list[tuple[Work, float]], prior: Coefficients) -> Coefficients:

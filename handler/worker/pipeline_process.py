@@ -288,9 +288,9 @@ class PipelineProcess:
 
     def first_run_of(self, shape: tuple) -> bool:
         """Whether work of this `shape` (task, seconds, songs) is new to the running child, which is
-        remembered from now on. A first run pays for warming up (lazy set-up, kernels and buffers made
-        for new tensor shapes: on a CPU a song of a new length decodes 2-4x slower the first time),
-        so the cost model counts it for little (handler/http/cost_model.py, `cold`)."""
+        remembered from now on. A first run may pay for warming up (lazy set-up, kernels and buffers
+        made for new tensor shapes: on a CPU a song of a new length decoded up to 2-4x slower the first
+        time); the job's timings say so (`cold`), for reading its stage times."""
         new = shape not in self._shapes
         self._shapes.add(shape)
         return new

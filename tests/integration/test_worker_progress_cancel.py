@@ -197,8 +197,8 @@ def test_a_batch_splits_its_stage_time_over_its_jobs(store, storage, monkeypatch
 
 
 def test_the_first_run_of_each_kind_of_work_on_a_process_is_marked_cold(store, storage, monkeypatch):
-    """It paid for warming up (the cost model counts it for little): the first 30 s song, not the
-    second; the first 60 s song; a 30 s song again once the process was started afresh."""
+    """It may have paid for warming up: the first 30 s song, not the second; the first 60 s song; a
+    30 s song again once the process was started afresh."""
     completions = []
     complete = store.complete
     monkeypatch.setattr(store, "complete", lambda *args, **kw: completions.append(kw["timings"]) or complete(*args, **kw))

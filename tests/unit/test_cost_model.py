@@ -176,18 +176,3 @@ def test_the_vae_is_priced_on_the_latents_its_tiles_run_over():
         priced = model.of("turbo").stage_seconds(Work(model="turbo", audio_seconds=seconds))["vae"]
         assert priced == pytest.approx(cost(seconds), rel=0.05)
 
-
-def test_a_run_that_warmed_up_counts_for_little():
-    """The first run of a kind of work on a pipeline process pays for warming up (2-4x on a CPU): with
-    warm runs beside them, cold ones barely move the line; with none, they are learned from."""
-    warm = [sample(seconds=s, stages={"dit": 0.01 * s}) for s in (10.0, 30.0, 60.0, 120.0) * 5]
-    cold = [sample(seconds=s, stages={"dit": 0.03 * s}) for s in (20.0, 45.0, 90.0, 240.0) * 5]
-    for c in cold:
-        c["timings"]["cold"] = True
-    work = Work(model="turbo", audio_seconds=100.0)
-    price = lambda samples: fit_cost_model(samples, PRIORS["cpu-tiny"]).of("turbo").stage_seconds(work)["dit"]  # noqa: E731
-    warm_only = price(warm)
-    assert price(warm + cold) == pytest.approx(warm_only, rel=0.15)
-    unmarked = [c | {"timings": c["timings"] | {"cold": False}} for c in cold]
-    assert price(warm + unmarked) > 1.4 * warm_only  # the same runs unmarked drag the line up
-    assert price(cold) > 2 * warm_only  # a model that has run only cold is priced on those runs
