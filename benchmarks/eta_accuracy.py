@@ -385,18 +385,10 @@ def recorded_stages(database_url: str, records: list[Record]) -> list[dict]:
 def print_stages(stage_rows: list[dict], prior: str) -> None:
     """Per job: the seconds each stage recorded against the cost model's price of it, fitted (as the
     API does, from dev's `prior`) on the jobs that had finished by the job's first poll."""
-    from handler.http.cost_model import PRIORS, Work, fit_cost_model
-    from pipeline.contract import SOURCE_TASK_TYPES
+    from eta_replay import priced_at_poll
 
     print("\nrecorded stage seconds vs the cost model's price at the job's first poll (recorded/priced)")
-    for row in stage_rows:
-        if row["status"] != "succeeded" or not row["timings"]:
-            continue
-        samples = [r for r in stage_rows if r["status"] == "succeeded" and r["timings"] and r["finished"] < row["poll"]]
-        coefficients = fit_cost_model(samples, PRIORS[prior]).of(row["model"] or "")
-        work = Work.of(row)
-        chosen_later = not row["duration_given"] and row["task_type"] not in SOURCE_TASK_TYPES  # a source's length is known at submit
-        priced = coefficients.stage_seconds(Work.of(row | {"audio_seconds": None}) if chosen_later else work)
+    for row, priced in priced_at_poll(stage_rows, prior):
         recorded = row["timings"].get("stages") or {}
         parts = " ".join(f"{stage} {recorded.get(stage, 0):.1f}/{priced.get(stage, 0):.1f}"
                          for stage in priced if recorded.get(stage, 0) > 0.2 or priced.get(stage, 0) > 0.2)

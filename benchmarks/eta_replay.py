@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from handler.http.cost_model import PRIORS, Work, fit_cost_model  # noqa: E402
+from handler.http.cost_model import MIN_JOB_SECONDS, PRIORS, Work, fit_cost_model  # noqa: E402
 from pipeline.contract import SOURCE_TASK_TYPES  # noqa: E402
 
 
@@ -32,20 +32,26 @@ def p90(values: list[float]) -> float:
     return ordered[math.ceil(0.9 * len(ordered)) - 1]
 
 
-def replay(rows: list[dict], warm_up: int, prior: str, skip_cold: bool) -> list[dict]:
-    """Per scored job: recorded and priced seconds, in total and per stage."""
+def priced_at_poll(rows: list[dict], prior: str, skip_cold: bool = False) -> list[tuple[dict, dict[str, float]]]:
+    """Every succeeded job (in the order of its first poll) with each stage's price then: the cost model
+    fitted, as the API fits it from `prior`, on the jobs that had finished by that poll (newest first,
+    as JobStore.cost_samples reads them), with a duration the LM chooses priced as at submit."""
     done = sorted((r for r in rows if r["status"] == "succeeded" and r["timings"]), key=lambda r: r["poll"])
     out = []
-    for row in done[warm_up:]:
+    for row in done:
         samples = sorted((r for r in done if r["finished"] < row["poll"]
                           and not (skip_cold and r["timings"].get("cold"))), key=lambda r: -r["finished"])
         model = fit_cost_model(samples, PRIORS[prior]).of(row["model"] or "")
-        chosen_later = not row["duration_given"] and row["task_type"] not in SOURCE_TASK_TYPES
-        work = Work.of(row | {"audio_seconds": None}) if chosen_later else Work.of(row)
-        out.append({"kind": row["kind"], "recorded": row["seconds"], "priced": model.seconds(work),
-                    "stages": {stage: (row["timings"]["stages"].get(stage, 0.0), priced)
-                               for stage, priced in model.stage_seconds(work).items()}})
+        chosen_later = not row["duration_given"] and row["task_type"] not in SOURCE_TASK_TYPES  # a source's length is known
+        out.append((row, model.stage_seconds(Work.of(row | {"audio_seconds": None}) if chosen_later else Work.of(row))))
     return out
+
+
+def replay(rows: list[dict], warm_up: int, prior: str, skip_cold: bool) -> list[dict]:
+    """Per scored job: recorded and priced seconds, in total and per stage."""
+    return [{"kind": row["kind"], "recorded": row["seconds"], "priced": max(MIN_JOB_SECONDS, sum(priced.values())),
+             "stages": {stage: (row["timings"]["stages"].get(stage, 0.0), p) for stage, p in priced.items()}}
+            for row, priced in priced_at_poll(rows, prior, skip_cold)[warm_up:]]
 
 
 def main() -> None:

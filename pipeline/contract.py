@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 # ---- domain rules ------------------------------------------------------------------------------
 
 SAMPLE_RATE = 48000
+LATENT_HZ = 25  # latent frames per second of audio (the VAE's hop: 1920 samples)
+# The VAE's tiling (pipeline.vae.tiles, Vae.encode/decode defaults): a sequence over one chunk runs in
+# cores of chunk - 2 x overlap latent frames, each with up to `overlap` frames of context a side.
+VAE_CHUNK_FRAMES, VAE_OVERLAP_FRAMES = 512, 64
 LANGUAGES = (
     "ar", "az", "bg", "bn", "ca", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fr", "he", "hi", "hr", "ht", "hu",
     "id", "is", "it", "ja", "ko", "la", "lt", "ms", "ne", "nl", "no", "pa", "pl", "pt", "ro", "ru", "sa", "sk", "sr",

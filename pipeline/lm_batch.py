@@ -31,7 +31,7 @@ class CodesBatcher(Rendezvous):
     def __init__(self, participants: int):
         super().__init__(participants)
         self.calls: list[int] = []  # rows of every merged generate_codes call made
-        self._serial = threading.Lock()  # the single-sequence calls, one at a time
+        self.serial = threading.Lock()  # the single-sequence calls (BatchedLM), one at a time
 
     def wrap(self, backend: Any) -> "BatchedLM":
         return BatchedLM(backend, self)
@@ -67,11 +67,11 @@ class BatchedLM:
         return self._batcher.codes(self._backend, requests, report)
 
     def generate_metadata(self, request, report: TokenReport | None = None) -> str:
-        with self._batcher._serial:
+        with self._batcher.serial:
             return self._backend.generate_metadata(request, report)
 
     def generate_text(self, request, report: TokenReport | None = None) -> str:
-        with self._batcher._serial:
+        with self._batcher.serial:
             return self._backend.generate_text(request, report)
 
     def __getattr__(self, name: str) -> Any:

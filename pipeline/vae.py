@@ -23,6 +23,8 @@ from diffusers import AutoencoderOobleck
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from pipeline.contract import VAE_CHUNK_FRAMES, VAE_OVERLAP_FRAMES
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 REQUIRED_FIELDS = (
@@ -129,7 +131,8 @@ class Vae:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def encode(self, audio: torch.Tensor, *, chunk_frames: int = 512, overlap_frames: int = 64) -> torch.Tensor:
+    def encode(self, audio: torch.Tensor, *, chunk_frames: int = VAE_CHUNK_FRAMES,
+               overlap_frames: int = VAE_OVERLAP_FRAMES) -> torch.Tensor:
         """Audio [B, channels, S] in [-1, 1] at `sample_rate`, on any device, to latents
         [B, ceil(S / hop), latent_dim] float32 on the model's device; the end is padded with zeros
         to a whole frame. Only one window of audio is on the model's device at a time.
@@ -152,7 +155,7 @@ class Vae:
                 latents[:, tile.core_in_whole()].copy_(mean[:, :, tile.core_in_window()].transpose(1, 2))
         return latents
 
-    def decode(self, latents: torch.Tensor, *, chunk_frames: int = 512, overlap_frames: int = 64,
+    def decode(self, latents: torch.Tensor, *, chunk_frames: int = VAE_CHUNK_FRAMES, overlap_frames: int = VAE_OVERLAP_FRAMES,
                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Latents [B, T, latent_dim], on any device, to audio [B, channels, T * hop] float32 on the
         CPU. Each window's core is copied to the CPU as soon as it is decoded, so the model's device

@@ -39,7 +39,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.contract import SOURCE_TASK_TYPES, STAGES, TURBO_MAX_STEPS, GenerationRequest, dit_kind, within_stage
+from pipeline.contract import (LATENT_HZ, SOURCE_TASK_TYPES, STAGES, TURBO_MAX_STEPS, VAE_CHUNK_FRAMES,
+                               VAE_OVERLAP_FRAMES, GenerationRequest, dit_kind, within_stage)
 
 PRIOR_WEIGHT = 3.0  # how many jobs' worth of evidence the prior counts as
 HUBER_K = 1.5
@@ -97,10 +98,6 @@ class Work:
         if self.lm_mode >= 1:
             features["lm"] = seconds * n if self.lm_mode == 2 else 0.0
         return {stage: features[stage] for stage in STAGES if stage in features}
-
-
-LATENT_HZ = 25  # latent frames per second of audio
-VAE_CHUNK_FRAMES, VAE_OVERLAP_FRAMES = 512, 64  # pipeline.vae's tiling (Vae.decode and Vae.encode defaults)
 
 
 def vae_seconds(seconds: float) -> float:

@@ -6,10 +6,7 @@ import random
 import pytest
 
 from handler.http.cost_model import (
-    LATENT_HZ,
     PRIORS,
-    VAE_CHUNK_FRAMES,
-    VAE_OVERLAP_FRAMES,
     StageCost,
     Work,
     fit_cost_model,
@@ -19,7 +16,7 @@ from handler.http.cost_model import (
     work_of,
 )
 from handler.http.eta import finish_time
-from pipeline.contract import STAGES, GenerationRequest, stage_progress
+from pipeline.contract import LATENT_HZ, STAGES, VAE_CHUNK_FRAMES, VAE_OVERLAP_FRAMES, GenerationRequest, stage_progress
 
 
 def sample(model="turbo", items=1, seconds=60.0, steps=8, lm_mode=0, task="text2music", stages=None,
