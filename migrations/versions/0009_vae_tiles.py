@@ -7,8 +7,8 @@ Create Date: 2026-12-07
 The VAE decodes (and encodes, for a source) a song longer than one 512-frame chunk in tiles: cores
 of 384 latent frames, each run with up to 64 frames of context per side (pipeline.vae.tiles), so a
 240 s song runs over 1.32x its own frames and a 20 s song over exactly its own. Measured on the
-tiny pipeline: the VAE's seconds per song-second rose from about 0.05 (20 s) to 0.065 (60-240 s),
-its seconds per tiled second stayed near 0.05.
+tiny pipeline (medians of warm runs): the VAE's seconds per song-second rose from 0.049 (10-20 s) to
+0.064 (120-240 s); per tiled second they stayed at 0.044-0.049.
 
 `acestep_vae_seconds(s)`: the seconds of latents the VAE runs over for a song of s seconds (the
 same as cost_model.vae_seconds). `acestep_job_seconds` reads the VAE's seconds per such second from
